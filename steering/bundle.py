@@ -116,7 +116,7 @@ def load_model(preset: Preset, device: torch.device, dtype: torch.dtype):
     return model, tok
 
 
-def load_sae(preset: Preset, layer: int, site: str, device: torch.device):
+def load_sae(preset: Preset, layer: int, site: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """One SAE through sae-lens (``load_from_disk`` or ``from_pretrained``), validated."""
     from sae_lens import SAE
 
@@ -125,10 +125,12 @@ def load_sae(preset: Preset, layer: int, site: str, device: torch.device):
         folder = src.folder(layer, preset.assets_root)
         if not (folder / "cfg.json").is_file():
             raise FileNotFoundError(f"no SAE for {layer}/{site} at {folder} (expected cfg.json)")
-        sae = SAE.load_from_disk(str(folder), device=str(device))
+        # Shipped weights are fp16 on disk; compute in the bundle's dtype (fp32 on CPU).
+        sae = SAE.load_from_disk(str(folder), device=str(device), dtype=str(dtype).removeprefix("torch."))
     else:
         folder = None
-        sae = SAE.from_pretrained(src.release, src.sae_id.format(layer=layer), device=str(device))
+        sae = SAE.from_pretrained(src.release, src.sae_id.format(layer=layer), device=str(device),
+                                  dtype=str(dtype).removeprefix("torch."))
     sae.eval().requires_grad_(False)
     want = hook_name(layer, site)
     got = getattr(sae.cfg.metadata, "hook_name", None)
@@ -177,9 +179,7 @@ class Bundle:
         keys = [(l, s) for l in preset.sae_layers for s in (sites or preset.sites)]
         saes, folders = {}, {}
         for key in (progress(keys) if progress else keys):
-            sae, folder = load_sae(preset, *key, dev)
-            if dev.type == "cuda":
-                sae.to(dtype=dtype)  # keep SAEs in bf16 on GPU
+            sae, folder = load_sae(preset, *key, dev, dtype)  # bf16 on GPU, fp32 on CPU
             saes[key], folders[key] = sae, folder
         return cls(preset, model, tok, saes, dev, dtype, folders)
 
