@@ -122,3 +122,42 @@ def make_tiny_preset(out_dir: Path, arch: str = "llama", n_layers: int = 3, d_mo
                     d_model=d_model, chat_template=True,
                     saes={s: SaeSource("local", path=f"saes/{s}/layer_{{layer}}") for s in SITES})
     return write_preset(preset, out_dir / "preset.json")
+
+
+def gemma_scale_bundle(device: str | None = None, n_layers: int = 26, d_model: int = 2304,
+                       width: int = 16384, vocab_size: int = 256000, sites: tuple[str, ...] = SITES,
+                       seed: int = 0):
+    """A Bundle with Gemma 2 2B's architecture and sizes (config written here, random weights)
+    and random ``width``-wide TopK SAEs at every (layer, site): for benchmarks only.
+
+    Built in memory on the target device (no download, no disk round trip). The tokenizer is
+    the tiny test tokenizer: token ids are random anyway.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from .bundle import Bundle, pick_device, pick_dtype
+
+    dev = pick_device(device)
+    dtype = pick_dtype(dev)
+    torch.manual_seed(seed)
+    cfg = tiny_model_config("gemma2", n_layers, d_model, vocab_size, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, intermediate_size=9216,
+                            sliding_window=4096, max_position_embeddings=8192,
+                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    cfg._attn_implementation = "eager"
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer(Path(tmp))
+    saes = {}
+    for layer in range(n_layers):
+        for i, site in enumerate(sites):
+            sae = random_sae(d_model, width, layer, site, k=64, seed=seed + layer * 3 + i)
+            saes[(layer, site)] = sae.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    preset = Preset(name="gemma-2-2b-synthetic", description="random weights at Gemma 2 2B scale (benchmark)",
+                    arch="gemma2", model="(random)", n_layers=n_layers, d_model=d_model,
+                    saes={s: SaeSource("local", path=f"unused/{s}/{{layer}}") for s in sites})
+    return Bundle(preset, model, tok, saes, dev, dtype, {k: None for k in saes})
