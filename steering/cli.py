@@ -50,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _register_flow(sub, common):
+    from .flow import register
+    register(sub, common)
+
+
 # Subcommands defined beside the code they drive register themselves here.
-_REGISTER: list = []
+_REGISTER: list = [_register_flow]
 
 
 def main(argv: list[str] | None = None) -> int:

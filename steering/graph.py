@@ -16,9 +16,9 @@ class FlowNode:
 
     Fields:
         id: the feature (``layer/site/index``).
-        score: for residual nodes, s(R) = cosine to the matched residual feature of the previous
-            layer (1.0 for the seed); for MLP/attention nodes, the cosine to the residual node
-            they feed (s(M) or s(A) of that node).
+        score: for residual nodes, the cosine of the chain link toward the seed (1.0 for the
+            seed); for MLP/attention nodes, the cosine to the residual node they feed (s(M) or
+            s(A) of that node).
         s_res, s_mlp, s_attn: predecessor scores of residual nodes (METHOD.md "Matching");
             None for MLP/attention nodes and where a predecessor site has no SAE.
         role: ``seed``, ``residual`` (chain node), ``mlp`` or ``attn`` (module predecessors).

@@ -1,0 +1,149 @@
+"""Matching and flow graphs on hand-built decoders where the right flow is known by construction."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steering.bundle import Bundle
+from steering.features import FeatureId
+from steering.flow import build_flow_graph, cosine_topk, match, predecessors, successor
+from steering.synthetic import make_tiny_preset
+
+N_LAYERS, D = 5, 64
+W = {"res": 5, "mlp": 2, "attn": 2}
+
+
+def _unit(v):
+    return v / v.norm()
+
+
+@pytest.fixture(scope="module")
+def hand_bundle(tmp_path_factory):
+    """Decoders from an orthonormal basis: unrelated features have cosine 0 exactly.
+
+    - u  (res index 0, every layer): e0 + 0.2 * e_(50+l): copied with noise, cos ~0.96 per link.
+    - v  (res index 1): born in the MLP of layer 2 (2/mlp/0 = e1); res index 1 holds e1 at
+      layers 2..4 and unrelated directions at layers 0..1 -> the chain is cut below layer 2.
+    - w  (res index 2): e2 at layers 0..2, faded at layer 3 (cos 0.3) -> cut above layer 2.
+    - attn layer 1 index 0 = 0.3 e0 + ... : a weak attention predecessor of 1/res/0.
+    - forward != backward: layer 3 res 3 = e3, res 4 = e3 + 0.5 e4; layer 4 res 3 = e3 + 0.4 e4.
+    """
+    basis = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))[0].T  # rows
+    free = iter([*range(5, 50), *range(55, 60), 62, 63])
+    dec = {}
+    for l in range(N_LAYERS):
+        res = torch.stack([_unit(basis[next(free)]) for _ in range(W["res"])])
+        res[0] = _unit(basis[0] + 0.2 * basis[50 + l])
+        res[1] = _unit(basis[1] + 0.2 * basis[50 + l]) if l >= 2 else basis[next(free)]
+        res[2] = basis[2] if l <= 2 else _unit(0.3 * basis[2] + 0.954 * basis[60])
+        if l == 3:
+            res[3], res[4] = basis[3], _unit(basis[3] + 0.5 * basis[4])
+        if l == 4:
+            res[3] = _unit(basis[3] + 0.4 * basis[4])
+        mlp = torch.stack([basis[next(free)] for _ in range(W["mlp"])])
+        attn = torch.stack([basis[next(free)] for _ in range(W["attn"])])
+        if l == 2:
+            mlp[0] = basis[1]
+        if l == 1:
+            attn[0] = _unit(0.3 * basis[0] + 0.954 * basis[61])
+        dec[(l, "res")], dec[(l, "mlp")], dec[(l, "attn")] = res, mlp, attn
+    path = make_tiny_preset(tmp_path_factory.mktemp("hand"), n_layers=N_LAYERS, d_model=D, decoders=dec)
+    return Bundle.load(str(path), device="cpu")
+
+
+def test_copied_direction_spans_all_layers(hand_bundle):
+    g = build_flow_graph(hand_bundle, "2/res/0")
+    chain = g.residual_chain()
+    assert [str(n.id) for n in chain] == [f"{l}/res/0" for l in range(N_LAYERS)]
+    assert (g.l_start, g.l_end) == (0, N_LAYERS - 1)
+    assert all(n.score > 0.9 for n in chain)
+    # the weak attention predecessor of 1/res/0 is kept at t_module 0.15 and dropped at 0.35
+    att = [n for n in g.nodes if n.site == "attn"]
+    assert [str(n.id) for n in att] == ["1/attn/0"] and abs(att[0].score - 0.3 / 1.0198) < 0.02
+    assert not [n for n in build_flow_graph(hand_bundle, "2/res/0", t_module=0.35).nodes if n.site == "attn"]
+
+
+def test_feature_born_in_mlp_is_cut_below_its_birth(hand_bundle):
+    g = build_flow_graph(hand_bundle, "4/res/1")
+    assert (g.l_start, g.l_end) == (2, 4)
+    assert [str(n.id) for n in g.residual_chain()] == ["2/res/1", "3/res/1", "4/res/1"]
+    mlp = [n for n in g.nodes if n.site == "mlp" and n.in_span]
+    assert [str(n.id) for n in mlp] == ["2/mlp/0"] and mlp[0].score > 0.95
+    node2 = g.node("2/res/1")
+    assert node2.s_res == pytest.approx(0.0, abs=1e-5) and node2.s_mlp > 0.95  # "newborn in the MLP"
+
+
+def test_fading_feature_is_cut_above(hand_bundle):
+    g = build_flow_graph(hand_bundle, "0/res/2")
+    assert (g.l_start, g.l_end) == (0, 2)
+    outside = [n for n in g.nodes if n.site == "res" and not n.in_span]
+    assert [n.layer for n in outside] == [3, 4]
+    assert g.node("3/res/2").score == pytest.approx(0.3, abs=0.01)
+
+
+def test_forward_relation_is_not_the_inverse_of_backward(hand_bundle):
+    f1 = FeatureId(3, "res", 3)
+    nxt, cos = successor(hand_bundle, f1)
+    assert nxt == FeatureId(4, "res", 3) and cos == pytest.approx(1 / 1.16 ** 0.5, abs=1e-3)
+    back = predecessors(hand_bundle, nxt).res
+    assert back[0] == FeatureId(3, "res", 4)  # the successor's best predecessor is another feature
+    g = build_flow_graph(hand_bundle, f1, direction="forward")
+    assert g.node("4/res/3").s_res == pytest.approx(back[1], abs=1e-5)
+    assert {(str(e.source), str(e.target)) for e in g.edges} >= {("3/res/3", "4/res/3")}
+
+
+def test_json_round_trip_and_thresholds_validated(hand_bundle):
+    from steering.graph import FlowGraph
+    g = build_flow_graph(hand_bundle, "3/res/1")
+    d = json.loads(json.dumps(g.to_json()))
+    assert FlowGraph.from_json(d).to_json() == d
+    assert {"id", "layer", "site", "index", "score"} <= set(d["nodes"][0])
+    with pytest.raises(ValueError, match="t_res must be a cosine threshold"):
+        build_flow_graph(hand_bundle, "3/res/1", t_res=float("nan"))
+    with pytest.raises(ValueError, match="valid: both, backward, forward"):
+        build_flow_graph(hand_bundle, "3/res/1", direction="sideways")
+
+
+def test_mlp_seed_starts_from_its_residual_match(hand_bundle):
+    g = build_flow_graph(hand_bundle, "2/mlp/0")
+    assert g.seed == FeatureId(2, "mlp", 0)
+    assert FeatureId(2, "res", 1) in [n.id for n in g.residual_chain()]
+    assert any("top-1 residual match" in n for n in g.notes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matching_equals_naive_reference(seed):
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.nn.functional.normalize(torch.randn(37, 16, generator=gen), dim=-1)
+    dst = torch.nn.functional.normalize(torch.randn(23, 16, generator=gen), dim=-1)
+    m = cosine_topk(src, dst, chunk=5)
+    for i in range(37):
+        cos = [float(torch.dot(src[i], dst[j]) / (src[i].norm() * dst[j].norm())) for j in range(23)]
+        assert int(m.index[i]) == max(range(23), key=cos.__getitem__)
+        assert float(m.cosine[i]) == pytest.approx(max(cos), abs=1e-5)
+    top5 = match(src, dst, "top5_cosine")
+    assert top5.index.shape == (37, 5) and bool((top5.index[:, 0] == m.index).all())
+    r5 = match(src, dst, "random_top5", seed=3)
+    assert all(int(r5.index[i]) in top5.index[i].tolist() for i in range(37))
+    perm = match(dst, src, "permutation")  # 23 -> 37: one-to-one
+    assert len(set(perm.index.tolist())) == 23
+    with pytest.raises(ValueError, match="valid: top1_cosine"):
+        match(src, dst, "pearson-ish")
+
+
+def test_cli_flow_json_and_errors(hand_bundle):
+    preset = str(hand_bundle.preset.root) + "/preset.json"
+    ok = subprocess.run([sys.executable, "-m", "steering", "flow", "4/res/1", "--json", "--preset", preset],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["seed"] == "4/res/1" and (out["l_start"], out["l_end"]) == (2, 4)
+    assert {"source", "target", "cosine"} <= set(out["edges"][0])
+    for bad, msg in [("9/res/1", "valid layers: 0..4"), ("1/res/99", "valid indices for 1/res: 0..4"),
+                     ("1/resid/0", "valid sites"), ("abc", "malformed")]:
+        r = subprocess.run([sys.executable, "-m", "steering", "flow", bad, "--preset", preset],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and msg in r.stderr, (bad, r.stderr)
