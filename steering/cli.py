@@ -55,67 +55,9 @@ def _register_flow(sub, common):
     register(sub, common)
 
 
-def cmd_steer(args) -> dict:
-    import math
-
-    from . import limits
-    from .features import parse_feature
-    from .flow import build_flow_graph
-    from .generate import TASK_DEFAULTS, generate_variants
-    from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
-
-    parse_feature(args.feature)
-    if args.mode not in CONDITIONS:
-        raise ValueError(f"unknown --mode {args.mode!r}; valid: {', '.join(CONDITIONS)}")
-    if args.schedule not in SCHEDULES:
-        raise ValueError(f"unknown --schedule {args.schedule!r}; valid: {', '.join(SCHEDULES)}")
-    for name in ("strength", "alpha", "s_end", "r"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
-    limits.check_int("--samples", args.samples, 1, limits.MAX_SAMPLES)
-    defaults = TASK_DEFAULTS[args.task]
-    max_new = args.max_new_tokens or defaults["max_new_tokens"]
-    limits.check_int("--max-new-tokens", max_new, 1, limits.MAX_NEW_TOKENS)
-    prompt = defaults["prompt"] if args.prompt is None else args.prompt
-    limits.clean_text("--prompt", prompt, limits.MAX_PROMPT_CHARS)
-    bundle = load_bundle(args)
-    graph = build_flow_graph(bundle, args.feature)
-    strength = args.r if args.task == "remove" else args.strength
-    specs = plan(graph, args.mode, args.layer, strength, args.schedule, args.alpha, args.s_end,
-                 mode="rescale" if args.task == "remove" else "add")
-    seeds = [args.seed + i for i in range(args.samples)]
-    gens = generate_variants(bundle, prompt, {"baseline": [], "steered": specs}, seeds, max_new,
-                             temperature=args.temperature, chat=args.chat)
-    base = [g for g in gens if g.variant == "baseline"]
-    steered = [g for g in gens if g.variant == "steered"]
-    one = args.samples == 1
-    return {"prompt": prompt, "feature": args.feature, "task": args.task, "mode": args.mode,
-            "baseline": base[0].text if one else [g.text for g in base],
-            "steered": steered[0].text if one else [g.text for g in steered],
-            "schedule": schedule_table(specs), "seeds": seeds,
-            "metrics": {"baseline": [g.metrics for g in base], "steered": [g.metrics for g in steered]},
-            "flow": {"l_start": graph.l_start, "l_end": graph.l_end}}
-
-
 def _register_steer(sub, common):
-    p = sub.add_parser("steer", parents=[common], help="generate unsteered vs steered text")
-    p.add_argument("feature", help="seed feature id layer/site/index")
-    p.add_argument("--task", default="activate", choices=["activate", "remove"])
-    p.add_argument("--mode", default="cumulative", help="baseline | single | cumulative")
-    p.add_argument("--layer", type=int, default=None, help="layer l (default: the seed's layer)")
-    p.add_argument("--strength", type=float, default=3.0, help="s, in multiples of the feature's typical activation")
-    p.add_argument("--alpha", type=float, default=-0.25, help="exponential decay (exp schedule)")
-    p.add_argument("--s-end", type=float, default=1.0, help="end value s* (linear schedule)")
-    p.add_argument("--schedule", default="exp", help="exp | linear | constant")
-    p.add_argument("--r", type=float, default=0.0, help="rescale factor for --task remove")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--temperature", type=float, default=1.27)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.set_defaults(fn=cmd_steer)
+    from .generate import register
+    register(sub, common)
 
 
 # Subcommands defined beside the code they drive register themselves here.

@@ -5,6 +5,10 @@ row has its own steering delta (steer.steering) and its own torch.Generator. Bat
 would otherwise draw every row from one RNG, so a row's text would depend on its batch mates;
 `PerRowSampler` samples each row with its own generator inside a LogitsProcessor and leaves
 only the drawn token (greedy then picks it), so transformers still runs the loop and the cache.
+
+Local quality signals (no API): perplexity of the generated text under the unsteered model,
+distinct-1/2/3 n-gram ratios, and the mean SAE activation of the steered features on the
+generated tokens, all from one extra batched forward pass.
 """
 
 from __future__ import annotations
@@ -15,15 +19,16 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import limits
+from .sites import capture_sites
 from .steer import SteerSpec, steering
 
 ACTIVATION_PROMPT = "I think "
 REMOVAL_PROMPT = "I think that the biggest problem of contemporary theoretical physics is "
-TASK_DEFAULTS = {  # paper App. B.1 / B.2
+TASK_DEFAULTS = {  # paper App. B.2 (activation) / B.1 (removal)
     "activate": {"prompt": ACTIVATION_PROMPT, "max_new_tokens": 36},
     "remove": {"prompt": REMOVAL_PROMPT, "max_new_tokens": 96},
 }
-TOP_P, TEMPERATURE = 0.7, 1.27
+TOP_P, TEMPERATURE = 0.7, 1.27  # paper App. B
 
 
 class PerRowSampler(LogitsProcessor):
@@ -34,22 +39,24 @@ class PerRowSampler(LogitsProcessor):
         self.generators, self.temperature, self.top_p = generators, temperature, top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"PerRowSampler has {len(self.generators)} generators for {scores.shape[0]} rows")
         logits = scores.float() / self.temperature  # [batch, vocab]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest set with mass >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        probs = sorted_logits.softmax(-1).cpu()
+        drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest prefix with mass >= top_p
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1).cpu()  # [batch, vocab]
         out = torch.full_like(scores, float("-inf"))
         for i, gen in enumerate(self.generators):
-            j = torch.multinomial(probs[i], 1, generator=gen)
-            out[i, order[i, j.to(order.device)]] = 0.0
+            j = int(torch.multinomial(probs[i], 1, generator=gen))
+            out[i, order[i, j]] = 0.0
         return out
 
 
 @dataclass
 class Generation:
-    """One generated text. ``variant`` names the condition; ``metrics`` holds local signals."""
+    """One generated text. ``variant`` names the condition; ``token_ids`` are the new tokens up
+    to (not including) EOS; ``metrics`` holds the local quality signals."""
 
     variant: str
     seed: int
@@ -62,6 +69,7 @@ class Generation:
 
 
 def format_prompt(bundle, prompt: str, chat: bool) -> str:
+    """The prompt as the model sees it: raw, or wrapped in the tokenizer's chat template."""
     if not chat:
         return prompt
     if not getattr(bundle.tokenizer, "chat_template", None):
@@ -71,10 +79,9 @@ def format_prompt(bundle, prompt: str, chat: bool) -> str:
 
 
 def check_request(bundle, prompt: str, max_new_tokens: int, n_rows: int) -> str:
-    """Validate a generation request before any compute (limits.py)."""
-    prompt = limits.clean_text("prompt", prompt, limits.MAX_PROMPT_CHARS)
-    limits.check_int("max_new_tokens", max_new_tokens, 1, limits.MAX_NEW_TOKENS)
-    limits.check_int("number of rows (variants x samples)", n_rows, 1, limits.MAX_SAMPLES * 4)
+    """Validate a generation request before any compute (limits.py); returns the cleaned prompt."""
+    prompt = limits.check_steer_args(prompt=prompt, max_new_tokens=max_new_tokens)["prompt"]
+    limits.check_int("number of rows (variants x samples)", n_rows, 1, limits.MAX_ROWS)
     n_tok = len(bundle.tokenizer(prompt)["input_ids"])
     ctx = getattr(bundle.model.config, "max_position_embeddings", 10**9)
     if n_tok > limits.MAX_PROMPT_TOKENS or n_tok + max_new_tokens > ctx:
@@ -87,11 +94,12 @@ def check_request(bundle, prompt: str, max_new_tokens: int, n_rows: int) -> str:
 def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                       max_new_tokens: int = 36, temperature: float = TEMPERATURE, top_p: float = TOP_P,
                       chat: bool = False, metrics: bool = True) -> list[Generation]:
-    """Generate every variant for every seed in one batch.
+    """Generate every variant for every seed in one batch (paper App. B sampling settings).
 
     ``variants`` maps a name to its specs (an empty list is the unsteered baseline). Row order:
-    variant-major, seeds inner; sample j of every variant uses seed ``seeds[j]`` (paired draws).
-    ``temperature=0`` decodes greedily.
+    variant-major, seeds inner; sample j of every variant uses seed ``seeds[j]`` (paired draws:
+    a zero-strength variant reproduces the baseline token for token). ``temperature=0`` decodes
+    greedily. ``bundle.lock`` is held for the whole call.
     """
     if not variants:
         raise ValueError("no variants to generate")
@@ -99,66 +107,152 @@ def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]],
         raise ValueError("seeds is empty; give at least one seed")
     for s in seeds:
         limits.check_int("seed", s, 0, limits.MAX_SEED)
-    limits.check_number("temperature", temperature, 10.0)
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
+    limits.check_steer_args(temperature=temperature, top_p=top_p)
     rows = [(name, seed) for name in variants for seed in seeds]
     prompt = check_request(bundle, prompt, max_new_tokens, len(rows))
     text = format_prompt(bundle, prompt, chat)
-    enc = bundle.tokenizer([text] * len(rows), return_tensors="pt", add_special_tokens=not chat)
-    enc = {k: v.to(bundle.device) for k, v in enc.items()}
+    tok = bundle.tokenizer
+    enc = tok([text] * len(rows), return_tensors="pt", add_special_tokens=not chat)
+    enc = {k: v.to(bundle.device) for k, v in enc.items()}  # same prompt in every row: no padding
     specs = [variants[name] for name, _ in rows]
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=bundle.tokenizer.pad_token_id,
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                   top_p=None, top_k=None, temperature=None)
     if temperature > 0:
         gens = [torch.Generator().manual_seed(seed) for _, seed in rows]
         kwargs["logits_processor"] = LogitsProcessorList([PerRowSampler(gens, temperature, top_p)])
-    with steering(bundle, specs, enc["attention_mask"]):
-        out = bundle.model.generate(**enc, **kwargs)  # [rows, prompt + new]
-    new = out[:, enc["input_ids"].shape[1]:]
-    result = []
-    for (name, seed), ids in zip(rows, new):
-        ids = ids.tolist()
-        if bundle.tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(bundle.tokenizer.eos_token_id)]
-        result.append(Generation(name, seed, bundle.tokenizer.decode(ids, skip_special_tokens=True), ids))
-    if metrics:
-        add_local_metrics(bundle, enc["input_ids"][0].tolist(), result,
-                          {name: [s.feature for s in v] for name, v in variants.items()})
+    with bundle.lock:
+        with steering(bundle, specs, enc["attention_mask"]):
+            out = bundle.model.generate(**enc, **kwargs)  # [rows, prompt + new]
+        new = out[:, enc["input_ids"].shape[1]:]  # [rows, <= max_new_tokens]
+        result = []
+        for (name, seed), ids in zip(rows, new.tolist()):
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            result.append(Generation(name, seed, tok.decode(ids, skip_special_tokens=True), ids))
+        if metrics:
+            feats = sorted({s.feature for v in variants.values() for s in v})
+            add_local_metrics(bundle, enc["input_ids"][0].tolist(), result, feats)
     return result
 
 
-def distinct_n(ids: list[int], n: int) -> float:
+def distinct_n(ids: list, n: int) -> float:
     """Share of distinct n-grams among all n-grams (1.0 = no repetition)."""
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
 @torch.no_grad()
-def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], features: dict) -> None:
-    """Perplexity of each text under the unsteered model, repetition, and the activation of the
-    steered features on the generated tokens (read by the unsteered model from the text)."""
-    from .sites import capture_sites
+def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], features: list) -> None:
+    """Fill ``g.metrics`` for every generation, from one unsteered forward pass over
+    prompt + text (right-padded batch):
 
-    feats = sorted({f for fs in features.values() for f in fs})
-    keys = sorted({(f.layer, f.site) for f in feats})
+    - perplexity: exp(mean NLL of the generated tokens given the prompt), unsteered model;
+    - distinct_1/2/3: distinct n-gram ratios of the generated tokens (repetition);
+    - feature_activation: {feature: mean SAE activation over the generated tokens}, read by
+      the unsteered model from the text (how strongly the steered features fire on it).
+    """
+    keys = sorted({(f.layer, f.site) for f in features})
+    n_p = len(prompt_ids)
+    todo = [g for g in gens if g.token_ids]
     for g in gens:
-        if not g.token_ids:
-            g.metrics = {"perplexity": None, "distinct_1": 1.0, "distinct_2": 1.0, "distinct_3": 1.0,
-                         "feature_activation": {}, "n_tokens": 0}
-            continue
-        ids = torch.tensor([prompt_ids + g.token_ids], device=bundle.device)
-        store: dict = {}
-        with bundle.lock, capture_sites({k: bundle.module(*k) for k in keys}, store):
-            logits = bundle.model(input_ids=ids).logits.float()
-        n_p = len(prompt_ids)
-        lp = logits[0, n_p - 1:-1].log_softmax(-1).gather(-1, ids[0, n_p:, None])  # [n_new, 1]
-        acts = {}
-        for f in feats:
-            z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][0, n_p:])[:, f.index]  # [n_new]
-            acts[str(f)] = round(float(z.mean()), 4)
-        g.metrics = {"perplexity": round(float((-lp.mean()).exp()), 3),
-                     "distinct_1": round(distinct_n(g.token_ids, 1), 3),
-                     "distinct_2": round(distinct_n(g.token_ids, 2), 3),
-                     "distinct_3": round(distinct_n(g.token_ids, 3), 3),
-                     "feature_activation": acts, "n_tokens": len(g.token_ids)}
+        g.metrics = {"perplexity": None, "distinct_1": 1.0, "distinct_2": 1.0, "distinct_3": 1.0,
+                     "feature_activation": {}, "n_tokens": len(g.token_ids)}
+    if not todo:
+        return
+    width = n_p + max(len(g.token_ids) for g in todo)
+    ids = torch.zeros(len(todo), width, dtype=torch.long)  # [b, seq], right-padded with token 0
+    mask = torch.zeros(len(todo), width, dtype=torch.long)
+    for i, g in enumerate(todo):
+        ids[i, : n_p + len(g.token_ids)] = torch.tensor(prompt_ids + g.token_ids)
+        mask[i, : n_p + len(g.token_ids)] = 1
+    ids, mask = ids.to(bundle.device), mask.to(bundle.device)
+    store: dict = {}
+    with bundle.lock, capture_sites({k: bundle.module(*k) for k in keys}, store):
+        logits = bundle.model(input_ids=ids, attention_mask=mask).logits.float()  # [b, seq, vocab]
+    lp = logits[:, n_p - 1:-1].log_softmax(-1).gather(-1, ids[:, n_p:, None])[..., 0]  # [b, seq - n_p]
+    new_mask = mask[:, n_p:].float()  # [b, seq - n_p]: 1 on generated tokens
+    n_new = new_mask.sum(1)  # [b]
+    ppl = (-(lp * new_mask).sum(1) / n_new).exp()  # [b]
+    acts = {}
+    for f in features:
+        z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][:, n_p:])[..., f.index]  # [b, seq - n_p]
+        acts[str(f)] = ((z * new_mask).sum(1) / n_new).tolist()  # [b]
+    for i, g in enumerate(todo):
+        g.metrics.update(perplexity=round(float(ppl[i]), 3),
+                         distinct_1=round(distinct_n(g.token_ids, 1), 3),
+                         distinct_2=round(distinct_n(g.token_ids, 2), 3),
+                         distinct_3=round(distinct_n(g.token_ids, 3), 3),
+                         feature_activation={k: round(v[i], 4) for k, v in acts.items()})
+
+
+# ---- CLI: python -m steering steer ----------------------------------------------------------
+
+def cmd_steer(args) -> dict:
+    from .cli import load_bundle
+    from .features import parse_feature
+    from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
+
+    parse_feature(args.feature)
+    if args.mode not in CONDITIONS:
+        raise ValueError(f"unknown --mode {args.mode!r}; valid: {', '.join(CONDITIONS)}")
+    if args.schedule not in SCHEDULES:
+        raise ValueError(f"unknown --schedule {args.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    defaults = TASK_DEFAULTS[args.task]
+    v = limits.check_steer_args(
+        names={k: "--" + k.replace("_", "-") for k in ("strength", "alpha", "s_end", "r", "samples", "seed",
+                                                          "max_new_tokens", "prompt", "temperature", "top_p")},
+        strength=args.strength, alpha=args.alpha, s_end=args.s_end, r=args.r, samples=args.samples, seed=args.seed,
+        max_new_tokens=args.max_new_tokens or defaults["max_new_tokens"], temperature=args.temperature,
+        top_p=args.top_p, prompt=defaults["prompt"] if args.prompt is None else args.prompt)
+    seeds = [v["seed"] + i for i in range(v["samples"])]
+    limits.check_int("--seed + --samples - 1", seeds[-1], 0, limits.MAX_SEED)
+    bundle = load_bundle(args)
+    if args.mode == "baseline":  # the seed feature alone: no flow graph needed
+        from .graph import FlowGraph, FlowNode
+
+        seed = parse_feature(args.feature, bundle)
+        graph = FlowGraph(seed, [FlowNode(seed, 1.0, "seed")], [], seed.layer, seed.layer)
+    else:
+        from .flow import build_flow_graph  # lazy: the flow engine is heavier than generation
+
+        graph = build_flow_graph(bundle, args.feature)
+    remove = args.task == "remove"
+    specs = plan(graph, args.mode, args.layer, v["r"] if remove else v["strength"], args.schedule, v["alpha"],
+                 v["s_end"], mode="rescale" if remove else "add")
+    gens = generate_variants(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, v["max_new_tokens"],
+                             temperature=v["temperature"], top_p=v["top_p"], chat=args.chat)
+    base = [g for g in gens if g.variant == "baseline"]
+    steered = [g for g in gens if g.variant == "steered"]
+    one = len(seeds) == 1
+    return {"prompt": v["prompt"], "feature": args.feature, "task": args.task, "mode": args.mode,
+            "baseline": base[0].text if one else [g.text for g in base],
+            "steered": steered[0].text if one else [g.text for g in steered],
+            "schedule": schedule_table(specs, bundle), "seeds": seeds,
+            "metrics": {"baseline": [g.metrics for g in base], "steered": [g.metrics for g in steered]},
+            "flow": {"l_start": graph.l_start, "l_end": graph.l_end}}
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("steer", parents=[common], help="generate unsteered vs steered text (paper §5.3)")
+    p.add_argument("feature", help="seed feature id layer/site/index, e.g. 12/res/4111")
+    p.add_argument("--task", default="activate", choices=list(TASK_DEFAULTS),
+                   help="activate: add the features; remove: rescale them by --r (default: %(default)s)")
+    p.add_argument("--mode", default="cumulative",
+                   help="condition: baseline | single | cumulative (default: %(default)s)")
+    p.add_argument("--layer", type=int, default=None, help="layer l (default: the seed's layer)")
+    p.add_argument("--strength", type=float, default=3.0,
+                   help=f"s, in multiples of the feature's typical activation (|s| <= {limits.MAX_ABS_STRENGTH:g})")
+    p.add_argument("--schedule", default="exp", help="exp | linear | constant (cumulative only; default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=-0.25, help="exp schedule: s'(l) = s * e^(alpha * l)")
+    p.add_argument("--s-end", type=float, default=1.0, help="linear schedule: s* at layer l")
+    p.add_argument("--r", type=float, default=0.0, help=f"--task remove: rescale factor (|r| <= {limits.MAX_ABS_R:g})")
+    p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
+    p.add_argument("--samples", type=int, default=1, help=f"samples per variant (<= {limits.MAX_SAMPLES})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: 36 (activate) or 96 (remove); <= {limits.MAX_NEW_TOKENS}")
+    p.add_argument("--prompt", default=None, help="default: the task's prompt from the paper")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=TOP_P, help="(default: %(default)s)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.set_defaults(fn=cmd_steer)

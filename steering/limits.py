@@ -16,6 +16,9 @@ MAX_PROMPT_CHARS = 4000
 MAX_QUERY_CHARS = 200
 MAX_ABS_STRENGTH = 200.0
 MAX_ABS_ALPHA = 5.0
+MAX_ABS_R = 64.0  # theme removal factor r (paper App. B.1 sweeps 0, -1, ..., -64)
+MAX_TEMPERATURE = 10.0
+MAX_ROWS = 4 * MAX_SAMPLES  # rows of one batched generation (variants x samples)
 MAX_QUEUE = int(os.environ.get("FFP_MAX_QUEUE", 32))
 MAX_SEED = 2**31 - 1
 
@@ -54,8 +57,44 @@ def clean_text(name: str, text, max_chars: int, allow_empty: bool = False) -> st
     return text
 
 
+def check_steer_args(names: dict[str, str] | None = None, **values) -> dict:
+    """Validate steering/generation parameters before any compute; returns the cleaned values.
+
+    Known fields: strength, s_end, alpha, r, temperature, top_p, max_new_tokens, samples, seed,
+    prompt. ``None`` values are skipped. ``names`` maps a field to the name shown in errors
+    (e.g. ``{"strength": "--strength"}`` for the CLI).
+    """
+    names = names or {}
+    numbers = {"strength": MAX_ABS_STRENGTH, "s_end": MAX_ABS_STRENGTH, "alpha": MAX_ABS_ALPHA, "r": MAX_ABS_R}
+    ints = {"max_new_tokens": (1, MAX_NEW_TOKENS), "samples": (1, MAX_SAMPLES), "seed": (0, MAX_SEED)}
+    out = {}
+    for field, value in values.items():
+        name = names.get(field, field)
+        if value is None:
+            out[field] = None
+        elif field in numbers:
+            out[field] = check_number(name, value, numbers[field])
+        elif field in ints:
+            out[field] = check_int(name, value, *ints[field])
+        elif field == "temperature":
+            out[field] = check_number(name, value, MAX_TEMPERATURE)
+            if out[field] < 0:
+                raise ValueError(f"{name} = {value:g} is out of range; allowed: 0..{MAX_TEMPERATURE:g} (0 = greedy)")
+        elif field == "top_p":
+            out[field] = check_number(name, value, 1.0)
+            if out[field] <= 0:
+                raise ValueError(f"{name} = {value:g} is out of range; allowed: (0, 1]")
+        elif field == "prompt":
+            out[field] = clean_text(name, value, MAX_PROMPT_CHARS)
+        else:
+            known = [*numbers, *ints, "temperature", "top_p", "prompt"]
+            raise ValueError(f"unknown field {field!r}; valid: {', '.join(known)}")
+    return out
+
+
 def limits_table() -> dict:
     """The limits as shown in the UI and the README."""
     return {"max_new_tokens": MAX_NEW_TOKENS, "max_samples": MAX_SAMPLES, "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "max_prompt_chars": MAX_PROMPT_CHARS, "max_abs_strength": MAX_ABS_STRENGTH,
-            "max_abs_alpha": MAX_ABS_ALPHA, "max_queue": MAX_QUEUE}
+            "max_abs_alpha": MAX_ABS_ALPHA, "max_abs_r": MAX_ABS_R, "max_rows": MAX_ROWS,
+            "max_queue": MAX_QUEUE}

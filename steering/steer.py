@@ -1,22 +1,30 @@
 """Steering with SAE features (paper §5.3, App. B; METHOD.md "Steering").
 
-- Activation: h_t <- h_t + s * c_f * d_f on every token, d_f the unit decoder direction and c_f
-  the feature's reference scale (``bundle.ref_scale``: the paper folds the JumpReLU threshold
-  into the direction, so s is a multiple of the feature's typical activation; ``units="raw"``
-  uses c_f = 1).
-- Theme removal: h_t <- h_t + (r - 1) * a_t * W_dec[f] with a_t the SAE activation of f read at
-  every step, r in {0, -1, ..., -64} (§5.2, App. B.1); the attention-sink position 0 is skipped.
+- Activation: h_t <- h_t + s * c_f * d_f on every token (prompt and generated), d_f the unit
+  decoder direction and c_f the feature's reference scale (``bundle.ref_scale``: the paper folds
+  the JumpReLU threshold into the direction, so s is a multiple of the feature's typical
+  activation; ``units="raw"`` uses c_f = 1).
+- Theme removal (§5.2, App. B.1): h_t <- h_t + (r - 1) * a_t * W_dec[f], a_t the SAE encoder
+  activation of f at token t read at every forward step, r in {0, -1, ..., -64}. W_dec[f] is
+  the SAE's own decoder row (= d_f for unit-norm decoders), so r = 0 removes exactly the
+  feature's share of the reconstruction. Absolute position 0 (the attention sink) is skipped.
 - Conditions: ``baseline`` (the initial feature only), ``single`` (flow-graph features at layer
   l), ``cumulative`` (flow-graph features at layers l_start..l, MLP/attention nodes included),
-  with exponential / linear / constant coefficient schedules across layers.
+  with exponential / linear / constant coefficient schedules across layers (`plan`,
+  `schedule_table` to preview them).
 
-Hook design: hooks are registered per request inside `steering(...)` and removed in ``finally``
-(also on errors), under ``bundle.lock``. One batch carries baseline and all variants: every row
-has its own precomputed delta [batch, 1, d_model] per site, so the hook is one broadcast add with
-no Python work per token, no absolute position indexing (decode steps see one new token), and no
-shape-dependent branching except the removal mask of position 0 in the prefill call. Such
-hooks are compatible with static KV caches; ``torch.compile`` recompiles around Python hooks, so
-persistent buffers would be the next step if compile ever pays off on the target hardware.
+Hook design (why): hooks are registered per request inside `steering(...)` and removed in
+``finally`` (also when generation raises), while holding ``bundle.lock``, so one request's
+steering can never leak into another or a later one: there is no state left to reset. One
+batch carries the baseline and every variant: each row has its own precomputed delta
+``[batch, 1, d_model]`` per site, so the add hook is one broadcast add with no Python work
+per token and no position indexing at all (a KV-cache decode step sees one new token). Only
+removal needs positions, to skip position 0: a model pre-hook reads the cache length of each
+forward call (positions = past + arange(seq)) and each row's first real token comes from the
+prompt's attention mask (left padding), so no position is ever assumed absolute in the chunk.
+Per-request hooks work unchanged with a static KV cache; for ``torch.compile`` the same edit
+functions can later move into persistent hooks reading per-request buffers (the deltas and
+factors built here), reset in ``finally``.
 """
 
 from __future__ import annotations
@@ -31,22 +39,28 @@ import torch
 from . import limits
 from .features import FeatureId, parse_feature
 from .graph import FlowGraph
+from .presets import SITES, check_site
 from .sites import edit_sites
 
 CONDITIONS = ("baseline", "single", "cumulative")
 SCHEDULES = ("exp", "linear", "constant")
 MODES = ("add", "rescale")
+UNITS = ("folded", "raw")
+_CACHE_KWARGS = ("cache", "past_key_values")
 
 
 @dataclass(frozen=True)
 class SteerSpec:
     """Steer one feature at its own site on every token.
 
+    A batch row gets a list of specs (several features, several sites: a whole flow graph or
+    several themes); per-row strengths come from giving each row its own list.
+
     Fields:
         feature: the feature (layer/site/index).
         strength: s for ``add`` (multiples of c_f in folded units), r for ``rescale``.
         mode: ``add`` (activation) or ``rescale`` (theme removal, r=0 removes the feature).
-        units: ``folded`` (s * c_f * d_f) or ``raw`` (s * d_f).
+        units: ``folded`` (s * c_f * d_f) or ``raw`` (s * d_f); ignored by ``rescale``.
     """
 
     feature: FeatureId
@@ -57,9 +71,12 @@ class SteerSpec:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown steering mode {self.mode!r}; valid: {', '.join(MODES)}")
-        if self.units not in ("folded", "raw"):
-            raise ValueError(f"unknown units {self.units!r}; valid: folded, raw")
-        limits.check_number("strength", self.strength, limits.MAX_ABS_STRENGTH)
+        if self.units not in UNITS:
+            raise ValueError(f"unknown units {self.units!r}; valid: {', '.join(UNITS)}")
+        if self.mode == "rescale":
+            limits.check_number("r", self.strength, limits.MAX_ABS_R)
+        else:
+            limits.check_number("strength", self.strength, limits.MAX_ABS_STRENGTH)
 
 
 def schedule_strength(layer: int, schedule: str, s: float, alpha: float = -0.05, l_start: int = 0,
@@ -79,25 +96,32 @@ def schedule_strength(layer: int, schedule: str, s: float, alpha: float = -0.05,
 
 def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = None, strength: float = 3.0,
          schedule: str = "exp", alpha: float = -0.25, s_end: float = 1.0, mode: str = "add",
-         sites: tuple[str, ...] = ("res", "mlp", "attn"), include: list[str] | None = None,
+         sites: tuple[str, ...] = SITES, include: list[str] | None = None,
          exclude: list[str] | None = None, units: str = "folded") -> list[SteerSpec]:
-    """The steering specs of a condition (paper §5.3).
+    """The steering specs of a condition (paper §5.3). Pure: no model needed, for previews.
 
     baseline: the graph's seed only, at ``strength``. single: graph nodes at ``layer`` (default:
-    the seed's layer). cumulative: graph nodes at layers l_start..layer, coefficients from the
-    schedule (l = absolute layer index). ``include`` adds node ids (e.g. out-of-span nodes) and
-    ``exclude`` removes node ids, as the paper hand-picked nodes. ``mode='rescale'`` uses
-    ``strength`` as r for every node (no schedule).
+    the seed's layer), constant ``strength``. cumulative: graph nodes at layers l_start..layer,
+    coefficients from the schedule (l = absolute layer index; linear runs from (l_start, s) to
+    (layer, s_end)). ``sites`` restricts single/cumulative to those sites. ``include`` adds node
+    ids (e.g. nodes cut from the span) and ``exclude`` removes node ids, as the paper hand-picked
+    nodes. ``mode='rescale'`` uses ``strength`` as r for every node (no schedule).
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; valid: {', '.join(CONDITIONS)}")
-    limits.check_number("strength", strength, limits.MAX_ABS_STRENGTH)
+    if mode not in MODES:
+        raise ValueError(f"unknown steering mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "rescale":
+        limits.check_number("r", strength, limits.MAX_ABS_R)
+    else:
+        limits.check_number("strength", strength, limits.MAX_ABS_STRENGTH)
     limits.check_number("alpha", alpha, limits.MAX_ABS_ALPHA)
     limits.check_number("s_end", s_end, limits.MAX_ABS_STRENGTH)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    for site in sites:
+        check_site(site)
     layer = graph.seed.layer if layer is None else layer
-    layers = sorted({n.layer for n in graph.nodes})
     if condition != "baseline" and not graph.l_start <= layer <= graph.l_end:
         raise ValueError(f"layer {layer} is outside the flow graph's span; valid: {graph.l_start}..{graph.l_end}")
     if condition == "baseline":
@@ -113,28 +137,41 @@ def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = No
     drop = {parse_feature(x) for x in exclude or []}
     chosen = [f for f in dict.fromkeys([*chosen, *extra]) if f not in drop]
     if not chosen:
-        raise ValueError("no feature left to steer: every node was excluded or outside the span "
-                         f"(layers {layers[0]}..{layers[-1]})")
+        raise ValueError(f"no feature left to steer: every node of layers {graph.l_start}..{layer} "
+                         f"at sites {', '.join(sites)} was excluded")
     specs = []
     for f in chosen:
-        if mode == "rescale":
-            s = strength
-        elif condition == "cumulative":
+        s = strength
+        if mode == "add" and condition == "cumulative":
             s = schedule_strength(f.layer, schedule, strength, alpha, graph.l_start, layer, s_end)
-        else:
-            s = strength
         specs.append(SteerSpec(f, float(s), mode, units))
     return specs
 
 
-def schedule_table(specs: list[SteerSpec]) -> list[dict]:
-    """Per-layer, per-feature coefficients, for previews and run records."""
-    return [{"layer": s.feature.layer, "feature": str(s.feature), "site": s.feature.site,
-             "strength": round(s.strength, 6), "mode": s.mode}
-            for s in sorted(specs, key=lambda s: (s.feature.layer, s.feature.site, s.feature.index))]
+def schedule_table(specs: list[SteerSpec], bundle=None) -> list[dict]:
+    """Per-layer, per-feature coefficients (s'(l) for ``add``, r for ``rescale``), for previews
+    and run records. With a bundle, ``add`` rows also show c_f (``scale``) and the norm s'*c_f
+    actually added (METHOD.md "Units": show users both)."""
+    rows = []
+    for s in sorted(specs, key=lambda s: (s.feature.layer, SITES.index(s.feature.site), s.feature.index)):
+        row = {"layer": s.feature.layer, "feature": str(s.feature), "site": s.feature.site,
+               "strength": round(s.strength, 6), "mode": s.mode}
+        if bundle is not None and s.mode == "add":
+            f = s.feature
+            c = float(bundle.ref_scale(f.layer, f.site)[f.index]) if s.units == "folded" else 1.0
+            row.update(scale=round(c, 6), norm=round(s.strength * c, 6))
+        rows.append(row)
+    return rows
 
 
 # ---- hooks -----------------------------------------------------------------------------------
+
+def _check_steerable(bundle, f: FeatureId) -> FeatureId:
+    f = parse_feature(f, bundle)
+    if bundle.is_approx(f.site):
+        raise ValueError(f"cannot steer {f}: {f.site} SAEs of this preset are approximate (matching only)")
+    return f
+
 
 def _deltas(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.Tensor]:
     """Additive edits per site: {(layer, site): [batch, 1, d_model]} from the ``add`` specs."""
@@ -143,13 +180,10 @@ def _deltas(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.
         for s in specs:
             if s.mode != "add":
                 continue
-            f = parse_feature(s.feature, bundle)
+            f = _check_steerable(bundle, s.feature)
             key = (f.layer, f.site)
-            if bundle.is_approx(f.site):
-                raise ValueError(f"cannot steer {f}: {f.site} SAEs of this preset are approximate "
-                                 "(matching only)")
             if key not in out:
-                out[key] = torch.zeros(len(rows), 1, bundle.d_model)
+                out[key] = torch.zeros(len(rows), 1, bundle.d_model)  # [batch, 1, d_model]
             c = float(bundle.ref_scale(*key)[f.index]) if s.units == "folded" else 1.0
             out[key][i, 0] += s.strength * c * bundle.decoder(*key)[f.index]
     return {k: v.to(bundle.device, bundle.dtype) for k, v in out.items()}
@@ -162,45 +196,70 @@ def _rescales(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torc
         for s in specs:
             if s.mode != "rescale":
                 continue
-            f = parse_feature(s.feature, bundle)
+            f = _check_steerable(bundle, s.feature)
             key = (f.layer, f.site)
             if key not in out:
-                out[key] = torch.zeros(len(rows), bundle.width(*key))
+                out[key] = torch.zeros(len(rows), bundle.width(*key))  # [batch, d_sae]
             out[key][i, f.index] = s.strength - 1.0
     return {k: v.to(bundle.device) for k, v in out.items()}
 
 
-def _edit_fn(bundle, key, delta: torch.Tensor | None, factor: torch.Tensor | None, first_real: torch.Tensor):
+def _edit_fn(bundle, key, delta: torch.Tensor | None, factor: torch.Tensor | None, first_real: torch.Tensor,
+             state: dict):
     sae = bundle.sae(*key)
 
     def edit(h: torch.Tensor) -> torch.Tensor:  # [batch, seq, d_model]
         if delta is not None:
-            h = h + delta
+            h = h + delta  # [batch, 1, d_model] broadcast over positions
         if factor is not None:
+            # paper §5.2 / App. B.1: h_t += (r - 1) * a_t * W_dec[f], a_t read now by the encoder
             z = sae.encode(h.to(sae.W_dec.dtype)).float()  # [batch, seq, d_sae]
             change = (z * factor[:, None, :]) @ sae.W_dec.float()  # [batch, seq, d_model]
-            if h.shape[1] > 1:  # prefill: skip each row's first real token (attention sink)
-                pos = torch.arange(h.shape[1], device=h.device)[None, :]
-                change = change * (pos != first_real[:, None])[..., None]
-            h = h + change.to(h.dtype)
+            pos = state["past"] + torch.arange(h.shape[1], device=h.device)  # [seq] absolute positions
+            keep = pos[None, :] != first_real[:, None]  # [batch, seq]: skip each row's attention sink
+            h = h + (change * keep[..., None]).to(h.dtype)
         return h
 
     return edit
 
 
+def _past_length(state: dict):
+    """Model pre-hook: record how many positions the KV cache already holds for this call."""
+
+    def hook(_mod, _args, kwargs):
+        # transformers 5 passes the KV cache as ``cache`` (``past_key_values`` is deprecated)
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        state["past"] = int(cache.get_seq_length()) if cache is not None else 0
+
+    return hook
+
+
 @contextmanager
 def steering(bundle, rows: list[list[SteerSpec]], attention_mask: torch.Tensor | None = None) -> Iterator[None]:
-    """Apply per-row steering while inside the block (hooks removed in ``finally``).
+    """Apply per-row steering to every forward pass inside the block; hooks are removed in
+    ``finally`` (also on errors) and ``bundle.lock`` is held throughout.
 
     ``rows[i]`` are the specs of batch row i (empty list: unsteered). ``attention_mask``
-    [batch, seq] locates each row's first real token under left padding.
+    [batch, seq] of the prompt locates each row's first real token under left padding
+    (default: position 0 of every row).
     """
     deltas, factors = _deltas(bundle, rows), _rescales(bundle, rows)
     if attention_mask is None:
         first_real = torch.zeros(len(rows), dtype=torch.long, device=bundle.device)
     else:
-        first_real = attention_mask.long().argmax(dim=1).to(bundle.device)
+        if attention_mask.shape[0] != len(rows):
+            raise ValueError(f"attention_mask has {attention_mask.shape[0]} rows but {len(rows)} spec rows were given")
+        first_real = attention_mask.long().argmax(dim=1).to(bundle.device)  # [batch]
+    state = {"past": 0}
     keys = sorted(set(deltas) | set(factors))
-    edits = {k: _edit_fn(bundle, k, deltas.get(k), factors.get(k), first_real) for k in keys}
-    with bundle.lock, edit_sites({k: bundle.module(*k) for k in keys}, edits):
-        yield
+    edits = {k: _edit_fn(bundle, k, deltas.get(k), factors.get(k), first_real, state) for k in keys}
+    with bundle.lock:
+        handle = None
+        try:
+            if factors:
+                handle = bundle.model.register_forward_pre_hook(_past_length(state), with_kwargs=True)
+            with edit_sites({k: bundle.module(*k) for k in keys}, edits):
+                yield
+        finally:
+            if handle is not None:
+                handle.remove()

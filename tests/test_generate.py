@@ -1,0 +1,193 @@
+"""Generation (steering/generate.py): batched = one by one, per-row seeds, isolation after errors,
+local quality signals, and the `steer` CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steering import generate as G
+from steering.cli import main
+from steering.features import FeatureId
+from steering.generate import PerRowSampler, distinct_n, generate_variants
+from steering.sites import capture_sites, count_hooks
+from steering.steer import SteerSpec
+
+VARIANTS = {"base": [], "a": [SteerSpec(FeatureId(1, "res", 3), 6.0)],
+            "b": [SteerSpec(FeatureId(0, "mlp", 2), -4.0), SteerSpec(FeatureId(2, "res", 9), 3.0)],
+            "rm": [SteerSpec(FeatureId(1, "res", 5), -4.0, mode="rescale")]}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.27])
+def test_batched_variants_equal_one_by_one(tiny_bundle, temperature):
+    """Greedy (exact) and sampled with per-row generators: a row's tokens do not depend on its
+    batch mates."""
+    batched = generate_variants(tiny_bundle, "I think ", VARIANTS, seeds=[3, 4], max_new_tokens=8,
+                                temperature=temperature, metrics=False)
+    assert [(g.variant, g.seed) for g in batched] == [(v, s) for v in VARIANTS for s in (3, 4)]
+    for g in batched:
+        alone = generate_variants(tiny_bundle, "I think ", {g.variant: VARIANTS[g.variant]}, seeds=[g.seed],
+                                  max_new_tokens=8, temperature=temperature, metrics=False)[0]
+        assert alone.token_ids == g.token_ids, (temperature, g.variant, g.seed)
+    ids = {(g.variant, g.seed): g.token_ids for g in batched}
+    assert ids[("a", 3)] != ids[("base", 3)]
+    if temperature > 0:
+        assert ids[("base", 3)] != ids[("base", 4)]
+    else:
+        assert ids[("base", 3)] == ids[("base", 4)]
+    assert count_hooks(tiny_bundle.model) == 0
+
+
+def test_strength_zero_reproduces_baseline_and_seeds_differ(tiny_bundle):
+    out = generate_variants(tiny_bundle, "I think ", {"base": [], "zero": [SteerSpec(FeatureId(1, "res", 3), 0.0)],
+                                                       "r1": [SteerSpec(FeatureId(1, "res", 3), 1.0, mode="rescale")]},
+                            seeds=[0, 1], max_new_tokens=10, metrics=False)
+    by = {(g.variant, g.seed): g for g in out}
+    for seed in (0, 1):
+        assert by[("base", seed)].token_ids == by[("zero", seed)].token_ids == by[("r1", seed)].token_ids
+        assert by[("base", seed)].text == by[("zero", seed)].text
+    assert by[("base", 0)].token_ids != by[("base", 1)].token_ids
+
+
+def test_exception_inside_generation_leaves_no_steering_behind(tiny_bundle, monkeypatch):
+    b = tiny_bundle
+    steered = {"a": [SteerSpec(FeatureId(1, "res", 3), 8.0), SteerSpec(FeatureId(0, "res", 4), 0.0, mode="rescale")]}
+    before = generate_variants(b, "I think ", {"base": []}, seeds=[7], max_new_tokens=8, metrics=False)[0]
+    real, calls = PerRowSampler.__call__, []
+
+    def failing(self, input_ids, scores):
+        calls.append(1)
+        if len(calls) == 3:
+            assert count_hooks(b.model) == 3  # two edit hooks + the cache-length pre-hook, live mid-generation
+            raise RuntimeError("boom in step 3")
+        return real(self, input_ids, scores)
+
+    monkeypatch.setattr(PerRowSampler, "__call__", failing)
+    with pytest.raises(RuntimeError, match="boom in step 3"):
+        generate_variants(b, "I think ", steered, seeds=[7], max_new_tokens=8, metrics=False)
+    monkeypatch.setattr(PerRowSampler, "__call__", real)
+    assert count_hooks(b.model) == 0
+    after = generate_variants(b, "I think ", {"base": []}, seeds=[7], max_new_tokens=8, metrics=False)[0]
+    assert after.token_ids == before.token_ids
+    # a successful steered request does not leak into the next one either
+    generate_variants(b, "I think ", steered, seeds=[7], max_new_tokens=8, metrics=False)
+    again = generate_variants(b, "I think ", {"base": []}, seeds=[7], max_new_tokens=8, metrics=False)[0]
+    assert again.token_ids == before.token_ids and count_hooks(b.model) == 0
+
+
+def test_bad_requests_fail_before_compute(tiny_bundle):
+    b = tiny_bundle
+    with pytest.raises(ValueError, match="max_new_tokens = 10000 is out of range; allowed: 1..128"):
+        generate_variants(b, "I think ", {"a": []}, seeds=[0], max_new_tokens=10_000)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate_variants(b, "  ", {"a": []}, seeds=[0])
+    with pytest.raises(ValueError, match="prompt is 5000 tokens|prompt is too long"):
+        generate_variants(b, "x" * 5000, {"a": []}, seeds=[0])
+    with pytest.raises(ValueError, match="seeds is empty"):
+        generate_variants(b, "I think ", {"a": []}, seeds=[])
+    with pytest.raises(ValueError, match="top_p = 0 is out of range"):
+        generate_variants(b, "I think ", {"a": []}, seeds=[0], top_p=0.0)
+    with pytest.raises(ValueError, match="number of rows"):
+        generate_variants(b, "I think ", {str(i): [] for i in range(40)}, seeds=[0])
+    assert count_hooks(b.model) == 0
+
+
+def test_per_row_sampler_top_p_and_independent_rows():
+    torch.manual_seed(0)
+    scores = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]] * 3)  # [batch, vocab]
+    p = (scores[0] / 1.27).softmax(-1)
+    assert p[0] < 0.7 < p[0] + p[1]  # the nucleus at top_p = 0.7 is {0, 1}
+    drawn = set()
+    for seed in range(40):
+        out = PerRowSampler([torch.Generator().manual_seed(seed + 100 * i) for i in range(3)], 1.27, 0.7)(None, scores)
+        assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum() == 3 * 4
+        drawn |= set(out.argmax(-1).tolist())
+    assert drawn == {0, 1}
+    # row 1's draws depend only on its own generator, not on what the other rows hold
+    many = torch.randn(3, 50)
+    a = PerRowSampler([torch.Generator().manual_seed(s) for s in (1, 2, 3)], 1.0, 0.95)
+    c = PerRowSampler([torch.Generator().manual_seed(2)], 1.0, 0.95)
+    for _ in range(5):
+        assert int(a(None, many).argmax(-1)[1]) == int(c(None, many[1:2]).argmax(-1)[0])
+
+
+def test_distinct_n_by_hand():
+    assert distinct_n([1, 2, 1, 2, 1], 1) == pytest.approx(2 / 5)
+    assert distinct_n([1, 2, 1, 2, 1], 2) == pytest.approx(2 / 4)
+    assert distinct_n([1, 2, 3, 1, 2, 3], 3) == pytest.approx(3 / 4)
+    assert distinct_n([1], 2) == 1.0
+
+
+def test_local_metrics_match_a_per_text_reference(tiny_bundle):
+    b = tiny_bundle
+    feats = ["1/res/3", "0/mlp/2"]
+    out = generate_variants(b, "I think ", {"base": [], "a": [SteerSpec(FeatureId(1, "res", 3), 6.0),
+                                                              SteerSpec(FeatureId(0, "mlp", 2), 2.0)]},
+                            seeds=[0, 5], max_new_tokens=9)
+    prompt = b.tokenizer("I think ")["input_ids"]
+    for g in out:
+        m = g.metrics
+        assert m["n_tokens"] == len(g.token_ids) and set(m["feature_activation"]) == set(feats)
+        if not g.token_ids:
+            continue
+        ids = torch.tensor([prompt + g.token_ids])  # reference: one unsteered forward per text
+        store = {}
+        with capture_sites({(1, "res"): b.module(1, "res"), (0, "mlp"): b.module(0, "mlp")}, store):
+            logits = b.model(input_ids=ids).logits[0].float()
+        nll = -logits[len(prompt) - 1:-1].log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).mean()
+        assert m["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-3)
+        for name, key, idx in [("1/res/3", (1, "res"), 3), ("0/mlp/2", (0, "mlp"), 2)]:
+            want = float(b.encode(*key, store[key][0, len(prompt):])[:, idx].mean())
+            assert m["feature_activation"][name] == pytest.approx(want, abs=1e-3)
+        for n in (1, 2, 3):
+            assert m[f"distinct_{n}"] == pytest.approx(distinct_n(g.token_ids, n), abs=1e-3)
+
+
+def test_chat_template_option(tiny_bundle):
+    text = G.format_prompt(tiny_bundle, "hello", chat=True)
+    assert "hello" in text and text != "hello"
+    g = generate_variants(tiny_bundle, "hello", {"base": []}, seeds=[0], max_new_tokens=3, chat=True, metrics=False)
+    assert len(g[0].token_ids) <= 3
+
+
+def test_cli_steer_json(tiny_llama_preset):
+    cmd = [sys.executable, "-m", "steering", "steer", "1/res/3", "--preset", str(tiny_llama_preset), "--mode",
+           "cumulative", "--strength", "3", "--alpha", "-0.25", "--schedule", "exp", "--seed", "0",
+           "--max-new-tokens", "6", "--json"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = json.loads(ok.stdout)
+    assert {"prompt", "baseline", "steered", "schedule", "metrics"} <= set(out)
+    assert out["prompt"] == "I think " and isinstance(out["steered"], str)
+    assert out["schedule"] and all({"layer", "feature", "strength"} <= set(r) for r in out["schedule"])
+    for r in out["schedule"]:
+        assert r["strength"] == pytest.approx(3 * 2.718281828 ** (-0.25 * r["layer"]), rel=1e-5)
+    assert {"perplexity", "distinct_2", "feature_activation"} <= set(out["metrics"]["steered"][0])
+
+
+def test_cli_steer_remove_in_process(tiny_llama_preset, capsys):
+    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--task", "remove", "--mode", "single",
+                 "--r", "-2", "--samples", "2", "--max-new-tokens", "5", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["prompt"].startswith("I think that the biggest problem")
+    assert len(out["steered"]) == 2 and all(r["strength"] == -2.0 and r["mode"] == "rescale" for r in out["schedule"])
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--strength", "nan"], "--strength must be finite, got nan; allowed: -200..200"),
+    (["--strength", "1e9"], "--strength = 1e+09 is out of range; allowed: -200..200"),
+    (["--alpha", "inf"], "--alpha must be finite"),
+    (["--r", "-100"], "--r = -100 is out of range; allowed: -64..64"),
+    (["--mode", "all"], "unknown --mode 'all'; valid: baseline, single, cumulative"),
+    (["--schedule", "cos"], "valid: exp, linear, constant"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens = 100000 is out of range; allowed: 1..128"),
+    (["--samples", "0"], "--samples = 0 is out of range; allowed: 1..8"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--top-p", "1.5"], "--top-p = 1.5 is out of range"),
+    (["--temperature", "-1"], "--temperature = -1 is out of range"),
+])
+def test_cli_steer_bad_values_exit_2(tiny_llama_preset, capsys, extra, msg):
+    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset)] + extra)
+    assert code == 2 and msg in capsys.readouterr().err
