@@ -48,3 +48,18 @@ def tiny_bundle(tiny_llama_preset):
 def tiny_gemma_bundle(tiny_gemma_preset):
     from steering.bundle import Bundle
     return Bundle.load(str(tiny_gemma_preset), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def live_app(tmp_path_factory):
+    """`python app.py` on a tiny preset with a catalog and one demo example, on a free loopback
+    port, shared by the API and browser tests: {"url", "server", "preset", "bundle", "catalog", "word"}."""
+    from apprun import AppServer, prepare_tiny
+
+    tmp = tmp_path_factory.mktemp("live_app")
+    info = prepare_tiny(tmp)
+    # An OpenAI-compatible URL on a closed loopback port: a key typed into the app fails fast, offline.
+    server = AppServer(info["preset"], tmp / "app.log", env={"FFP_DEMO_FILE": info["demo_file"],
+                                                             "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    yield {**info, "url": server.url, "server": server}
+    server.stop()

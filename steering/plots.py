@@ -1,0 +1,102 @@
+"""Plotly figures: flow graph, steering schedule preview, judge scores, live activations."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from .graph import FlowGraph
+
+LANES = {"attn": 2, "res": 1, "mlp": 0}
+LANE_NAMES = {2: "attention", 1: "residual", 0: "MLP"}
+SITE_COLORS = {"res": "#4C6EF5", "mlp": "#F59F00", "attn": "#12B886"}
+
+
+def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = None) -> go.Figure:
+    """Layers on x, sites as lanes; node size and colour by score (or by the node's max live
+    activation on a prompt when ``live`` is given); nodes outside l_start..l_end are faded;
+    edges drawn with width proportional to the cosine."""
+    pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
+    fig = go.Figure()
+    for e in graph.edges:
+        if e.source not in pos or e.target not in pos:
+            continue
+        (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
+                                 line={"width": 1 + 5 * max(0.0, e.cosine), "color": "rgba(120,120,140,0.45)"}))
+    live_max = {k: max(v[1:] or [0.0]) for k, v in (live or {}).get("acts", {}).items()}
+    for in_span in (True, False):
+        nodes = [n for n in graph.nodes if n.in_span == in_span]
+        if not nodes:
+            continue
+        colour = [live_max.get(str(n.id), 0.0) if live else n.score for n in nodes]
+        hover = []
+        for n in nodes:
+            lines = [f"<b>{n.id}</b> ({n.role})", n.label or "(no label)", f"score (cosine): {n.score:.3f}"]
+            if n.site == "res":
+                fmt = [f"{name} {v:.2f}" for name, v in (("s(R)", n.s_res), ("s(M)", n.s_mlp), ("s(A)", n.s_attn))
+                       if v is not None]
+                lines.append(" · ".join(fmt))
+            if live:
+                lines.append(f"max activation on prompt: {live_max.get(str(n.id), 0.0):.2f}")
+            if n.approx:
+                lines.append("approximate match (hook_z SAE mapped through o_proj)")
+            hover.append("<br>".join(lines))
+        fig.add_trace(go.Scatter(
+            x=[n.layer for n in nodes], y=[LANES[n.site] for n in nodes], mode="markers+text",
+            text=[str(n.id.index) for n in nodes], textposition="top center", hovertext=hover, hoverinfo="text",
+            name="in span" if in_span else "outside span (cut)", opacity=1.0 if in_span else 0.3,
+            marker={"size": [10 + 22 * max(0.0, min(1.0, n.score)) for n in nodes], "color": colour,
+                    "colorscale": "Viridis", "cmin": 0, "cmax": max(colour + [1.0]) if live else 1.0,
+                    "line": {"width": [3 if n.role == "seed" else 1 for n in nodes], "color": "#222"},
+                    "showscale": in_span,
+                    "colorbar": {"title": "max act." if live else "cosine", "len": 0.6}}))
+    fig.add_vrect(x0=graph.l_start - 0.4, x1=graph.l_end + 0.4, fillcolor="#E7F5FF", opacity=0.5, line_width=0,
+                  layer="below")
+    fig.update_layout(
+        title=title or f"Flow graph of {graph.seed} (kept span: layers {graph.l_start}-{graph.l_end})",
+        xaxis={"title": "layer", "dtick": 1}, height=380, margin={"l": 60, "r": 20, "t": 50, "b": 40},
+        yaxis={"tickvals": list(LANE_NAMES), "ticktext": list(LANE_NAMES.values()), "range": [-0.6, 2.6]},
+        legend={"orientation": "h", "y": -0.2}, plot_bgcolor="white")
+    return fig
+
+
+def schedule_figure(rows: list[dict], title: str | None = None) -> go.Figure:
+    """Bars of s'(l) (or r for removal) per layer and site: the preview of a steering plan."""
+    removal = any(r.get("mode") == "rescale" for r in rows)
+    title = title or ("Rescale factor r per layer" if removal else "Steering strength s'(l) per layer")
+    fig = go.Figure()
+    for site, colour in SITE_COLORS.items():
+        sub = [r for r in rows if r["site"] == site]
+        if sub:
+            fig.add_trace(go.Bar(x=[r["layer"] for r in sub], y=[r["strength"] for r in sub], name=site,
+                                 marker_color=colour, hovertext=[r["feature"] for r in sub]))
+    fig.update_layout(title=title, barmode="group", height=260, xaxis={"title": "layer", "dtick": 1},
+                      yaxis={"title": "r" if removal else "strength s'(l)"},
+                      margin={"l": 50, "r": 10, "t": 40, "b": 40}, plot_bgcolor="white")
+    return fig
+
+
+def scores_figure(summary: dict[str, dict], titles: dict[str, str] | None = None) -> go.Figure:
+    """Grouped bars per variant: mean theme (behavioral), coherence and metric, all in [0, 1]."""
+    names = list(summary)
+    labels = [(titles or {}).get(n, n) for n in names]
+    fig = go.Figure()
+    for key, label, colour in (("behavioral", "theme", "#7048E8"), ("coherence", "coherence", "#37B24D"),
+                               ("metric", "metric", "#F76707")):
+        values = [summary[n].get(key) for n in names]
+        fig.add_trace(go.Bar(x=labels, y=values, name=label, marker_color=colour,
+                             text=[f"{v:.2f}" if v is not None else "" for v in values], textposition="outside"))
+    fig.update_layout(barmode="group", height=280, yaxis={"range": [0, 1.1], "title": "score (0-1)"},
+                      margin={"l": 50, "r": 10, "t": 30, "b": 60}, plot_bgcolor="white",
+                      legend={"orientation": "h", "y": -0.15, "x": 0})
+    return fig
+
+
+def live_figure(live: dict, max_nodes: int = 30) -> go.Figure:
+    """Heatmap: flow-graph nodes (rows) x prompt tokens (columns), activation as colour."""
+    ids = list(live["acts"])[:max_nodes]
+    z = [live["acts"][i] for i in ids]
+    fig = go.Figure(go.Heatmap(z=z, x=[f"{j}:{t}" for j, t in enumerate(live["tokens"])], y=ids,
+                               colorscale="Magma", colorbar={"title": "act."}))
+    fig.update_layout(height=120 + 18 * len(ids), margin={"l": 90, "r": 10, "t": 20, "b": 60})
+    return fig

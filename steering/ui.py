@@ -1,0 +1,391 @@
+"""What the app does behind each button: library calls in, display-ready values out.
+
+No gradio here (app.py owns the widgets). Functions raise ValueError naming the field and the
+allowed range for bad input (the app shows those as short messages) and hold no per-user
+state: everything a request needs comes in as arguments, so concurrent sessions never share
+mutable values. `Playground` is built once at start-up and only read afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import limits
+from .bundle import Bundle, file_sha256, package_dir
+from .catalog import Catalog, features_for_text
+from .features import parse_feature
+from .flow import build_flow_graph
+from .generate import TASK_DEFAULTS, generate_variants
+from .graph import FlowGraph
+from .groups import live_activations
+from .judge import OfflineJudge, make_judge
+from .presets import ASSETS, SITES
+from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
+
+log = logging.getLogger(__name__)
+TASKS = tuple(TASK_DEFAULTS)
+VARIANT_TITLES = {"unsteered": "Unsteered", "steered": "Steered", "single": "Steered: single layer",
+                  "cumulative": "Steered: cumulative flow"}
+# Neuronpedia source ids of the SAE families the presets use (feature pages: /model/source/index).
+NEURONPEDIA_SOURCES = {"gemma-2-2b": "{layer}-gemmascope-{site}-16k", "llama3.1-8b": "{layer}-llamascope-{site}-32k"}
+NEURONPEDIA_SITE = {"res": "res", "mlp": "mlp", "attn": "att"}
+DEMO_FILE = ASSETS / "demo_examples.json"
+
+
+# ---- curated demo examples ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DemoExample:
+    """One curated one-click example (assets/demo_examples.json, schema in
+    assets/demo_examples.schema.json).
+
+    Fields:
+        title: button text, e.g. "Weddings".
+        feature: seed feature id ``layer/site/index`` of the preset.
+        theme: what the judge looks for, in plain words.
+        explanation: one or two plain-language sentences shown with the example.
+        preset: the preset the ids belong to (examples of other presets are not shown).
+        task, condition, strength, alpha, layer, samples, max_new_tokens, seed, prompt: steering
+            settings (defaults: the paper's cumulative exponential schedule).
+    """
+
+    title: str
+    feature: str
+    theme: str
+    explanation: str = ""
+    preset: str = "default"
+    task: str = "activate"
+    condition: str = "cumulative"
+    strength: float = 3.0
+    alpha: float = -0.25
+    layer: int | None = None
+    r: float = 0.0
+    samples: int = 2
+    max_new_tokens: int = 32
+    seed: int = 0
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        parse_feature(self.feature)
+        if self.task not in TASKS:
+            raise ValueError(f"example {self.title!r}: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"example {self.title!r}: unknown condition {self.condition!r}; "
+                             f"valid: {', '.join(CONDITIONS)}")
+        limits.check_steer_args(strength=self.strength, alpha=self.alpha, r=self.r, samples=self.samples,
+                                max_new_tokens=self.max_new_tokens, seed=self.seed)
+        if not self.title.strip() or not self.theme.strip():
+            raise ValueError("every example needs a non-empty title and theme")
+
+    @property
+    def prompt_or_default(self) -> str:
+        return self.prompt or TASK_DEFAULTS[self.task]["prompt"]
+
+
+def load_demo_examples(bundle: Bundle | None = None, path: Path = DEMO_FILE) -> list[DemoExample]:
+    """Examples for ``bundle``'s preset (all of them without a bundle); [] when the file is absent.
+
+    The file is ``{"examples": [{...}, ...]}``; unknown keys and ids that do not exist in the
+    bundle are errors (the file is curated by hand, so it must fail loudly)."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    rows = data.get("examples") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected an object with an 'examples' list")
+    known = set(DemoExample.__dataclass_fields__)
+    out = []
+    for i, row in enumerate(rows):
+        extra = set(row) - known
+        if extra:
+            raise ValueError(f"{path}: example {i} has unknown keys {sorted(extra)}; valid: {sorted(known)}")
+        ex = DemoExample(**row)
+        if bundle is not None and ex.preset == bundle.preset.name:
+            parse_feature(ex.feature, bundle)
+            out.append(ex)
+        elif bundle is None:
+            out.append(ex)
+    return out
+
+
+# ---- provenance ------------------------------------------------------------------------------------
+
+def model_hash(bundle: Bundle) -> str:
+    """sha256 of the model weights file(s) where they are local; the hub revision otherwise."""
+    p = bundle.preset
+    if p.gguf_package:
+        return "gguf-sha256:" + file_sha256(package_dir(p.gguf_package) / p.model)
+    folder = Path(p.model)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if files:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(file_sha256(f).encode())
+        return "safetensors-sha256:" + h.hexdigest()
+    rev = getattr(bundle.model.config, "_commit_hash", None)
+    return f"hub:{p.model}@{rev or 'unknown revision'}"
+
+
+def sae_hash(folder: Path | None) -> str:
+    if folder is None:
+        return "hub (not hashed)"
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.name.encode() + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def library_versions() -> dict:
+    import gradio
+    import sae_lens
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "sae_lens": sae_lens.__version__, "gradio": gradio.__version__}
+
+
+# ---- the playground -------------------------------------------------------------------------------
+
+def _escape(text: str) -> str:
+    """Token text safe inside Markdown + inline HTML (newlines shown as a symbol)."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", "⏎")
+    for ch in "\\`*_[]#|~":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _ids(value) -> list[str]:
+    """Node ids from a list (API / multiselect) or a comma-separated string."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(";", ",").split(",")
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+@dataclass
+class Playground:
+    """Everything the app reads for every session; built once by `create`, never mutated later.
+
+    Fields:
+        bundle: model + SAEs.
+        catalog: feature catalog (None when the preset has none: pick features by id).
+        judge: the server's judge (OpenAI when OPENAI_API_KEY is set at start-up, else offline).
+        hashes: model and SAE file hashes for run records (computed at start-up).
+        versions: library versions for run records.
+        examples: curated demo examples of this preset.
+    """
+
+    bundle: Bundle
+    catalog: Catalog | None = None
+    judge: object = field(default_factory=OfflineJudge)
+    hashes: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    examples: list[DemoExample] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, bundle: Bundle, judge=None) -> "Playground":
+        try:
+            catalog = Catalog.load(bundle)
+        except FileNotFoundError as e:
+            log.warning("no feature catalog: %s", e)
+            catalog = None
+        hashes = {"model": model_hash(bundle),
+                  "saes": {f"{l}/{s}": sae_hash(bundle.sae_folders.get((l, s))) for l, s in sorted(bundle.saes)}}
+        demo = Path(os.environ.get("FFP_DEMO_FILE", DEMO_FILE))
+        return cls(bundle, catalog, judge or make_judge(), hashes, library_versions(), load_demo_examples(bundle, demo))
+
+    # ---- picking a feature ---------------------------------------------------------------------
+    def search(self, query: str, k: int = 20) -> list[list]:
+        """Rows [feature, label, score, matched words] of the catalog search (res features)."""
+        if self.catalog is None:
+            raise ValueError("this preset has no feature catalog: pick a feature by id (layer/site/index)")
+        return [[h.feature, h.label, round(h.score, 2), ", ".join(h.matched)] for h in self.catalog.search(query, k)]
+
+    def text_features(self, text: str, k: int = 10) -> tuple[list[tuple[str, str | None]], list[list]]:
+        """Tokens tagged with their strongest feature, and rows [feature, label, max act, token]."""
+        out = features_for_text(self.bundle, text, k)
+        spans = [(tok, feats[0][0] if feats else None) for tok, feats in zip(out["tokens"], out["per_token"])]
+        rows = [[fid, self.label(fid), round(act, 3), f"{out['tokens'][t]!r} (#{t})"] for fid, act, t in out["top"]]
+        return spans, rows
+
+    def label(self, fid: str) -> str:
+        return self.catalog.label(fid) if self.catalog else ""
+
+    def default_theme(self, fid: str) -> str:
+        """Judge theme derived from the catalog: the feature's top tokens (editable in the UI)."""
+        if self.catalog is None:
+            return ""
+        try:
+            card = self.catalog.card(fid)
+        except ValueError:
+            return ""
+        words = list(dict.fromkeys(t.strip() for t in card.top_tokens if t.strip() and any(c.isalpha() for c in t)))
+        return ", ".join(words[:4]) or card.label[:100]
+
+    def card_markdown(self, fid: str) -> tuple[str, str]:
+        """Markdown card of a feature and a default theme for the judge."""
+        f = parse_feature(limits.clean_text("feature id", fid, 100), self.bundle)
+        lines = [f"### Feature `{f}`"]
+        scale = float(self.bundle.ref_scale(f.layer, f.site)[f.index])
+        if self.catalog is not None:
+            c = self.catalog.card(f)
+            lines += [f"**{c.label}** _({c.label_source} label)_", "",
+                      f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
+                      f"mean when active **{c.mean_act:.2f}**", "",
+                      f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  ",
+                      f"Promotes (logit lens): {', '.join(repr(t) for t in c.promoted_tokens[:6])}", "",
+                      "**Top contexts** (the token where it fires is highlighted):"]
+            for ctx in c.contexts:
+                toks = [_escape(t) for t in ctx["tokens"]]
+                i = ctx["index"]
+                toks[i] = f"<mark><b>{toks[i]}</b></mark>"
+                dom = f" <i>{_escape(ctx['domain'])}</i>" if ctx.get("domain") else ""
+                lines.append(f"- <code>{ctx['act']:.2f}</code>{dom} " + "".join(toks))
+        lines.append(f"\nSteering unit: strength 1 adds {scale:.3g} x the feature's unit direction "
+                     f"({self.bundle.units(f.layer, f.site)} units: about one typical activation).")
+        url = neuronpedia_url(self.bundle.preset.neuronpedia, f)
+        if url:
+            lines.append(f"\n[Open {f} on Neuronpedia]({url})")
+        return "\n".join(lines), self.default_theme(str(f))
+
+    # ---- flow --------------------------------------------------------------------------------------
+    def flow(self, fid: str, t_res: float = 0.5, t_module: float = 0.15) -> FlowGraph:
+        fid = limits.clean_text("feature id", fid, 100)
+        for name, t in (("t(R) threshold", t_res), ("module threshold", t_module)):
+            limits.check_number(name, t, 1.0)
+        labels = self.catalog.labels() if self.catalog else None
+        return build_flow_graph(self.bundle, fid, float(t_res), float(t_module), "both", labels)
+
+    def live(self, graph: FlowGraph, prompt: str) -> dict:
+        return live_activations(self.bundle, graph, prompt)
+
+    @staticmethod
+    def node_rows(graph: FlowGraph) -> list[list]:
+        def r(v):
+            return None if v is None else round(v, 3)
+        nodes = sorted(graph.nodes, key=lambda n: (n.layer, SITES.index(n.site)))
+        return [[str(n.id), n.layer, n.site, n.role, r(n.score), r(n.s_res), r(n.s_mlp), r(n.s_attn),
+                 "yes" if n.in_span else "cut", n.label] for n in nodes]
+
+    # ---- steering ------------------------------------------------------------------------------------
+    def plan(self, graph: FlowGraph, task: str, condition: str, layer, strength: float, schedule: str,
+             alpha: float, s_end: float, r: float, exclude=None, include=None) -> list:
+        """Steering specs of one condition (steer.plan), with the UI's fields validated first."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {condition!r}; valid: {', '.join(CONDITIONS)}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        v = limits.check_steer_args(strength=strength, alpha=alpha, s_end=s_end, r=r)
+        if layer in (None, "", -1):  # -1: the seed's layer
+            layer = None
+        else:
+            layer = limits.check_int("layer l", layer, 0, self.bundle.n_layers - 1)
+        remove = task == "remove"
+        return plan(graph, condition, layer, v["r"] if remove else v["strength"], schedule, v["alpha"], v["s_end"],
+                    mode="rescale" if remove else "add", exclude=_ids(exclude), include=_ids(include))
+
+    def schedule_rows(self, specs: list) -> list[dict]:
+        return schedule_table(specs, self.bundle)
+
+    def check_generation(self, prompt: str, seed, samples, max_new_tokens, theme: str) -> dict:
+        """Validate the generation fields before any compute; returns cleaned values."""
+        v = limits.check_steer_args(prompt=prompt, seed=seed, samples=samples, max_new_tokens=max_new_tokens)
+        limits.check_int("seed + samples - 1", v["seed"] + v["samples"] - 1, 0, limits.MAX_SEED)
+        v["theme"] = limits.clean_text("theme", theme or "", 300, allow_empty=True).strip()
+        return v
+
+    def steer(self, variants: dict[str, list], task: str, prompt: str, seed: int, samples: int,
+              max_new_tokens: int, theme: str, api_key: str = "", chat: bool = False) -> dict:
+        """Generate every variant for seeds seed..seed+samples-1 in one batch, then score all texts.
+
+        ``api_key`` (optional, per request) selects an OpenAI judge for this request only; it is
+        never stored, logged or returned."""
+        v = self.check_generation(prompt, seed, samples, max_new_tokens, theme)
+        if not v["theme"]:
+            raise ValueError("theme is empty; type what the steered text should be about")
+        seeds = [v["seed"] + i for i in range(v["samples"])]
+        gens = generate_variants(self.bundle, v["prompt"], variants, seeds, v["max_new_tokens"], chat=bool(chat))
+        judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
+        texts = [g.text for g in gens]
+        if isinstance(judge, OfflineJudge):  # coherence also uses perplexity under the unsteered model
+            scores = judge.score(texts, v["theme"], task, perplexities=[g.metrics.get("perplexity") for g in gens])
+        else:
+            scores = judge.score(texts, v["theme"], task)
+        return {"generations": gens, "scores": scores, "variants": list(variants), "seeds": seeds,
+                "judge": getattr(judge, "name", type(judge).__name__), "theme": v["theme"], "prompt": v["prompt"],
+                "max_new_tokens": v["max_new_tokens"]}
+
+    @staticmethod
+    def summary(result: dict) -> dict[str, dict]:
+        """Mean scaled scores per variant (scored texts only)."""
+        out = {}
+        for name in result["variants"]:
+            sc = [s for g, s in zip(result["generations"], result["scores"]) if g.variant == name and s.available]
+            if sc:
+                out[name] = {"behavioral": sum(s.behavioral_scaled for s in sc) / len(sc),
+                             "coherence": sum(s.coherence_scaled for s in sc) / len(sc),
+                             "metric": sum(s.metric for s in sc) / len(sc)}
+        return out
+
+    @staticmethod
+    def column_markdown(result: dict, variant: str) -> str:
+        """One side-by-side column: each sample's text, scores and local metrics."""
+        lines = [f"### {VARIANT_TITLES.get(variant, variant)}"]
+        mean = Playground.summary(result).get(variant)
+        if mean:
+            lines.append(f"mean theme **{mean['behavioral']:.2f}** · coherence **{mean['coherence']:.2f}** · "
+                         f"metric **{mean['metric']:.2f}**\n")
+        for g, s in zip(result["generations"], result["scores"]):
+            if g.variant != variant:
+                continue
+            text = g.text.strip().replace("\n", " ⏎ ") or "(empty)"
+            lines.append(f"**seed {g.seed}**\n\n> {text}\n")
+            if s.available:
+                tag = "offline fallback judge" if s.offline else s.judge
+                lines.append(f"theme {s.behavioral:.1f}/5 · coherence {s.coherence:.1f}/5 · metric {s.metric:.2f} "
+                             f"_({tag})_")
+            else:
+                lines.append(f"_score {s.error}_")
+            m = g.metrics
+            acts = ", ".join(f"{k} {v:.2f}" for k, v in list(m.get("feature_activation", {}).items())[:3])
+            ppl = m.get("perplexity")
+            lines.append(f"<small>perplexity {ppl if ppl is not None else 'n/a'} · distinct-2 "
+                         f"{m.get('distinct_2', 'n/a')} · {m.get('n_tokens', len(g.token_ids))} tokens"
+                         f"{' · feature activation ' + acts if acts else ''}</small>\n")
+        return "\n".join(lines)
+
+    def run_record(self, feature: str, settings: dict, schedules: dict[str, list], result: dict) -> dict:
+        """Everything needed to reproduce a run (no API key: it is never part of ``settings``)."""
+        used = sorted({r["feature"].rsplit("/", 1)[0] for rows in schedules.values() for r in rows})
+        return {
+            "preset": self.bundle.preset.name, "model": self.bundle.preset.model,
+            "model_hash": self.hashes.get("model"),
+            "sae_hashes": {k: self.hashes.get("saes", {}).get(k) for k in used},
+            "device": str(self.bundle.device), "dtype": str(self.bundle.dtype), "versions": self.versions,
+            "feature": feature, "settings": settings, "schedules": schedules, "seeds": result["seeds"],
+            "prompt": result["prompt"], "theme": result["theme"], "judge": result["judge"],
+            "generations": [g.to_json() for g in result["generations"]],
+            "scores": [s.to_json() for s in result["scores"]],
+            "reproduce": "python -m steering steer " + feature + " " + " ".join(
+                f"--{k.replace('_', '-')} {json.dumps(settings[k])}" for k in
+                ("task", "layer", "strength", "schedule", "alpha", "s_end", "r", "seed", "samples", "max_new_tokens")
+                if settings.get(k) is not None) + f" --mode {settings.get('condition')}",
+        }
+
+
+def neuronpedia_url(model_id: str, f) -> str:
+    """Feature page on Neuronpedia for presets with public SAEs there ("" otherwise)."""
+    template = NEURONPEDIA_SOURCES.get(model_id)
+    if not template:
+        return ""
+    source = template.format(layer=f.layer, site=NEURONPEDIA_SITE[f.site])
+    return f"https://www.neuronpedia.org/{model_id}/{source}/{f.index}"

@@ -1,0 +1,166 @@
+"""The app on a tiny preset: its API driven through gradio_client against a live `python app.py`
+on 127.0.0.1 (results checked against the CLI and the library), and its handlers in process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from apprun import ROOT, TINY_FEATURE
+
+STEER_DEFAULTS = dict(feature=TINY_FEATURE, t_res=0.5, t_module=0.15, task="activate", condition="cumulative", layer=-1,
+                      strength=4.0, sched="exp", alpha=-0.25, s_end=1.0, r=0, exclude=[], include=[], seed=5, samples=1,
+                      max_new_tokens=8, prompt="I think ", chat=False, theme="wedding", compare=False, api_key="")
+
+
+def steer_args(**changes) -> list:
+    return list({**STEER_DEFAULTS, **changes}.values())
+
+
+@pytest.fixture(scope="module")
+def client(live_app):
+    from gradio_client import Client
+
+    return Client(live_app["url"], verbose=False)
+
+
+def cli(*args) -> dict:
+    out = subprocess.run([sys.executable, "-m", "steering", *args, "--json"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_every_event_is_a_named_endpoint(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/search", "/features_for_text", "/card", "/flow", "/schedule", "/steer", "/demo"} <= names
+
+
+def test_search_matches_the_cli(client, live_app):
+    rows = client.predict(live_app["word"], api_name="/search")
+    rows = rows["data"] if isinstance(rows, dict) else rows
+    expected = cli("catalog", "search", live_app["word"], "--preset", live_app["preset"])["hits"]
+    assert rows and [r[0] for r in rows] == [h["feature"] for h in expected]
+    assert [r[1] for r in rows] == [h["label"] for h in expected]
+
+
+def test_flow_matches_the_cli(client, live_app):
+    out = client.predict(TINY_FEATURE, 0.5, 0.15, "", api_name="/flow")
+    graph = out[2]
+    assert graph == cli("flow", TINY_FEATURE, "--preset", live_app["preset"])
+    rows = out[1]["data"] if isinstance(out[1], dict) else out[1]
+    assert sorted(r[0] for r in rows) == sorted(n["id"] for n in graph["nodes"])
+
+
+def test_steer_matches_the_cli_and_records_the_run(client, live_app):
+    _, _, _, _, path, record = client.predict(*steer_args(), api_name="/steer")
+    expected = cli("steer", TINY_FEATURE, "--preset", live_app["preset"], "--strength", "4", "--seed", "5",
+                   "--samples", "1", "--max-new-tokens", "8", "--prompt", "I think ")
+    texts = {g["variant"]: g["text"] for g in record["generations"]}
+    assert texts == {"unsteered": expected["baseline"], "steered": expected["steered"]}
+    assert texts["unsteered"] != texts["steered"]  # strength 4 on the whole flow changes a random model's text
+    assert record["schedules"]["steered"] == expected["schedule"]
+    assert record["seeds"] == [5] and record["feature"] == TINY_FEATURE and record["preset"] == "tiny-app"
+    assert record["model_hash"].startswith("safetensors-sha256:")
+    assert set(record["sae_hashes"]) == {r["feature"].rsplit("/", 1)[0] for r in expected["schedule"]}
+    assert all(s["offline"] and s["available"] for s in record["scores"])  # labelled offline fallback judge
+    assert json.loads(Path(path).read_text()) == record
+
+
+def test_third_column_compares_single_and_cumulative(client):
+    base, steered, other, _, _, record = client.predict(*steer_args(compare=True), api_name="/steer")
+    assert {g["variant"] for g in record["generations"]} == {"unsteered", "steered", "single"}
+    assert other["visible"] is True  # the third column is an update: shown with its text
+    assert "single layer" in other["value"] and "Steered" in steered and "Unsteered" in base
+
+
+@pytest.mark.parametrize("changes, msg", [
+    (dict(strength=1e6), r"Strength s .* = 1e\+06 is out of range; allowed: -200..200"),
+    (dict(max_new_tokens=10_000), r"Max new tokens = 10000 is out of range; allowed: 1..\d+"),
+    (dict(samples=99), r"Samples = 99 is out of range; allowed: 1..\d+"),
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt="x" * 5000), "prompt is too long"),
+    (dict(condition="everything"), "Condition"),
+    (dict(feature="9/res/3"), "valid layers: 0..2"),
+    (dict(feature="1/res/99999"), "valid indices for 1/res"),
+    (dict(feature="<b>1/res/3"), "malformed feature id"),
+])
+def test_bad_steer_input_is_a_short_error_and_the_server_keeps_serving(client, live_app, changes, msg):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=msg) as e:
+        client.predict(*steer_args(**changes), api_name="/steer")
+    assert "Traceback" not in str(e.value) and "<b>" not in str(e.value)
+    assert live_app["server"].proc.poll() is None
+    assert client.predict("1/res/3", api_name="/card")[0].startswith("### Feature")
+
+
+def test_api_key_is_never_echoed_or_logged(client, live_app):
+    key = "sk-test-DoNotLeak-0123456789abcdef"
+    base, steered, _, _, path, record = client.predict(*steer_args(api_key=key), api_name="/steer")
+    scores = [s for g, s in zip(record["generations"], record["scores"]) if g["text"].strip()]
+    assert scores and all(not s["available"] and "unavailable" in s["error"] for s in scores), scores
+    assert {g["variant"] for g in record["generations"]} == {"unsteered", "steered"}  # texts shown anyway
+    for blob in (base, steered, json.dumps(record), Path(path).read_text(), live_app["server"].log()):
+        assert key not in blob and "DoNotLeak" not in blob
+
+
+def test_concurrent_sessions_get_their_own_results(live_app):
+    """Four sessions steering with different seeds at once get what they get one at a time."""
+    from gradio_client import Client
+
+    def run(seed: int) -> list[str]:
+        c = Client(live_app["url"], verbose=False)
+        record = c.predict(*steer_args(seed=seed, samples=2), api_name="/steer")[5]
+        return [g["text"] for g in record["generations"]]
+
+    seeds = [11, 12, 13, 14]
+    alone = [run(s) for s in seeds]
+    with ThreadPoolExecutor(4) as ex:
+        together = list(ex.map(run, seeds))
+    assert together == alone
+
+
+# ---- in process: handlers called directly, no server ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def app_fns(live_app):
+    import app
+    from steering.ui import Playground
+
+    pg = Playground.create(live_app["bundle"])
+    demo = app.build_app(pg)
+    return {f.api_name: f.fn for f in demo.fns.values() if f.api_name}, live_app["bundle"]
+
+
+def test_handlers_leave_no_hooks_even_on_errors(app_fns):
+    import gradio as gr
+
+    from steering.sites import count_hooks
+
+    fns, bundle = app_fns
+    before = count_hooks(bundle.model)
+    out = fns["steer"](*steer_args(max_new_tokens=4))
+    assert "Steered" in out[1]
+    with pytest.raises(gr.Error, match="theme is too long"):
+        fns["steer"](*steer_args(theme="t" * 400))
+    with pytest.raises(gr.Error, match="cannot include"):
+        fns["steer"](*steer_args(include=["0/res/0"]))
+    assert count_hooks(bundle.model) == before == 0
+
+
+def test_schedule_preview_follows_the_schedule(app_fns):
+    from steering.flow import build_flow_graph
+    from steering.steer import plan, schedule_table
+
+    fns, bundle = app_fns
+    fig, rows = fns["schedule"](TINY_FEATURE, 0.5, 0.15, "activate", "cumulative", -1, 6.0, "exp", -0.5, 1.0, 0,
+                                [], [])
+    graph = build_flow_graph(bundle, TINY_FEATURE)
+    assert rows == schedule_table(plan(graph, "cumulative", None, 6.0, "exp", -0.5), bundle)
+    assert sum(len(t.x) for t in fig.data) == len(rows)
