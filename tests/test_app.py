@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,31 @@ def test_schedule_preview_follows_the_schedule(app_fns):
     graph = build_flow_graph(bundle, TINY_FEATURE)
     assert rows == schedule_table(plan(graph, "cumulative", None, 6.0, "exp", -0.5), bundle)
     assert sum(len(t.x) for t in fig.data) == len(rows)
+
+
+# ---- curated demo examples ------------------------------------------------------------------------
+
+def test_demo_example_schema_matches_the_loader():
+    from steering.ui import DEMO_FILE, DemoExample, load_demo_examples
+
+    schema = json.loads((ROOT / "assets" / "demo_examples.schema.json").read_text())
+    item = schema["properties"]["examples"]["items"]
+    assert set(item["properties"]) == set(DemoExample.__dataclass_fields__)
+    assert set(item["required"]) == {f for f, v in DemoExample.__dataclass_fields__.items() if v.default is MISSING}
+    for ex in load_demo_examples(None, DEMO_FILE):  # the shipped file, when the lead has filled it
+        assert ex.title and ex.theme
+
+
+@pytest.mark.parametrize("row, msg", [
+    ({"title": "a", "feature": "1/res/3", "theme": "x", "colour": "red"}, "unknown keys"),
+    ({"title": "a", "feature": "1/xyz/3", "theme": "x"}, "unknown site"),
+    ({"title": "a", "feature": "1/res/3", "theme": "x", "strength": float("inf")}, "strength must be finite"),
+    ({"title": "a", "feature": "1/res/3", "theme": "x", "condition": "all"}, "unknown condition"),
+])
+def test_bad_demo_examples_fail_loudly(tmp_path, row, msg):
+    from steering.ui import load_demo_examples
+
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps({"examples": [row]}))
+    with pytest.raises(ValueError, match=msg):
+        load_demo_examples(None, path)
