@@ -60,8 +60,13 @@ def _register_steer(sub, common):
     register(sub, common)
 
 
+def _register_catalog(sub, common):
+    from .catalog import register
+    register(sub, common)
+
+
 # Subcommands defined beside the code they drive register themselves here.
-_REGISTER: list = [_register_flow, _register_steer]
+_REGISTER: list = [_register_flow, _register_steer, _register_catalog]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,74 +1,256 @@
-"""Feature catalog on a tiny bundle: contexts, stats, search, text lookup, round trip."""
+"""Feature catalog on the tiny bundle: contexts and stats against a naive recomputation, search
+ranking, features of a text against a direct SAE encode, LLM labels with a fake client, round trip."""
+
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from steering import sites as S
-from steering.catalog import Catalog, build, corpus_sequences, features_for_text
+from steering import catalog as C
+from steering.presets import SITES
+from steering.catalog import Catalog, context_windows, corpus_sequences, features_for_text, offline_label
+
+TEXTS = {
+    "prose": ["The bride and the groom danced at the wedding while the guests cheered and the band played. "
+              "After the ceremony everyone ate cake and the families celebrated the marriage late into the night.",
+              "The recipe needs flour, sugar, eggs and butter. Mix the flour with sugar, then bake the cake for "
+              "forty minutes until it is golden and smells of warm butter."] * 3,
+    "code": ["def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+             "    def pop(self):\n        return self.items.pop()\n"] * 4,
+    "math": ["Let G be a group and H a subgroup of G. The order of H divides the order of G, so 12 = 3 * 4 "
+             "and 60 = 5 * 12 are possible orders of subgroups of a group of order 360."] * 4,
+    "stories": ["Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
+                "nothing to do: once or twice she had peeped into the book her sister was reading."] * 4,
+}
+N_TOKENS, CTX, BATCH = 2000, 32, 8
+
+
+class FakeLLM:
+    """Stands in for openai.OpenAI: labels every feature, except one batch it answers with bad JSON."""
+
+    def __init__(self, special: dict[str, str]):
+        self.special, self.calls = special, 0
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, model, messages, **kw):
+        self.calls += 1
+        items = json.loads(messages[-1]["content"])
+        if any(it["id"] == "0/res/0" for it in items):
+            content = "not json"
+        else:
+            content = json.dumps({"labels": {it["id"]: self.special.get(it["id"], f"pattern {it['id']}")
+                                             for it in items}})
+        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=content))])
 
 
 @pytest.fixture(scope="module")
 def built(tiny_bundle, tmp_path_factory):
-    cat = build(tiny_bundle, n_tokens=3000, ctx=32, batch=16, seed=0)
-    root = tmp_path_factory.mktemp("cat")
-    cat.save(root)
-    return cat, Catalog.load(root)
+    llm = FakeLLM({"2/res/7": "wedding bells and vows", "1/res/2": "cake, flour, push, self, bake and butter"})
+    cat = Catalog.build(tiny_bundle, n_tokens=N_TOKENS, ctx=CTX, batch=BATCH, seed=3, texts=TEXTS,
+                        llm_client=llm, llm_sites=("res",))
+    root = tmp_path_factory.mktemp("catalog")
+    sizes = cat.save(root)
+    return cat, Catalog.load(root), root, sizes, llm
 
 
-def test_contexts_hold_the_max_token_and_stats_match_naive(tiny_bundle, built):
-    cat, _ = built
-    b = tiny_bundle
-    seqs = corpus_sequences(b.tokenizer, 3000, 32, 0)
-    store = {}
-    mods = {(1, "res"): b.module(1, "res")}
-    acts = []
-    for i in range(0, len(seqs), 16):
-        with S.capture_sites(mods, store):
-            b.model.model(input_ids=seqs[i:i + 16])
-        acts.append(b.encode(1, "res", store[(1, "res")][:, 1:].reshape(-1, b.d_model)))
-    z = torch.cat(acts)  # [N, w]
-    for f in range(0, 128, 17):
-        card = cat.card(f"1/res/{f}")
-        assert card.max_act == pytest.approx(float(z[:, f].max()), rel=1e-3, abs=1e-3)
-        assert card.frequency == pytest.approx(float((z[:, f] > 0).float().mean()), rel=1e-3, abs=1e-5)
-        if card.max_act > 0:
-            top = card.contexts[0]
-            assert top["act"] == pytest.approx(card.max_act, rel=1e-3, abs=1e-3)
-            assert 0 <= top["index"] < len(top["tokens"])
+def _naive(bundle, layer, site):
+    """Activations of every token of the same sequences, one feature column each.  # [n, ctx, w]"""
+    seqs = corpus_sequences(bundle.tokenizer, N_TOKENS, CTX, 3, TEXTS).ids
+    store, _ = bundle.activations({"input_ids": seqs, "attention_mask": torch.ones_like(seqs)}, [(layer, site)])
+    return seqs, bundle.encode(layer, site, store[(layer, site)])
 
 
-def test_search_finds_features_by_their_top_tokens(built):
-    cat, loaded = built
-    from steering.catalog import _words
-    f, row = next((i, r) for i, r in enumerate(cat.features[(2, "res")]) if r["top"] and _words(r["top"][0]))
-    word = _words(row["top"][0])[0]
-    hits = loaded.search(word, k=5000)
-    assert f"2/res/{f}" in [h.feature for h in hits]
-    assert all(word in h.matched for h in hits[:3])
-    assert hits[0].score >= hits[-1].score
+@pytest.mark.parametrize("key", [(1, "res"), (2, "mlp")])
+def test_contexts_hold_the_max_token_and_stats_match_naive(tiny_bundle, built, key):
+    cat, *_ = built
+    seqs, z = _naive(tiny_bundle, *key)
+    z = z[:, 1:]  # position 0 is not counted  # [n, ctx - 1, w]
+    strings = C.token_strings(tiny_bundle.tokenizer, seqs.flatten().tolist())
+    flat = z.reshape(-1, z.shape[-1])  # [N, w]
+    n_ctx = C.N_CONTEXTS[key[1]]
+    for f in range(flat.shape[1]):
+        card = cat.card(f"{key[0]}/{key[1]}/{f}")
+        col = flat[:, f]
+        active = col > 0
+        assert card.max_act == pytest.approx(float(col.max()), abs=2e-3)
+        assert card.frequency == pytest.approx(float(active.float().mean()), rel=1e-3, abs=1e-6)
+        mean = float(col[active].mean()) if active.any() else 0.0
+        assert card.mean_act == pytest.approx(mean, rel=1e-3, abs=2e-3)
+        # contexts: the per-sequence maxima, strongest first, one per sequence
+        per_seq = z[:, :, f].max(dim=1).values  # [n]
+        want = per_seq[per_seq > 0].sort(descending=True).values[:n_ctx]
+        assert [c["act"] for c in card.contexts] == pytest.approx(want.tolist(), abs=2e-3)
+        for c in card.contexts:
+            # the highlighted token is where the sequence's max is, and the window is the text around it
+            cand = ((per_seq - c["act"]).abs() < 2e-3).nonzero().flatten().tolist()
+            hits = [(s, int(z[s, :, f].argmax()) + 1) for s in cand]
+            assert hits, f"no sequence with max activation {c['act']} for feature {f}"
+            ok = False
+            for s, p in hits:
+                lo = p - c["index"]
+                window = [strings[int(t)] for t in seqs[s, lo:lo + len(c["tokens"])]]
+                ok |= lo >= 0 and window == c["tokens"] and c["tokens"][c["index"]] == strings[int(seqs[s, p])]
+            assert ok, f"context {c} of feature {f} is not the text around its max token"
+        if card.top_tokens:  # top tokens: summed activation among the top token activations
+            a, j = col.topk(C.N_TOP_ACTS)
+            ids = seqs[:, 1:].reshape(-1)[j]
+            mass = {}
+            for v, t in zip(a.tolist(), ids.tolist()):
+                if v > 0:
+                    mass[strings[t]] = mass.get(strings[t], 0.0) + v
+            best = max(mass.values())
+            assert mass[card.top_tokens[0]] == pytest.approx(best, rel=1e-4)
+
+
+def test_context_windows_stop_at_document_boundaries():
+    eos = 99
+    seqs = torch.tensor([[1, 2, eos, 3, 4, 5, 6, eos, 7, 8]])
+    ids, keep = context_windows(seqs, torch.tensor([[0, 0]]), torch.tensor([[5, 7]]), [eos], window=(4, 3))
+    shown = [[int(t) for t, k in zip(ids[0, i], keep[0, i]) if k] for i in range(2)]
+    assert shown == [[3, 4, 5, 6], [3, 4, 5, 6, eos]]  # an EOS centre keeps the text it ends
+
+
+def test_offline_labels_follow_the_rule(built):
+    label = offline_label([(" wedding", 0.6), (" bride", 0.3)], ["ceremony", "wedding", "guests", "cake"],
+                          [" marriage", "x", " bride"], ["prose"])
+    assert label == "wedding, bride · ctx: ceremony, guests, cake → marriage [prose]"
+    assert offline_label([], [], [], []) == "(never fired)"
+    cat, loaded, *_ = built
+    card = loaded.card("1/mlp/3")
+    assert card.label_source == "offline"
+    want = offline_label(list(zip(card.top_tokens, card.top_token_shares)), card.context_words,
+                         card.promoted_tokens, card.tags)
+    assert card.label == want
+
+
+def test_llm_labels_with_fallback_for_failed_batches(built):
+    cat, loaded, _, _, llm = built
+    assert llm.calls >= 2
+    assert loaded.label("2/res/7") == "wedding bells and vows"
+    assert loaded.card("2/res/7").label_source == "llm"
+    assert loaded.card("0/res/0").label_source == "offline"  # its batch failed
+    assert loaded.meta["label_source"] == "mixed" and loaded.meta["llm_labels"] > 0
+
+
+def test_promoted_tokens_are_the_logit_lens(tiny_bundle, built):
+    cat, *_ = built
+    m = tiny_bundle.model
+    d = tiny_bundle.decoder(1, "res")[5]  # [d_model]
+    logits = m.lm_head(m.model.norm(d[None, None]))[0, 0]  # lm_head(final_norm(d_f))
+    want = C.token_strings(tiny_bundle.tokenizer, logits.topk(C.N_PROMOTED).indices.tolist())
+    top = logits.topk(C.N_PROMOTED).indices.tolist()
+    assert cat.card("1/res/5").promoted_tokens == [want[t] for t in top]
+
+
+def test_search_finds_features_by_top_tokens_and_ranks_label_matches_first(built):
+    cat, loaded, *_ = built
+    # a word that is some res feature's top token
+    fid, word = next((f"{l}/res/{i}", C._words(t)[0]) for (l, s), cols in sorted(cat.summary.items()) if s == "res"
+                     for i, top in enumerate(cols["top"]) for t, _ in top if C._words(t))
+    hits = loaded.search(word, k=10_000)
+    assert fid in [h.feature for h in hits]
     assert all(h.feature.split("/")[1] == "res" for h in hits)
+    # label match first; then all label/top-token/tag matches before promoted/context-only matches
+    hits = loaded.search("wedding", k=10_000, sites=("res", "mlp", "attn"))
+    assert hits[0].feature == "2/res/7" and "label" in hits[0].matched[0]
+    word = next(w for w in ("cake", "flour", "push", "self", "bake", "butter") if any(
+        "context" in h.matched[0] and "top" not in h.matched[0] for h in loaded.search(w, k=10_000, sites=SITES)))
+    hits = loaded.search(word, k=10_000, sites=SITES)
+    assert hits[0].feature == "1/res/2" and "label" in hits[0].matched[0]
+    strong = [any(f in m for m in h.matched for f in ("label", "top", "tag")) for h in hits]
+    assert strong == sorted(strong, reverse=True) and not all(strong)
+    assert loaded.search("weddings")[0].feature == "2/res/7"  # stemmed
+    assert not any("wed" == h.matched[0].split()[0] for h in loaded.search("wed", k=10_000))
+    # multi-word: matching both words beats matching one
+    both = loaded.search("wedding vows", k=3)
+    assert both[0].feature == "2/res/7" and len(both[0].matched) == 2
+    # layer filter and feature ids
+    assert all(h.feature.startswith("1/") for h in loaded.search(word, layers=[1], k=10_000))
+    assert loaded.search("2/res/7")[0].feature == "2/res/7"
+
+
+def test_search_and_text_validation(tiny_bundle, built):
+    _, loaded, *_ = built
     with pytest.raises(ValueError, match="search query is empty"):
         loaded.search("   ")
     with pytest.raises(ValueError, match="too long"):
         loaded.search("x" * 1000)
-
-
-def test_round_trip_and_labels(built):
-    cat, loaded = built
-    assert loaded.labels() == cat.labels()
-    assert loaded.card("0/mlp/3").to_json() == cat.card("0/mlp/3").to_json()
-    assert loaded.meta["label_source"] == "offline" and loaded.meta["tokens"] > 0
+    with pytest.raises(ValueError, match="no searchable words"):
+        loaded.search("the of")
+    with pytest.raises(ValueError, match="unknown sites"):
+        loaded.search("cake", sites=("resid",))
+    with pytest.raises(ValueError, match="text is empty"):
+        features_for_text(tiny_bundle, "")
+    with pytest.raises(ValueError, match="too long"):
+        features_for_text(tiny_bundle, "word " * 2000)
     with pytest.raises(ValueError, match="not in the catalog"):
         loaded.card("0/res/100000")
+    assert loaded.label("0/res/100000") == "" and loaded.label("garbage") == ""
 
 
 def test_features_for_text_agree_with_direct_encode(tiny_bundle):
-    out = features_for_text(tiny_bundle, "The bride smiled at the wedding", k=5)
+    text = "The bride smiled at the wedding"
+    out = features_for_text(tiny_bundle, text, k=5, sites=("res", "mlp"))
+    keys = [k for k in sorted(tiny_bundle.saes) if k[1] in ("res", "mlp")]
+    store, _ = tiny_bundle.activations([text], keys)
+    z = {k: tiny_bundle.encode(*k, store[k][0]) for k in keys}  # [seq, w] each
     assert len(out["per_token"]) == len(out["tokens"]) and out["per_token"][0] == []
+    for t in range(1, len(out["tokens"])):
+        flat = sorted(((float(z[k][t, i]), f"{k[0]}/{k[1]}/{i}") for k in keys for i in range(z[k].shape[1])),
+                      reverse=True)[:5]
+        assert [a for a, _ in flat if a > 0] == pytest.approx([a for _, a in out["per_token"][t]], abs=1e-3)
+        for fid, act in out["per_token"][t]:
+            l, s, i = fid.split("/")
+            assert float(z[(int(l), s)][t, int(i)]) == pytest.approx(act, abs=1e-3)
     fid, act, t = out["top"][0]
+    best = max(float(z[k][1:].max()) for k in keys)
     l, s, i = fid.split("/")
-    store, _ = tiny_bundle.activations(["The bride smiled at the wedding"], [(int(l), s)])
-    z = tiny_bundle.encode(int(l), s, store[(int(l), s)][0])
-    assert float(z[t, int(i)]) == pytest.approx(act, rel=1e-3)
-    with pytest.raises(ValueError, match="text is empty"):
-        features_for_text(tiny_bundle, "")
+    assert act == pytest.approx(best, abs=1e-3) and float(z[(int(l), s)][t, int(i)]) == pytest.approx(act, abs=1e-3)
+    assert "".join(out["tokens"]) == text
+
+
+def test_round_trip_and_size_bookkeeping(tiny_bundle, built):
+    cat, loaded, root, sizes, _ = built
+    fresh = Catalog.load(root)  # reads labels and stats only; details and contexts on first use
+    assert "top" not in fresh.summary[(0, "res")] and not fresh._contexts
+    assert fresh.card("0/res/1").to_json() == cat.card("0/res/1").to_json() and "top" in fresh.summary[(0, "res")]
+    assert loaded.labels() == cat.labels() and len(loaded.labels()) == sum(
+        tiny_bundle.width(*k) for k in tiny_bundle.saes)
+    for fid in ("0/mlp/3", "2/res/7", "1/attn/10"):
+        assert loaded.card(fid).to_json() == cat.card(fid).to_json()
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.gz"))
+    assert files == sorted(sizes) == sorted(loaded.meta["files"])
+    assert all((root / f).stat().st_size == loaded.meta["files"][f] for f in files)
+    assert loaded.meta["total_bytes"] == sum(sizes.values())
+    assert loaded.meta["tokens"] == sum(loaded.meta["tokens_per_domain"].values())
+    assert set(loaded.meta["tokens_per_domain"]) == set(TEXTS)
+    loaded.check_bundle(tiny_bundle)
+    loaded.meta["fingerprints"]["1/res"] += 1.0
+    with pytest.raises(ValueError, match="other SAE weights"):
+        loaded.check_bundle(tiny_bundle)
+
+
+def test_corpus_sequences_mix_domains_and_are_seeded(tiny_bundle):
+    tok = tiny_bundle.tokenizer
+    texts = {"big": ["alpha beta gamma delta " * 40] * 200, "small": ["tiny text here"]}
+    a = corpus_sequences(tok, 3000, 32, 0, texts)
+    assert a.ids.shape[1] == 32 and sum(a.tokens_per_domain.values()) == len(a.ids) * 31
+    assert a.docs_per_domain["small"] == 1 and a.tokens_per_domain["big"] > 2000  # the big one fills in
+    assert torch.equal(a.ids, corpus_sequences(tok, 3000, 32, 0, texts).ids)
+    real = corpus_sequences(tok, 4000, 32, 0)  # the installed corpora (scripts/install_corpora.sh)
+    assert set(real.domains) == {"prose", "stories", "math", "code"}
+    assert real.tokens_per_domain["prose"] > 2 * real.tokens_per_domain["math"]  # MIX: prose gets half
+    assert len(set(real.domain[:20].tolist())) > 1  # shuffled across domains
+
+
+def test_cli_search_and_show(built, tiny_llama_preset, capsys):
+    from steering import cli
+
+    _, loaded, root, *_ = built
+    assert cli.main(["catalog", "search", "wedding", "--out", str(root), "--preset", str(tiny_llama_preset),
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hits"][0]["feature"] == "2/res/7"
+    assert cli.main(["catalog", "show", "1/mlp/3", "--out", str(root), "--preset", str(tiny_llama_preset)]) == 0
+    assert cli.main(["catalog", "search", "", "--out", str(root), "--preset", str(tiny_llama_preset)]) == 2
