@@ -1,0 +1,88 @@
+"""Load test of a running app (loopback only; run by hand, not in CI).
+
+    python app.py --preset default --port 7860 &
+    python scripts/load_test.py --url http://127.0.0.1:7860/ --clients 8 --requests 25 --pid $(pgrep -f app.py)
+
+N clients x M requests of /flow and /steer (few tokens) through gradio_client; prints throughput,
+p50/p95 latency, the error count and the server's RSS before/after (with --pid). Bounded in count
+and in time (--max-seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from urllib.parse import urlparse
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:7860/")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=25, help="requests per client")
+    p.add_argument("--feature", default="12/res/0")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-seconds", type=float, default=1800)
+    p.add_argument("--pid", type=int, default=None, help="server pid, to report its RSS")
+    a = p.parse_args()
+    host = urlparse(a.url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"refusing to load-test a non-loopback address: {host}")
+    from gradio_client import Client
+
+    latencies, errors, lock = [], [], threading.Lock()
+    deadline = time.time() + a.max_seconds
+    rss0 = rss_mb(a.pid)
+
+    def worker(i: int) -> None:
+        client = Client(a.url, verbose=False)
+        for j in range(a.requests):
+            if time.time() > deadline:
+                return
+            t = time.perf_counter()
+            try:
+                if j % 3 == 0:
+                    client.predict(a.feature, 0.5, 0.15, "", api_name="/flow")
+                else:
+                    client.predict(a.feature, 0.5, 0.15, "activate", "cumulative", None, 3.0, "exp", -0.25, 1.0, 0,
+                                   "", "", i * 1000 + j, 1, a.max_new_tokens, "I think ", False, "", False, "",
+                                   api_name="/steer")
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                with lock:
+                    errors.append(f"{type(e).__name__}: {str(e)[:120]}")
+
+    t0 = time.time()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(a.clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.time() - t0
+    rss1 = rss_mb(a.pid)
+    n = len(latencies)
+    print(f"requests ok: {n}, errors: {len(errors)}, wall {wall:.1f} s, throughput {n / wall:.2f} req/s")
+    if latencies:
+        q = statistics.quantiles(latencies, n=20) if n >= 2 else latencies * 19
+        print(f"latency p50 {statistics.median(latencies):.2f} s, p95 {q[18]:.2f} s")
+    if rss0 and rss1:
+        print(f"server RSS {rss0:.0f} MB -> {rss1:.0f} MB ({100 * (rss1 - rss0) / rss0:+.1f}%)")
+    for e in errors[:10]:
+        print("  error:", e)
+
+
+if __name__ == "__main__":
+    main()
