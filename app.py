@@ -168,6 +168,20 @@ def build_app(pg: Playground) -> gr.Blocks:
         return (flow_figure(graph, live), pg.node_rows(graph), graph.to_json(),
                 live_figure(live) if live else None, gr.update(choices=ids, value=[]), gr.update(choices=cut, value=[]))
 
+    def card_quiet(feature: str):
+        """The card while typing or picking: a half-typed id shows a hint in place, not an error toast."""
+        try:
+            return pg.card_markdown(feature)
+        except ValueError as e:
+            return f"_{html.escape(str(e), quote=False)}_", gr.update()
+
+    def schedule_quiet(*args):
+        """Live preview on every control change: a plan that cannot be made is shown in the plot title."""
+        try:
+            return schedule(*args)
+        except gr.Error as e:
+            return schedule_figure([], title=f"no plan: {e.message}"[:120]), []
+
     @safe
     def schedule(feature, t_res, t_module, task, condition, layer, strength, sched, alpha, s_end, r, exclude,
                  include):
@@ -198,8 +212,9 @@ def build_app(pg: Playground) -> gr.Blocks:
         record = pg.run_record(feature.strip(), settings, schedules, result)
         path = record_dir / f"run_{graph.seed.layer}_{graph.seed.site}_{graph.seed.index}_{os.urandom(4).hex()}.json"
         path.write_text(json.dumps(record, indent=1))
-        third = pg.column_markdown(result, other) if compare else ""
-        return (pg.column_markdown(result, "unsteered"), pg.column_markdown(result, "steered"),
+        focus = str(graph.seed)
+        third = pg.column_markdown(result, other, focus) if compare else ""
+        return (pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
                 gr.update(value=third, visible=bool(compare)), scores_figure(pg.summary(result), VARIANT_TITLES),
                 str(path), record)
 
@@ -219,7 +234,7 @@ def build_app(pg: Playground) -> gr.Blocks:
                     f"**{s['steered']['behavioral'] * 5:.1f}/5** with it. **Readability**: "
                     f"{s['unsteered']['coherence'] * 5:.1f}/5 -> {s['steered']['coherence'] * 5:.1f}/5.")
         return (flow_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})"),
-                pg.column_markdown(result, "unsteered"), pg.column_markdown(result, "steered"),
+                pg.column_markdown(result, "unsteered", ex.feature), pg.column_markdown(result, "steered", ex.feature),
                 scores_figure(s, VARIANT_TITLES), gain)
 
     def example_text(title: str):
@@ -285,8 +300,10 @@ def build_app(pg: Playground) -> gr.Blocks:
                         probe_rows = gr.Dataframe(headers=["feature", "label", "max act.", "token"], interactive=False,
                                                   label="Most active features (click a row to pick it)",
                                                   max_height=220, wrap=True)
-                        feature = gr.Textbox(label="Feature id (layer/site/index)", value=default_feature,
-                                             elem_id="feature-id")
+                        with gr.Row():
+                            feature = gr.Textbox(label="Feature id (layer/site/index)", value=default_feature,
+                                                 elem_id="feature-id", scale=3)
+                            card_btn = gr.Button("Show card", scale=1)
                         card_md = gr.Markdown(elem_id="feature-card")
                     with gr.Column(scale=3):
                         gr.Markdown("## 2. Flow graph\n" + EXPLAIN["flow"])
@@ -373,11 +390,12 @@ def build_app(pg: Playground) -> gr.Blocks:
         probe.submit(features_for_text, probe, [probe_tokens, probe_rows], api_name=False, **MODEL)
         hits.select(_pick, None, feature, api_name=False, queue=False)
         probe_rows.select(_pick, None, feature, api_name=False, queue=False)
-        feature.change(card, feature, [card_md, theme], api_name="card", trigger_mode="always_last", **LIGHT)
+        feature.change(card_quiet, feature, [card_md, theme], api_name=False, trigger_mode="always_last", **LIGHT)
+        card_btn.click(card, feature, [card_md, theme], api_name="card", **LIGHT)
         flow_btn.click(flow, [feature, t_res, t_module, live_prompt],
                        [flow_plot, nodes, graph_json, live_plot, exclude, include], api_name="flow", **MODEL)
         for ctl in (task, condition, layer, strength, sched, alpha, s_end, r, exclude, include):
-            ctl.change(schedule, plan_inputs, [preview_plot, plan_json], api_name=False,
+            ctl.change(schedule_quiet, plan_inputs, [preview_plot, plan_json], api_name=False,
                        trigger_mode="always_last", show_progress="hidden", **LIGHT)
         flow_btn.click(schedule, plan_inputs, [preview_plot, plan_json], api_name="schedule",
                        show_progress="hidden", **LIGHT)
@@ -390,7 +408,7 @@ def build_app(pg: Playground) -> gr.Blocks:
                            api_name="demo", **MODEL)
             demo_open.click(open_in_playground, demo_pick, [tabs, feature, task, condition, strength, alpha, r, prompt,
                                                             theme, samples, max_new, seed], api_name=False, queue=False)
-        demo.load(card, feature, [card_md, theme], api_name=False, **LIGHT)
+        demo.load(card_quiet, feature, [card_md, theme], api_name=False, **LIGHT)
     return demo
 
 

@@ -337,8 +337,9 @@ class Playground:
         return out
 
     @staticmethod
-    def column_markdown(result: dict, variant: str) -> str:
-        """One side-by-side column: each sample's text, scores and local metrics."""
+    def column_markdown(result: dict, variant: str, focus: str | None = None) -> str:
+        """One side-by-side column: each sample's text, scores and local metrics (with the mean
+        activation of the ``focus`` feature, e.g. the seed, on the generated tokens)."""
         lines = [f"### {VARIANT_TITLES.get(variant, variant)}"]
         mean = Playground.summary(result).get(variant)
         if mean:
@@ -356,11 +357,12 @@ class Playground:
             else:
                 lines.append(f"_score {s.error}_")
             m = g.metrics
-            acts = ", ".join(f"{k} {v:.2f}" for k, v in list(m.get("feature_activation", {}).items())[:3])
+            fa = m.get("feature_activation", {})
+            acts = f"{focus} {fa[focus]:.2f}" if focus in fa else ""
             ppl = m.get("perplexity")
             lines.append(f"<small>perplexity {ppl if ppl is not None else 'n/a'} · distinct-2 "
                          f"{m.get('distinct_2', 'n/a')} · {m.get('n_tokens', len(g.token_ids))} tokens"
-                         f"{' · feature activation ' + acts if acts else ''}</small>\n")
+                         f"{' · mean activation of ' + acts if acts else ''}</small>\n")
         return "\n".join(lines)
 
     def run_record(self, feature: str, settings: dict, schedules: dict[str, list], result: dict) -> dict:

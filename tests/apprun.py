@@ -33,8 +33,8 @@ def prepare_tiny(out_dir: Path) -> dict:
     root = Path(preset).parent / "catalog"
     build_catalog(bundle, n_tokens=2000, ctx=32, batch=16).save(root)
     cat = Catalog.load(bundle)
-    word = next(w for (layer, site), cols in sorted(cat.summary.items()) if site == "res"
-                for top in cols["top"] for t, _ in top for w in [t.strip().lower()]
+    word = next(w for layer in bundle.layers for i in range(bundle.width(layer, "res"))
+                for t in cat.card(f"{layer}/res/{i}").top_tokens for w in [t.strip().lower()]
                 if w.isalpha() and len(w) > 3 and cat.search(w))
     demo = out_dir / "demo_examples.json"
     demo.write_text(json.dumps({"examples": [

@@ -1,0 +1,53 @@
+"""Plotly figures on hand-built flow graphs and plans (pure, no model)."""
+
+from steering.features import FeatureId
+from steering.graph import FlowEdge, FlowGraph, FlowNode
+from steering.plots import LANES, flow_figure, live_figure, schedule_figure, scores_figure
+
+
+def _graph() -> FlowGraph:
+    r = [FeatureId(l, "res", 10 + l) for l in range(4)]
+    m = FeatureId(2, "mlp", 7)
+    nodes = [FlowNode(r[0], 0.3, "residual", in_span=False, label="early"),
+             FlowNode(r[1], 0.8, "residual", label="mid"),
+             FlowNode(r[2], 1.0, "seed", s_res=0.8, s_mlp=0.6, label="wedding"),
+             FlowNode(r[3], 0.7, "residual", label="late"),
+             FlowNode(m, 0.6, "mlp", label="cake")]
+    edges = [FlowEdge(r[0], r[1], 0.3), FlowEdge(r[1], r[2], 0.8), FlowEdge(r[2], r[3], 0.7), FlowEdge(m, r[2], 0.6)]
+    return FlowGraph(r[2], nodes, edges, l_start=1, l_end=3)
+
+
+def test_flow_figure_places_fades_and_describes_nodes():
+    fig = flow_figure(_graph())
+    edges = [t for t in fig.data if t.mode == "lines"]
+    assert len(edges) == 4
+    assert max(t.line.width for t in edges) == edges[1].line.width  # the 0.8 link is drawn thickest
+    inside, outside = [t for t in fig.data if t.mode == "markers+text"]
+    assert list(inside.x) == [1, 2, 3, 2] and list(inside.y) == [LANES["res"]] * 3 + [LANES["mlp"]]
+    assert list(outside.x) == [0] and outside.opacity < inside.opacity  # cut from the span: faded
+    seed_hover = inside.hovertext[1]
+    assert "2/res/12" in seed_hover and "wedding" in seed_hover and "1.000" in seed_hover and "s(M) 0.60" in seed_hover
+    assert inside.marker.size[1] > inside.marker.size[0]  # bigger = closer match
+
+
+def test_flow_figure_colours_by_live_activation():
+    live = {"tokens": ["<s>", " the", " bride"],
+            "acts": {"1/res/11": [9.0, 0.0, 1.0], "2/res/12": [5.0, 2.0, 3.0], "3/res/13": [0, 0, 0],
+                     "2/mlp/7": [0, 0.5, 0]}}
+    inside = [t for t in flow_figure(_graph(), live).data if t.mode == "markers+text"][0]
+    assert list(inside.marker.color) == [1.0, 3.0, 0.0, 0.5]  # max over tokens, position 0 (sink) skipped
+    heat = live_figure(live)
+    assert list(heat.data[0].y) == list(live["acts"]) and len(heat.data[0].x) == 3
+
+
+def test_schedule_and_scores_figures():
+    rows = [{"layer": 1, "site": "res", "feature": "1/res/11", "strength": 3.0, "mode": "add"},
+            {"layer": 2, "site": "res", "feature": "2/res/12", "strength": 2.2, "mode": "add"},
+            {"layer": 2, "site": "mlp", "feature": "2/mlp/7", "strength": 2.2, "mode": "add"}]
+    fig = schedule_figure(rows)
+    assert {t.name: list(t.y) for t in fig.data} == {"res": [3.0, 2.2], "mlp": [2.2]}
+    assert "r per layer" in schedule_figure([{**r, "mode": "rescale"} for r in rows]).layout.title.text
+    s = scores_figure({"unsteered": {"behavioral": 0.1, "coherence": 0.9, "metric": 0.09},
+                       "steered": {"behavioral": 0.7, "coherence": 0.8, "metric": 0.56}}, {"steered": "Steered"})
+    theme = next(t for t in s.data if t.name == "theme")
+    assert list(theme.x) == ["unsteered", "Steered"] and list(theme.y) == [0.1, 0.7]
