@@ -210,8 +210,7 @@ def build_app(pg: Playground) -> gr.Blocks:
                     "t_res": t_res, "t_module": t_module}
         schedules = {k: pg.schedule_rows(v) for k, v in variants.items() if v}
         record = pg.run_record(feature.strip(), settings, schedules, result)
-        path = record_dir / f"run_{graph.seed.layer}_{graph.seed.site}_{graph.seed.index}_{os.urandom(4).hex()}.json"
-        path.write_text(json.dumps(record, indent=1))
+        path = _write_record(record_dir, f"run_{graph.seed.layer}_{graph.seed.site}_{graph.seed.index}", record)
         focus = str(graph.seed)
         third = pg.column_markdown(result, other, focus) if compare else ""
         return (pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
@@ -295,7 +294,7 @@ def build_app(pg: Playground) -> gr.Blocks:
                             probe = gr.Textbox(label="...or type a text and see which features fire",
                                                placeholder="The bride and groom cut the wedding cake.", scale=3)
                             probe_btn = gr.Button("Which features fire?", scale=1)
-                        probe_tokens = gr.HighlightedText(label="strongest feature per token",
+                        probe_tokens = gr.HighlightedText(label="strongest feature per token (click one to pick it)",
                                                           combine_adjacent=False, show_legend=False)
                         probe_rows = gr.Dataframe(headers=["feature", "label", "max act.", "token"], interactive=False,
                                                   label="Most active features (click a row to pick it)",
@@ -390,6 +389,7 @@ def build_app(pg: Playground) -> gr.Blocks:
         probe.submit(features_for_text, probe, [probe_tokens, probe_rows], api_name=False, **MODEL)
         hits.select(_pick, None, feature, api_name=False, queue=False)
         probe_rows.select(_pick, None, feature, api_name=False, queue=False)
+        probe_tokens.select(_pick_token, None, feature, api_name=False, queue=False)
         feature.change(card_quiet, feature, [card_md, theme], api_name=False, trigger_mode="always_last", **LIGHT)
         card_btn.click(card, feature, [card_md, theme], api_name="card", **LIGHT)
         flow_btn.click(flow, [feature, t_res, t_module, live_prompt],
@@ -415,6 +415,21 @@ def build_app(pg: Playground) -> gr.Blocks:
 def _plan_args(args):
     task, layer, strength, sched, alpha, s_end, r, exclude, include = args
     return layer, strength, sched, alpha, s_end, r, exclude, include
+
+
+def _write_record(folder: Path, stem: str, record: dict, keep: int = 256) -> Path:
+    """Write a run record for download; only the newest ``keep`` records stay on disk."""
+    path = folder / f"{stem}_{os.urandom(4).hex()}.json"
+    path.write_text(json.dumps(record, indent=1))
+    for old in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _pick_token(evt: gr.SelectData):
+    """Clicking a highlighted token picks the feature it is tagged with."""
+    value = evt.value
+    return value[1] if isinstance(value, (list, tuple)) and len(value) == 2 and value[1] else gr.update()
 
 
 def _example(examples: list[DemoExample], title: str) -> DemoExample:

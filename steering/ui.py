@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -377,11 +378,25 @@ class Playground:
             "prompt": result["prompt"], "theme": result["theme"], "judge": result["judge"],
             "generations": [g.to_json() for g in result["generations"]],
             "scores": [s.to_json() for s in result["scores"]],
-            "reproduce": "python -m steering steer " + feature + " " + " ".join(
-                f"--{k.replace('_', '-')} {json.dumps(settings[k])}" for k in
-                ("task", "layer", "strength", "schedule", "alpha", "s_end", "r", "seed", "samples", "max_new_tokens")
-                if settings.get(k) is not None) + f" --mode {settings.get('condition')}",
+            "reproduce": reproduce_command(self.bundle.preset.root or self.bundle.preset.name, feature, settings,
+                                           result["prompt"]),
         }
+
+
+def reproduce_command(preset: str, feature: str, settings: dict, prompt: str) -> str:
+    """The CLI call that regenerates the unsteered and steered texts of a run (same seeds)."""
+    args = ["python", "-m", "steering", "steer", feature, "--preset", preset, "--mode", str(settings["condition"])]
+    for key in ("task", "strength", "schedule", "alpha", "s_end", "r", "seed", "samples", "max_new_tokens"):
+        if settings.get(key) is not None:
+            args += ["--" + key.replace("_", "-"), str(settings[key])]
+    if settings.get("layer") not in (None, -1):
+        args += ["--layer", str(settings["layer"])]
+    args += ["--prompt", prompt] + (["--chat"] if settings.get("chat") else [])
+    cmd = " ".join(shlex.quote(a) for a in args)
+    extra = [k for k, default in (("t_res", 0.5), ("t_module", 0.15)) if settings.get(k) not in (None, default)]
+    if settings.get("exclude") or settings.get("include") or extra:
+        cmd += "  # the CLI uses t(R)=0.5, t(M/A)=0.15 and no include/exclude; this run changed those"
+    return cmd
 
 
 def neuronpedia_url(model_id: str, f) -> str:

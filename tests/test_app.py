@@ -4,6 +4,7 @@ on 127.0.0.1 (results checked against the CLI and the library), and its handlers
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -60,8 +61,9 @@ def test_flow_matches_the_cli(client, live_app):
 
 def test_steer_matches_the_cli_and_records_the_run(client, live_app):
     _, _, _, _, path, record = client.predict(*steer_args(), api_name="/steer")
-    expected = cli("steer", TINY_FEATURE, "--preset", live_app["preset"], "--strength", "4", "--seed", "5",
-                   "--samples", "1", "--max-new-tokens", "8", "--prompt", "I think ")
+    command = shlex.split(record["reproduce"])  # the record says how to regenerate it with the CLI
+    assert command[:4] == ["python", "-m", "steering", "steer"] and "#" not in record["reproduce"]
+    expected = cli(*command[3:])
     texts = {g["variant"]: g["text"] for g in record["generations"]}
     assert texts == {"unsteered": expected["baseline"], "steered": expected["steered"]}
     assert texts["unsteered"] != texts["steered"]  # strength 4 on the whole flow changes a random model's text
