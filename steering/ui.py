@@ -25,7 +25,7 @@ from .flow import build_flow_graph
 from .generate import TASK_DEFAULTS, generate_variants
 from .graph import FlowGraph
 from .groups import live_activations
-from .judge import OfflineJudge, make_judge
+from .judge import OfflineJudge, make_judge, unavailable
 from .presets import ASSETS, SITES
 from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
 
@@ -306,18 +306,19 @@ class Playground:
 
     def steer(self, variants: dict[str, list], task: str, prompt: str, seed: int, samples: int,
               max_new_tokens: int, theme: str, api_key: str = "", chat: bool = False) -> dict:
-        """Generate every variant for seeds seed..seed+samples-1 in one batch, then score all texts.
+        """Generate every variant for seeds seed..seed+samples-1 in one batch, then score all texts
+        (left unscored when ``theme`` is empty).
 
         ``api_key`` (optional, per request) selects an OpenAI judge for this request only; it is
         never stored, logged or returned."""
         v = self.check_generation(prompt, seed, samples, max_new_tokens, theme)
-        if not v["theme"]:
-            raise ValueError("theme is empty; type what the steered text should be about")
         seeds = [v["seed"] + i for i in range(v["samples"])]
         gens = generate_variants(self.bundle, v["prompt"], variants, seeds, v["max_new_tokens"], chat=bool(chat))
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
         texts = [g.text for g in gens]
-        if isinstance(judge, OfflineJudge):  # coherence also uses perplexity under the unsteered model
+        if not v["theme"]:  # nothing to judge against: show the texts unscored
+            scores = [unavailable(getattr(judge, "name", "judge"), task, "", "no theme given") for _ in texts]
+        elif isinstance(judge, OfflineJudge):  # coherence also uses perplexity under the unsteered model
             scores = judge.score(texts, v["theme"], task, perplexities=[g.metrics.get("perplexity") for g in gens])
         else:
             scores = judge.score(texts, v["theme"], task)

@@ -150,6 +150,8 @@ def test_handlers_leave_no_hooks_even_on_errors(app_fns):
     before = count_hooks(bundle.model)
     out = fns["steer"](*steer_args(max_new_tokens=4))
     assert "Steered" in out[1]
+    loose = fns["steer"](*steer_args(max_new_tokens=4, layer=None, exclude="", include=""))  # API callers' spellings
+    assert loose[5]["schedules"] == out[5]["schedules"]
     with pytest.raises(gr.Error, match="theme is too long"):
         fns["steer"](*steer_args(theme="t" * 400))
     with pytest.raises(gr.Error, match="cannot include"):
