@@ -346,7 +346,7 @@ def _check_threshold(name: str, t) -> None:
 
 def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = 0.5, t_module: float = 0.15,
                      direction: str = "both", catalog_labels: dict[str, str] | None = None,
-                     method: str = "top1_cosine", *, labels: dict[str, str] | None = None) -> FlowGraph:
+                     method: str = "top1_cosine") -> FlowGraph:
     """Flow graph of ``seed`` (paper §3.3 "Long-range feature flows", App. B.2).
 
     - Backward: from the residual node f at layer l, its predecessor is the top-1 match in
@@ -364,8 +364,8 @@ def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = 0.5, t_module
       (`_residual_seed`, recorded in ``notes``); the seed is kept as a node with an edge into it.
     - Nodes at approximate sites (``bundle.is_approx``) have approx=True and a note.
 
-    ``catalog_labels`` (``{"layer/site/index": label}``) fills node labels; ``labels`` is the same
-    argument under its older name. ``method`` is one of GRAPH_METHODS (one match per feature).
+    ``catalog_labels`` (``{"layer/site/index": label}``) fills node labels. ``method`` is one of
+    GRAPH_METHODS (one match per feature).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
@@ -373,7 +373,7 @@ def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = 0.5, t_module
         raise ValueError(f"unknown graph matching method {method!r}; valid: {', '.join(GRAPH_METHODS)}")
     _check_threshold("t_res", t_res)
     _check_threshold("t_module", t_module)
-    labels = catalog_labels or labels or {}
+    labels = catalog_labels or {}
     seed = parse_feature(seed, bundle)
     start, seed_cos, notes = _residual_seed(bundle, seed)
     chain: dict[int, FeatureId] = {start.layer: start}

@@ -185,55 +185,74 @@ def _prefix(bundle, tc: TextCache, token: int):
     return tc.prefix[token]
 
 
-def _rows_cache(bundle, tc: TextCache, token: int, rows: int):
-    cache = copy.deepcopy(_prefix(bundle, tc, token))
-    cache.batch_repeat_interleave(rows)
-    return cache
-
-
-def _add_at(deltas: torch.Tensor, pos: int | None = None):
-    """Edit adding deltas [B, d_model] to position ``pos`` of every row (all positions if None)."""
+def _add_at(deltas: torch.Tensor, pos: int):
+    """Edit adding deltas [B, d_model] to position ``pos`` of every row."""
     def edit(h):  # [B, seq, d_model]
-        d = deltas.to(h.device, h.dtype)
-        if pos is None:
-            return h + d[:, None, :]
         h = h.clone()
-        h[:, pos] += d
+        h[:, pos] += deltas.to(h.device, h.dtype)
         return h
     return edit
 
 
+def _fork(rows: int):
+    """Forward pre-hook repeating a batch-1 hidden state ``rows`` times: every block before it runs
+    once, the rows (one per edit) differ from this block on."""
+    def hook(_m, args, kwargs):
+        if args:
+            return (args[0].expand(rows, *args[0].shape[1:]).contiguous(), *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"].expand(rows, *kwargs["hidden_states"].shape[1:]).contiguous()
+        return args, kwargs
+    return hook
+
+
 @torch.no_grad()
+def forked_forward(bundle, tc: TextCache, token: int, deltas: dict[Key, torch.Tensor], stop_layer: int | None = None
+                   ) -> torch.Tensor:
+    """Rerun tokens ``token``.. (up to ``token`` itself when ``stop_layer`` is set) with the keys
+    and values of earlier tokens from the prefix KV cache, adding row b of ``deltas[(l, site)]``
+    [B, d_model] to that site's output at ``token`` in row b.
+
+    The batch forks into B rows at the first block holding an edited site (blocks before it run
+    once). Returns R_stop_layer at ``token`` [B, d_model] (float32, CPU; the forward stops after
+    that block), or, with stop_layer None, the logits [B, n - token, vocab]."""
+    keys = list(deltas)
+    rows = next(iter(deltas.values())).shape[0]
+    fork_at = min(l for l, _ in keys)
+    cache = copy.deepcopy(_prefix(bundle, tc, token))  # before any hook is live
+    for layer_cache in cache.layers[fork_at:]:
+        layer_cache.batch_repeat_interleave(rows)
+    ids = tc.ids[:, token:token + 1] if stop_layer is not None else tc.ids[:, token:]
+    store: dict = {}
+
+    def grab(_m, _i, o):
+        store["h"] = S.hidden_of(o)[:, 0].float().cpu()  # [B, d_model]
+        raise _Stop
+
+    handles = []
+    with bundle.lock, S.edit_sites({k: bundle.module(*k) for k in keys}, {k: _add_at(d, 0) for k, d in deltas.items()}):
+        try:
+            handles.append(S.decoder_layers(bundle.model)[fork_at].register_forward_pre_hook(
+                _fork(rows), with_kwargs=True))
+            if stop_layer is not None:
+                handles.append(bundle.module(stop_layer, "res").register_forward_hook(grab))
+                _base_model(bundle)(input_ids=ids, cache=cache, use_cache=True)
+            else:
+                return bundle.model(input_ids=ids, cache=cache, use_cache=True).logits
+        except _Stop:
+            return store["h"]
+        finally:
+            for h in handles:
+                h.remove()
+    raise RuntimeError(f"the forward never reached block {stop_layer}")
+
+
 def rerun_residual(bundle, tc: TextCache, token: int, layer: int, deltas: dict[Key, torch.Tensor]) -> torch.Tensor:
     """R_layer at ``token`` after adding row b of ``deltas[(l, site)]`` [B, d_model] to that site's
-    output at ``token``, for each row b (edits at R_{layer-1}, A_layer or M_layer).
-
-    Runs only token ``token`` (keys/values of earlier tokens come from the prefix KV cache, and
-    later tokens cannot affect it) and stops after block ``layer``. Returns [B, d_model] on CPU."""
-    keys = list(deltas)
+    output at ``token``, for each row b (edits at R_{layer-1}, A_layer or M_layer): only token
+    ``token`` is rerun, in batches of RERUN_BATCH rows.  # [B, d_model]"""
     n = next(iter(deltas.values())).shape[0]
-    out = []
-    dst = bundle.module(layer, "res")
-    for i in range(0, n, RERUN_BATCH):
-        rows = min(RERUN_BATCH, n - i)
-        store: dict = {}
-
-        def grab(_m, _i, o, store=store):
-            store["h"] = S.hidden_of(o)[:, -1].float().cpu()  # [B, d_model]
-            raise _Stop
-
-        cache = _rows_cache(bundle, tc, token, rows)  # before any hook is live
-        with bundle.lock, S.edit_sites({k: bundle.module(*k) for k in keys},
-                                       {k: _add_at(d[i:i + rows]) for k, d in deltas.items()}):
-            handle = dst.register_forward_hook(grab)
-            try:
-                _base_model(bundle)(input_ids=tc.ids[:, token:token + 1].expand(rows, 1), cache=cache, use_cache=True)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-        out.append(store["h"])
-    return torch.cat(out)
+    return torch.cat([forked_forward(bundle, tc, token, {k: d[i:i + RERUN_BATCH] for k, d in deltas.items()}, layer)
+                      for i in range(0, n, RERUN_BATCH)])
 
 
 def rescale_delta(bundle, fid: FeatureId, tc: TextCache, token: int, r: float) -> torch.Tensor:
@@ -290,11 +309,8 @@ def loss_change_after(bundle, tc: TextCache, token: int, edit_sets: list[EditSet
         for j, es in enumerate(chunk):
             for f in es:
                 deltas[(f.layer, f.site)][j] += rescale_delta(bundle, f, tc, token, r)
+        logits = forked_forward(bundle, tc, token, deltas)[:, :-1].float()  # [B, n - token - 1, vocab]
         ids = tc.ids[:, token:].expand(len(chunk), n - token)
-        cache = _rows_cache(bundle, tc, token, len(chunk))  # before any hook is live
-        with bundle.lock, S.edit_sites({k: bundle.module(*k) for k in keys},
-                                       {k: _add_at(d, 0) for k, d in deltas.items()}):
-            logits = bundle.model(input_ids=ids, cache=cache, use_cache=True).logits[:, :-1].float()  # [B, n-t-1, V]
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         out += [(float(v) - base) / base for v in loss.mean(dim=1).cpu()]
     return out

@@ -107,6 +107,9 @@ def test_json_round_trip_and_thresholds_validated(hand_bundle):
     d = json.loads(json.dumps(g.to_json()))
     assert FlowGraph.from_json(d).to_json() == d
     assert {"id", "layer", "site", "index", "score"} <= set(d["nodes"][0])
+    labelled = build_flow_graph(hand_bundle, "3/res/1", catalog_labels={"2/mlp/0": "born here", "3/res/1": "seed"})
+    assert labelled.node("2/mlp/0").label == "born here" and labelled.node("3/res/1").label == "seed"
+    assert labelled.node("2/res/1").label == ""
     with pytest.raises(ValueError, match="t_res must be a cosine threshold"):
         build_flow_graph(hand_bundle, "3/res/1", t_res=float("nan"))
     with pytest.raises(ValueError, match="valid: both, backward, forward"):
