@@ -56,8 +56,8 @@ def main() -> None:
                 if j % 3 == 0:
                     client.predict(a.feature, 0.5, 0.15, "", api_name="/flow")
                 else:
-                    client.predict(a.feature, 0.5, 0.15, "activate", "cumulative", None, 3.0, "exp", -0.25, 1.0, 0,
-                                   "", "", i * 1000 + j, 1, a.max_new_tokens, "I think ", False, "", False, "",
+                    client.predict(a.feature, 0.5, 0.15, "activate", "cumulative", -1, 3.0, "exp", -0.25, 1.0, 0,
+                                   [], [], i * 1000 + j, 1, a.max_new_tokens, "I think ", False, "", False, "",
                                    api_name="/steer")
                 with lock:
                     latencies.append(time.perf_counter() - t)
