@@ -259,7 +259,7 @@ def pearson_tables(bundle, texts: list[str], layers: Iterable[int] | None = None
         enc = bundle.tokenize(texts[i:i + batch_size], max_length=max_length)
         store, _ = bundle.activations(enc, keys)
         mask = enc["attention_mask"].bool().clone()  # [b, seq]
-        mask[:, 0] = False
+        mask[torch.arange(mask.shape[0]), mask.int().argmax(dim=1)] = False  # first real token (any padding side)
         take = min(int(mask.sum()), max_tokens - n)
         for k in keys:
             codes[k].append(bundle.encode(*k, store[k][mask][:take]).half().cpu())  # [take, d_sae]

@@ -109,6 +109,7 @@ def test_batched_edit_sets_equal_one_at_a_time(tied_bundle):
     losses = loss_change_after(b, tc, t, sets)
     assert losses[0] == pytest.approx(loss_change_after(b, tc, t, [sets[0]])[0], rel=1e-4, abs=1e-6)
     assert loss_change_after(b, tc, tc.ids.shape[1] - 1, sets[:1]) == [None]  # nothing after the last token
+    assert S.count_hooks(b.model) == 0  # every rerun removed its hooks (also the ones stopped by _Stop)
 
 
 def test_bad_deactivation_arguments(tied_bundle):
