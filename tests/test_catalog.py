@@ -44,11 +44,23 @@ class FakeLLM:
         return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=content))])
 
 
+def fake_embed(words):
+    """Unit vectors, random per word (512-d: unrelated words have |cos| < 0.3), except that
+    'nuptials' gets the vector of 'wedding'."""
+    out = []
+    for w in words:
+        g = torch.Generator().manual_seed(sum(ord(c) * 31 ** i for i, c in enumerate("wedding" if w == "nuptials" else w))
+                                          % 2**31)
+        v = torch.randn(512, generator=g)
+        out.append(v / v.norm())
+    return torch.stack(out)
+
+
 @pytest.fixture(scope="module")
 def built(tiny_bundle, tmp_path_factory):
     llm = FakeLLM({"2/res/7": "wedding bells and vows", "1/res/2": "cake, flour, push, self, bake and butter"})
     cat = Catalog.build(tiny_bundle, n_tokens=N_TOKENS, ctx=CTX, batch=BATCH, seed=3, texts=TEXTS,
-                        llm_client=llm, llm_sites=("res",))
+                        llm_client=llm, llm_sites=("res",), embed=fake_embed, query_vocab=["nuptials", "zzz"])
     root = tmp_path_factory.mktemp("catalog")
     sizes = cat.save(root)
     return cat, Catalog.load(root), root, sizes, llm
@@ -254,3 +266,16 @@ def test_cli_search_and_show(built, tiny_llama_preset, capsys):
     assert out["hits"][0]["feature"] == "2/res/7"
     assert cli.main(["catalog", "show", "1/mlp/3", "--out", str(root), "--preset", str(tiny_llama_preset)]) == 0
     assert cli.main(["catalog", "search", "", "--out", str(root), "--preset", str(tiny_llama_preset)]) == 2
+
+
+def test_related_words_expand_queries(built):
+    cat, loaded, *_ = built
+    assert loaded.related() == cat.related() and "wedding" in dict(loaded.related()["nuptials"])
+    assert "zzz" not in loaded.related()  # nothing similar to it
+    hits = loaded.search("nuptials", k=10_000, sites=SITES)
+    assert hits[0].feature == "2/res/7" and "≈wedding" in hits[0].matched[0]
+    exact = {h.feature: h.score for h in loaded.search("wedding", k=10_000, sites=SITES)}
+    for h in hits:  # an expanded match scores RELATED_WEIGHT x similarity of the exact one
+        assert h.score == pytest.approx(C.RELATED_WEIGHT * 1.0 * exact[h.feature], rel=1e-3, abs=1e-3)
+    words = C.related_words(["bride", "cake", "wedding"], ["nuptials"], fake_embed, min_sim=0.5)
+    assert words == {"nuptials": [("wedding", 1.0)]}
