@@ -166,7 +166,8 @@ def build_app(pg: Playground) -> gr.Blocks:
         ids = [str(n.id) for n in graph.nodes]
         cut = [str(n.id) for n in graph.nodes if not n.in_span]
         return (flow_figure(graph, live), pg.node_rows(graph), graph.to_json(),
-                live_figure(live) if live else None, gr.update(choices=ids, value=[]), gr.update(choices=cut, value=[]))
+                gr.update(value=live_figure(live) if live else None, visible=bool(live)),
+                gr.update(choices=ids, value=[]), gr.update(choices=cut, value=[]))
 
     def card_quiet(feature: str):
         """The card while typing or picking: a half-typed id shows a hint in place, not an error toast."""
@@ -280,16 +281,17 @@ def build_app(pg: Playground) -> gr.Blocks:
                     gr.Markdown("No curated examples for this preset (assets/demo_examples.json): use the "
                                 "**Playground** tab.")
             with gr.Tab("Playground", id="play"):
+                gr.Markdown("## 1. Pick a feature\n" + EXPLAIN["pick"])
                 with gr.Row():
-                    with gr.Column(scale=2):
-                        gr.Markdown("## 1. Pick a feature\n" + EXPLAIN["pick"])
+                    with gr.Column():
                         with gr.Row():
                             query = gr.Textbox(label="Search words", placeholder="wedding, anger, football, python",
                                                scale=3, elem_id="search-box")
                             search_btn = gr.Button("Search", scale=1, elem_id="search-btn")
                         hits = gr.Dataframe(headers=["feature", "label", "score", "matched"], interactive=False,
-                                            label="Results (click a row to pick it)", max_height=260, wrap=True,
+                                            label="Results (click a row to pick it)", max_height=300, wrap=True,
                                             elem_id="search-results")
+                    with gr.Column():
                         with gr.Row():
                             probe = gr.Textbox(label="...or type a text and see which features fire",
                                                placeholder="The bride and groom cut the wedding cake.", scale=3)
@@ -299,26 +301,25 @@ def build_app(pg: Playground) -> gr.Blocks:
                         probe_rows = gr.Dataframe(headers=["feature", "label", "max act.", "token"], interactive=False,
                                                   label="Most active features (click a row to pick it)",
                                                   max_height=220, wrap=True)
-                        with gr.Row():
-                            feature = gr.Textbox(label="Feature id (layer/site/index)", value=default_feature,
-                                                 elem_id="feature-id", scale=3)
-                            card_btn = gr.Button("Show card", scale=1)
-                        card_md = gr.Markdown(elem_id="feature-card")
-                    with gr.Column(scale=3):
-                        gr.Markdown("## 2. Flow graph\n" + EXPLAIN["flow"])
-                        with gr.Row():
-                            t_res = FieldSlider(0.0, 1.0, value=0.5, step=0.05, label="t(R): span threshold")
-                            t_module = FieldSlider(0.0, 1.0, value=0.15, step=0.05,
-                                                   label="t(M/A): keep MLP/attention nodes above")
-                        live_prompt = gr.Textbox(label="Optional: colour nodes by their activation on this prompt",
-                                                 placeholder="The bride and groom cut the wedding cake.")
-                        flow_btn = gr.Button("Build flow graph", variant="primary", elem_id="flow-btn")
-                        flow_plot = gr.Plot(label="flow graph", elem_id="flow-plot")
-                        live_plot = gr.Plot(label="live activation of each node per token")
-                        with gr.Accordion("Nodes as a table", open=False):
-                            nodes = gr.Dataframe(headers=NODE_HEADERS, interactive=False, wrap=True)
-                        with gr.Accordion("Graph as JSON (same as `python -m steering flow`)", open=False):
-                            graph_json = gr.JSON()
+                with gr.Row():
+                    feature = gr.Textbox(label="Feature id (layer/site/index)", value=default_feature,
+                                         elem_id="feature-id", scale=3)
+                    card_btn = gr.Button("Show card", scale=1)
+                card_md = gr.Markdown(elem_id="feature-card")
+                gr.Markdown("## 2. Flow graph\n" + EXPLAIN["flow"])
+                with gr.Row():
+                    t_res = FieldSlider(0.0, 1.0, value=0.5, step=0.05, label="t(R): span threshold")
+                    t_module = FieldSlider(0.0, 1.0, value=0.15, step=0.05,
+                                           label="t(M/A): keep MLP/attention nodes above")
+                    live_prompt = gr.Textbox(label="Optional: colour nodes by their activation on this prompt",
+                                             placeholder="The bride and groom cut the wedding cake.", scale=2)
+                flow_btn = gr.Button("Build flow graph", variant="primary", elem_id="flow-btn")
+                flow_plot = gr.Plot(label="flow graph", elem_id="flow-plot")
+                live_plot = gr.Plot(label="live activation of each node per token", visible=False)
+                with gr.Accordion("Nodes as a table", open=False):
+                    nodes = gr.Dataframe(headers=NODE_HEADERS, interactive=False, wrap=True)
+                with gr.Accordion("Graph as JSON (same as `python -m steering flow`)", open=False):
+                    graph_json = gr.JSON()
                 gr.Markdown("## 3. Steer\n" + EXPLAIN["steer"])
                 with gr.Row():
                     with gr.Column():
@@ -346,7 +347,8 @@ def build_app(pg: Playground) -> gr.Blocks:
                             plan_json = gr.JSON()
                         prompt = gr.Textbox(label="Prompt (the paper's prompt for the task by default)",
                                             value=TASK_DEFAULTS["activate"]["prompt"])
-                        theme = gr.Textbox(label="Theme for the judge (filled from the feature; edit freely)")
+                        theme = gr.Textbox(label="Theme for the judge (filled from the feature; edit freely)",
+                                           placeholder="e.g. weddings and marriage")
                         with gr.Row():
                             seed = FieldNumber(value=0, precision=0, label="Seed", minimum=0, maximum=limits.MAX_SEED)
                             samples = FieldSlider(1, limits.MAX_SAMPLES, value=2, step=1, label="Samples")

@@ -16,6 +16,7 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
     activation on a prompt when ``live`` is given); nodes outside l_start..l_end are faded;
     edges drawn with width proportional to the cosine."""
     pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
+    layers = [n.layer for n in graph.nodes]
     fig = go.Figure()
     for e in graph.edges:
         if e.source not in pos or e.target not in pos:
@@ -43,7 +44,8 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
             hover.append("<br>".join(lines))
         fig.add_trace(go.Scatter(
             x=[n.layer for n in nodes], y=[LANES[n.site] for n in nodes], mode="markers+text",
-            text=[str(n.id.index) for n in nodes], textposition="top center", hovertext=hover, hoverinfo="text",
+            text=[str(n.id.index) if in_span else "" for n in nodes], textposition="top center",
+            textfont={"size": 10}, hovertext=hover, hoverinfo="text",
             name="in span" if in_span else "outside span (cut)", opacity=1.0 if in_span else 0.3,
             marker={"size": [10 + 22 * max(0.0, min(1.0, n.score)) for n in nodes], "color": colour,
                     "colorscale": "Viridis", "cmin": 0, "cmax": max(colour + [1.0]) if live else 1.0,
@@ -54,7 +56,8 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
                   layer="below")
     fig.update_layout(
         title=title or f"Flow graph of {graph.seed} (kept span: layers {graph.l_start}-{graph.l_end})",
-        xaxis={"title": "layer", "dtick": 1}, height=380, margin={"l": 60, "r": 20, "t": 50, "b": 40},
+        xaxis={"title": "layer", "dtick": 1, "range": [min(layers) - 0.6, max(layers) + 0.6]}, height=400,
+        margin={"l": 60, "r": 20, "t": 50, "b": 40},
         yaxis={"tickvals": list(LANE_NAMES), "ticktext": list(LANE_NAMES.values()), "range": [-0.6, 2.6]},
         legend={"orientation": "h", "y": -0.2}, plot_bgcolor="white")
     return fig
@@ -81,6 +84,10 @@ def scores_figure(summary: dict[str, dict], titles: dict[str, str] | None = None
     names = list(summary)
     labels = [(titles or {}).get(n, n) for n in names]
     fig = go.Figure()
+    if not names:
+        fig.add_annotation(text="no scores (no theme given, or the judge was unavailable)", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_xaxes(visible=False)
     for key, label, colour in (("behavioral", "theme", "#7048E8"), ("coherence", "coherence", "#37B24D"),
                                ("metric", "metric", "#F76707")):
         values = [summary[n].get(key) for n in names]

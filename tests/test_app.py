@@ -59,6 +59,20 @@ def test_flow_matches_the_cli(client, live_app):
     assert sorted(r[0] for r in rows) == sorted(n["id"] for n in graph["nodes"])
 
 
+def test_flow_live_activations_match_the_library(client, live_app):
+    from steering.flow import build_flow_graph
+    from steering.groups import live_activations
+
+    out = client.predict(TINY_FEATURE, 0.5, 0.15, "the bride and the groom", api_name="/flow")
+    live = out[3]
+    assert live["visible"] is True
+    heat = json.loads(live["value"]["plot"])["data"][0]
+    expected = live_activations(live_app["bundle"], build_flow_graph(live_app["bundle"], TINY_FEATURE),
+                                "the bride and the groom")
+    assert heat["y"] == list(expected["acts"])[:30]
+    assert heat["z"] == [expected["acts"][k] for k in heat["y"]]
+
+
 def test_steer_matches_the_cli_and_records_the_run(client, live_app):
     _, _, _, _, path, record = client.predict(*steer_args(), api_name="/steer")
     command = shlex.split(record["reproduce"])  # the record says how to regenerate it with the CLI
