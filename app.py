@@ -266,7 +266,7 @@ def build_app(pg: Playground) -> gr.Blocks:
                     demo_expl = gr.Markdown(example_text(examples[0].title))
                     with gr.Row():
                         demo_run = gr.Button("Run this example", variant="primary", elem_id="demo-run")
-                        demo_open = gr.Button("Open it in the Playground")
+                        demo_open = gr.Button("Open it in the Playground", elem_id="demo-open")
                     demo_gain = gr.Markdown()
                     with gr.Row():
                         demo_base = gr.Markdown(elem_id="demo-unsteered")
@@ -294,10 +294,12 @@ def build_app(pg: Playground) -> gr.Blocks:
                     with gr.Column():
                         with gr.Row():
                             probe = gr.Textbox(label="...or type a text and see which features fire",
-                                               placeholder="The bride and groom cut the wedding cake.", scale=3)
-                            probe_btn = gr.Button("Which features fire?", scale=1)
+                                               placeholder="The bride and groom cut the wedding cake.", scale=3,
+                                               elem_id="probe-box")
+                            probe_btn = gr.Button("Which features fire?", scale=1, elem_id="probe-btn")
                         probe_tokens = gr.HighlightedText(label="strongest feature per token (click one to pick it)",
-                                                          combine_adjacent=False, show_legend=False)
+                                                          combine_adjacent=False, show_legend=False,
+                                                          elem_id="probe-tokens")
                         probe_rows = gr.Dataframe(headers=["feature", "label", "max act.", "token"], interactive=False,
                                                   label="Most active features (click a row to pick it)",
                                                   max_height=220, wrap=True)

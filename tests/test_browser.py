@@ -123,6 +123,25 @@ def test_bad_input_shows_a_short_error(browser, live_app):
     page.shot("tiny-error")
 
 
+def test_open_example_in_playground_and_pick_a_token(browser, live_app):
+    page = Page(browser, live_app["url"])
+    pg = page.page
+    pg.locator("#demo-open").click()  # the demo's settings land in the Playground tab
+    tab = pg.get_by_role("tab", name="Playground")
+    pg.wait_for_function("() => document.querySelector('#feature-id textarea, #feature-id input').value === '1/res/3'")
+    assert tab.get_attribute("aria-selected") == "true"
+    pg.locator("#probe-box textarea, #probe-box input").first.fill("the bride and the groom")
+    pg.locator("#probe-btn").click()
+    token = pg.locator("#probe-tokens .token.highlighted").nth(1)
+    token.wait_for()
+    tagged = token.locator(".label").text_content().strip()  # inner_text is upper-cased by CSS
+    token.click()  # clicking a token picks the feature it is tagged with
+    pg.wait_for_function("(v) => document.querySelector('#feature-id textarea, #feature-id input').value === v",
+                         arg=tagged)
+    page.wait_text("feature-card", re.escape(tagged))
+    assert page.external == []
+
+
 @pytest.mark.slow
 def test_walkthrough_default_preset(browser, tmp_path):
     """The same walkthrough on the shipped default model (SmolLM2 + its SAEs and catalog)."""
