@@ -67,6 +67,7 @@ LLM_MODEL = "gpt-4o-mini"
 RELATED_MIN_SIM = 0.55  # MiniLM cosine for a related word (wedding~bride 0.83, food~meal 0.80, food~flour 0.48)
 N_RELATED = 12
 RELATED_WEIGHT = 0.6  # a related word's match counts 0.6 x its similarity of an exact match
+PROMOTED_MAX_DF = 0.005  # see common_promoted
 FORMAT = 2
 
 _WORD = re.compile(r"[a-z][a-z0-9']+|[0-9]+")
@@ -388,15 +389,68 @@ def promoted_tokens(bundle, layer: int, site: str, k: int = N_PROMOTED, chunk: i
 # ---- related words (query expansion) ---------------------------------------------------------------
 
 def catalog_words(summary: dict[tuple[int, str], dict]) -> list[str]:
-    """Words a query can meet in the catalog: from top tokens, context words, promoted tokens and
-    LLM labels; alphabetic, >= 3 letters."""
+    """Whole words a query can meet in the catalog, to find related words for: context words
+    (whole by construction), LLM-label words, and top / promoted tokens that start a word (leading
+    space; a piece like 'angerous' of ' dangerous' is left out); alphabetic, >= 3 letters."""
     out = set()
     for cols in summary.values():
         for i in range(len(cols["label"])):
-            texts = [t for t, _ in cols["top"][i]] + [w for w, _ in cols["cw"][i]] + cols["out"][i]
-            texts += [cols["label"][i]] if cols["src"][i] == "l" else []
-            out.update(w for t in texts for w in _words(t.replace("\\n", " ")) if w.isalpha() and len(w) >= 3)
+            texts = [w for w, _ in cols["cw"][i]] + [cols["label"][i]] * (cols["src"][i] == "l")
+            texts += [t for t, _ in cols["top"][i] if t.startswith(" ")]
+            texts += [t for t in cols["out"][i] if t.startswith(" ")]
+            out.update(w for t in texts for w in _words(t) if w.isalpha() and len(w) >= 3)
     return sorted(out)
+
+
+def common_promoted(summary: dict[tuple[int, str], dict], site: str) -> set[str]:
+    """Words among the promoted tokens of more than PROMOTED_MAX_DF (and 10) of a site's features. The raw
+    logit lens of a small model favours a few high-norm word pieces (' strugg', ' affili') for
+    thousands of directions; such words say nothing about any one feature, so labels and search
+    skip them."""
+    df: Counter = Counter()
+    n = 0
+    for (_, s), cols in summary.items():
+        if s == site:
+            for out in cols["out"]:
+                n += 1
+                df.update({w for t in out for w in _words(t)})
+    return {w for w, c in df.items() if c > max(PROMOTED_MAX_DF * n, 10)}
+
+
+def derive(cat: "Catalog", embed="auto", query_vocab: list[str] | None = None) -> None:
+    """Fields derived from the collected data, recomputable without the model (``refresh``):
+    offline labels (LLM labels are kept) and the related words of search."""
+    sites = sorted({s for _, s in cat.summary})
+    for site in sites:
+        cat._detailed(site)
+        common = common_promoted(cat.summary, site)
+        for (_, s), cols in cat.summary.items():
+            if s != site:
+                continue
+            for i in range(len(cols["label"])):
+                if cols["src"][i] != "l":
+                    out = [t for t in cols["out"][i] if not set(_words(t)) & common]
+                    cols["label"][i] = offline_label([tuple(x) for x in cols["top"][i]],
+                                                     [w for w, _ in cols["cw"][i]], out, cols["tags"][i])
+    cat._index.clear()
+    note = None
+    if embed == "auto":
+        try:
+            embed, vocab = minilm_embedder()
+            query_vocab = list(query_vocab or []) + vocab
+        except (ImportError, FileNotFoundError) as e:
+            log.warning("no related words for search (MiniLM unavailable: %s)", e)
+            embed = None
+    cat._related = {}
+    if embed is not None:
+        t = time.time()
+        cat._related = related_words(catalog_words(cat.summary), list(query_vocab or []), embed)
+        note = (f"query expansion: MiniLM cosine >= {RELATED_MIN_SIM}, up to {N_RELATED} words, "
+                f"{len(cat._related)} query words ({time.time() - t:.0f} s)")
+    cat.meta["related_words"] = note
+    cat.meta["label_rule"] = ("offline label: steering.catalog.offline_label (top tokens · ctx: shared context words "
+                              "→ promoted tokens [tags]), promoted words common to many features left out")
+    cat.meta["derived"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def related_words(words: list[str], query_words: list[str], embed, min_sim: float = RELATED_MIN_SIM,
@@ -662,12 +716,13 @@ class Catalog:
             if site in self._index:
                 return self._index[site]
             self._detailed(site)
+            common = common_promoted(self.summary, site)
             index: dict[str, list] = defaultdict(list)
             for (layer, s), cols in sorted(self.summary.items()):
                 if s != site:
                     continue
                 for i in range(len(cols["label"])):
-                    for (stem, fld), w in _feature_terms(cols, i).items():
+                    for (stem, fld), w in _feature_terms(cols, i, common).items():
                         index[stem].append((layer, i, fld, w))
             self._index[site] = dict(index)
             return self._index[site]
@@ -677,11 +732,12 @@ class Catalog:
         """Keyword search over labels, top tokens, tags, promoted tokens and context words.
 
         Whole words only (with a light suffix stemmer: 'weddings' finds 'wedding'). Per query
-        word a feature scores its field weight (LLM label 4, top token 3 x (0.5 + 0.5 x its share
-        of the top activations), tag 2.5, context words 1 x share of contexts that contain it,
-        promoted tokens 0.8); scores add over the query's words, multiplied by the share of query words
-        matched and by a specificity factor 1 / (1 + 10 x firing frequency). Features matched in
-        a label, top token or tag rank above those matched only in promoted tokens or contexts.
+        word a feature scores, per field, its best term's weight (LLM label 4, top token 3 x
+        (0.4 + 0.6 x min(1, 2 x its share of the top activations)), tag 2.5, context words 1 x share
+        of contexts that contain it, promoted tokens 0.8); fields and query words add up,
+        multiplied by the share of query words matched and by a specificity factor
+        1 / (1 + 10 x firing frequency). Features matched in a label, top token or tag rank above
+        those matched only in promoted tokens or contexts.
         Each query word also matches its related words (``related``, MiniLM neighbours stored at
         build time; shown as ``≈word``) at RELATED_WEIGHT x similarity. A feature id
         (``12/res/4111``) as query returns that feature.
@@ -710,13 +766,16 @@ class Catalog:
             for w in words:
                 terms = [(_stem(w), 1.0, "")] + [(_stem(r), RELATED_WEIGHT * sim, f" ≈{r}")
                                                  for r, sim in related.get(w, ()) if _stem(r) != _stem(w)]
+                best: dict[tuple, float] = {}  # (feature key, field) -> best term: related words do not add up
                 for stem, mult, note in terms:
                     for layer, i, fld, weight in index.get(stem, ()):
                         if layer_set is not None and layer not in layer_set:
                             continue
                         key = (layer, site, i)
-                        score[key] += _FIELD_WEIGHT[fld] * weight * mult
+                        best[(key, fld)] = max(best.get((key, fld), 0.0), _FIELD_WEIGHT[fld] * weight * mult)
                         matched[key].setdefault(w, set()).add(fld + note)
+                for (key, _), v in best.items():
+                    score[key] += v
         hits = []
         for key, s in score.items():
             layer, site, i = key
@@ -733,8 +792,10 @@ class Catalog:
         return [h[3] for h in hits[:k]]
 
 
-def _feature_terms(cols: dict, i: int) -> dict[tuple[str, str], float]:
-    """Searchable terms of feature i of an SAE: (stem, field) -> weight in [0, 1]."""
+def _feature_terms(cols: dict, i: int, common: set[str] = frozenset()) -> dict[tuple[str, str], float]:
+    """Searchable terms of feature i of an SAE: (stem, field) -> weight in [0, 1]. A top token
+    weighs 0.4 + 0.6 x min(1, 2 x its share of the top activations); promoted words in ``common``
+    (``common_promoted``) are skipped."""
     best: dict[tuple[str, str], float] = {}
 
     def add(word: str, fld: str, w: float) -> None:
@@ -746,13 +807,14 @@ def _feature_terms(cols: dict, i: int) -> dict[tuple[str, str], float]:
             add(w, "label", 1.0)
     for tok, share in cols["top"][i]:
         for w in _words(tok.replace("\\n", " ")):
-            add(w, "top", 0.5 + 0.5 * share)
+            add(w, "top", 0.4 + 0.6 * min(1.0, 2.0 * share))
     for tag in cols["tags"][i]:
         for w in [tag] + _DOMAIN_TAGS.get(tag, []):
             add(w, "tag", 1.0)
     for rank, tok in enumerate(cols["out"][i]):
         for w in _words(tok):
-            add(w, "promoted", 1.0 - 0.1 * rank)
+            if w not in common:
+                add(w, "promoted", 1.0 - 0.1 * rank)
     n_ctx = max(1, cols["nctx"][i])
     for w, n in cols["cw"][i]:
         add(w, "context", min(1.0, n / n_ctx))
@@ -831,19 +893,6 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
             summary[(f.layer, f.site)]["label"][f.index] = lab
             summary[(f.layer, f.site)]["src"][f.index] = "l"
         n_llm = len(got)
-    related_note = None
-    if embed == "auto":
-        try:
-            embed, vocab = minilm_embedder()
-            query_vocab = list(query_vocab or []) + vocab
-        except (ImportError, FileNotFoundError) as e:
-            log.warning("no related words for search (MiniLM unavailable: %s)", e)
-            embed = None
-    if embed is not None:
-        t1 = time.time()
-        cat._related = related_words(catalog_words(summary), list(query_vocab or []), embed)
-        related_note = (f"query expansion: MiniLM cosine >= {RELATED_MIN_SIM}, up to {N_RELATED} words, "
-                        f"{len(cat._related)} query words ({time.time() - t1:.0f} s)")
     any_stats = stats[keys[0]]
     cat.meta = {
         "format": FORMAT, "preset": bundle.preset.name, "built": datetime.datetime.now(datetime.timezone.utc)
@@ -858,15 +907,14 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
         "label_source": "llm" if n_llm and n_llm == sum(len(c["label"]) for c in summary.values()) else
                         "mixed" if n_llm else "offline",
         "llm_model": LLM_MODEL if llm_client is not None else None, "llm_labels": n_llm,
-        "label_rule": "offline label: steering.catalog.offline_label (top tokens · ctx: shared context words "
-                      "→ promoted tokens [tags])",
         "promoted_tokens": "logit lens: top tokens of W_U (g * d_f), g = final norm scale (ranks like "
                            "lm_head(final_norm(d_f)))",
-        "related_words": related_note,
         "widths": {f"{l}/{s}": bundle.width(l, s) for l, s in keys},
         "fingerprints": {f"{l}/{s}": sae_fingerprint(bundle, l, s) for l, s in keys},
-        "build_seconds": {"forward": round(t_forward, 1), "total": round(time.time() - t0, 1)},
+        "build_seconds": {"forward": round(t_forward, 1)},
     }
+    derive(cat, embed, query_vocab)
+    cat.meta["build_seconds"]["total"] = round(time.time() - t0, 1)
     return cat
 
 
@@ -925,7 +973,7 @@ def _entries(bundle, key: tuple[int, str], st: RunningStats, data: Sequences, sp
                     key=lambda xn: (-xn[1] * math.log(1 + n_feat / df[xn[0]]), xn[0]))[:N_CONTEXT_WORDS]
         out = [strings[t] for t in out_l[f]]
         tags = _tags([(t, s) for t, s in top], Counter(data.domains[r[3]] for r in ctx_rows[f]))
-        cols["label"].append(offline_label([(t, s) for t, s in top], [x for x, _ in cw], out, tags))
+        cols["label"].append("")  # offline label: derive()
         cols["src"].append("o")
         cols["max"].append(round(float(acts[f][0]), 3) if acts[f] else 0.0)
         cols["freq"].append(float(f"{count[f] / max(1, st.n_tokens):.4g}"))
@@ -1005,6 +1053,9 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     s.add_argument("-k", type=int, default=20)
     s.add_argument("--sites", default="res")
     s.add_argument("--out", type=Path, default=None, help="catalog folder")
+    r = sub.add_parser("refresh", parents=[common], help="recompute offline labels and related words of a built "
+                       "catalog (no model needed)")
+    r.add_argument("--out", type=Path, default=None, help="catalog folder")
     c = sub.add_parser("show", parents=[common], help="print a feature's card")
     c.add_argument("feature")
     c.add_argument("--out", type=Path, default=None, help="catalog folder")
@@ -1020,6 +1071,11 @@ def run(args) -> dict:
         return {"query": args.query, "hits": [h.to_json() for h in hits]}
     if args.catalog_command == "show":
         return Catalog.load(root).card(args.feature).to_json()
+    if args.catalog_command == "refresh":
+        cat = Catalog.load(root)
+        derive(cat)
+        sizes = cat.save(root)
+        return {"out": str(root), "total_bytes": sum(sizes.values()), "related_words": cat.meta["related_words"]}
     from .bundle import Bundle
 
     client = _llm_client(args.llm)
@@ -1034,8 +1090,8 @@ def run(args) -> dict:
 
 
 def register(sub, common) -> None:
-    """``python -m steering catalog {build,search,show}``."""
-    p = sub.add_parser("catalog", help="feature catalog: build, search, show")
+    """``python -m steering catalog {build,search,show,refresh}``."""
+    p = sub.add_parser("catalog", help="feature catalog: build, search, show, refresh")
     add_arguments(p, common)
     p.set_defaults(fn=run)
 

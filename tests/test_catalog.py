@@ -131,9 +131,13 @@ def test_offline_labels_follow_the_rule(built):
     cat, loaded, *_ = built
     card = loaded.card("1/mlp/3")
     assert card.label_source == "offline"
-    want = offline_label(list(zip(card.top_tokens, card.top_token_shares)), card.context_words,
-                         card.promoted_tokens, card.tags)
-    assert card.label == want
+    common = C.common_promoted(loaded.summary, "mlp")
+    out = [t for t in card.promoted_tokens if not set(C._words(t)) & common]
+    assert card.label == offline_label(list(zip(card.top_tokens, card.top_token_shares)), card.context_words,
+                                       out, card.tags)
+    # a promoted word shared by many features is left out of labels
+    summary = {(0, "res"): {"out": [[" strugg", " cat"]] * 20 + [[" dog"]] * 5}}
+    assert C.common_promoted(summary, "res") == {"strugg", "cat"}
 
 
 def test_llm_labels_with_fallback_for_failed_batches(built):
@@ -279,3 +283,12 @@ def test_related_words_expand_queries(built):
         assert h.score == pytest.approx(C.RELATED_WEIGHT * 1.0 * exact[h.feature], rel=1e-3, abs=1e-3)
     words = C.related_words(["bride", "cake", "wedding"], ["nuptials"], fake_embed, min_sim=0.5)
     assert words == {"nuptials": [("wedding", 1.0)]}
+
+
+def test_refresh_rederives_the_same_labels_and_related_words(built, tmp_path):
+    cat, _, root, *_ = built
+    again = Catalog.load(root)
+    C.derive(again, embed=fake_embed, query_vocab=["nuptials", "zzz"])
+    assert again.labels() == cat.labels() and again.related() == cat.related()
+    again.save(tmp_path)
+    assert Catalog.load(tmp_path).labels() == cat.labels()
