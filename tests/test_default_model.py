@@ -1,0 +1,54 @@
+"""On the shipped default model + SAEs: steering a catalog feature with a clear theme raises that
+feature on the generated tokens and moves the text toward the theme (offline judge), for at
+least three themes (issue 6). Slow: loads the real model (~1.7 GB RSS) and generates on CPU."""
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module")
+def default_bundle():
+    from steering.bundle import Bundle
+    return Bundle.load("default")
+
+
+def test_default_bundle_loads_all_90_saes_within_budget(default_bundle):
+    from pathlib import Path
+    b = default_bundle
+    assert len(b.saes) == 90 and b.width(12, "res") == 1536 and b.width(12, "mlp") == 512
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    sizes = [p.stat().st_size for p in assets.rglob("*") if p.is_file()]
+    assert sum(sizes) <= 200e6 and max(sizes) <= 50e6
+
+
+def test_steering_shifts_text_toward_the_theme(default_bundle):
+    """The curated activation examples (catalog features with a clear theme, assets/demo_examples.json),
+    steered as the app's demo steers them (cumulative flow steering, exponential decay)."""
+    from steering.catalog import Catalog
+    from steering.flow import build_flow_graph
+    from steering.generate import generate_variants
+    from steering.judge import OfflineJudge
+    from steering.steer import plan
+    from steering.ui import load_demo_examples
+
+    examples = [e for e in load_demo_examples(default_bundle) if e.task == "activate"]
+    assert len(examples) >= 3
+    cat = Catalog.load(default_bundle)
+    judge = OfflineJudge()
+    seeds = [0, 1, 2, 3]
+    shifted, seen = [], []
+    for ex in examples:
+        assert cat.card(ex.feature).label  # a catalog feature
+        graph = build_flow_graph(default_bundle, ex.feature)
+        specs = plan(graph, ex.condition, ex.layer, ex.strength, "exp", ex.alpha)
+        gens = generate_variants(default_bundle, "I think ", {"base": [], "steered": specs}, seeds=seeds,
+                                 max_new_tokens=24)
+        act = {v: sum(g.metrics["feature_activation"].get(ex.feature, 0.0) for g in gens if g.variant == v)
+               / len(seeds) for v in ("base", "steered")}
+        scores = judge.score([g.text for g in gens], ex.theme, "activate")
+        beh = {v: sum(s.behavioral for g, s in zip(gens, scores) if g.variant == v) / len(seeds)
+               for v in ("base", "steered")}
+        seen.append((ex.title, ex.feature, act, beh))
+        if act["steered"] > act["base"] and beh["steered"] > beh["base"]:
+            shifted.append(ex.title)
+    assert len(shifted) >= 3, seen
