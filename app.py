@@ -25,6 +25,7 @@ import gradio as gr
 from steering import limits
 from steering.bundle import Bundle
 from steering.generate import TASK_DEFAULTS
+from steering.sites import count_hooks
 from steering.plots import flow_figure, live_figure, schedule_figure, scores_figure
 from steering.steer import CONDITIONS, SCHEDULES
 from steering.ui import VARIANT_TITLES, DemoExample, Playground
@@ -330,10 +331,12 @@ def build_app(pg: Playground) -> gr.Blocks:
                                              label="Condition (baseline = initial feature only)")
                         layer = gr.Dropdown([("the seed's layer", -1)] + [(str(i), i) for i in range(n_layers)],
                                             value=-1, label="Layer l (single: steer there; cumulative: up to there)")
-                        strength = FieldSlider(-limits.MAX_ABS_STRENGTH, limits.MAX_ABS_STRENGTH, value=3.0, step=0.5,
+                        strength = FieldSlider(-limits.MAX_ABS_STRENGTH, limits.MAX_ABS_STRENGTH, step=0.5,
+                                               value=examples[0].strength if examples else 3.0,
                                                label="Strength s (x the feature's typical activation)")
                         sched = gr.Radio(list(SCHEDULES), value="exp", label="Schedule over layers (cumulative)")
-                        alpha = FieldSlider(-limits.MAX_ABS_ALPHA, limits.MAX_ABS_ALPHA, value=-0.25, step=0.01,
+                        alpha = FieldSlider(-limits.MAX_ABS_ALPHA, limits.MAX_ABS_ALPHA, step=0.01,
+                                            value=examples[0].alpha if examples else -0.25,
                                             label="Decay alpha (exp: s·e^(alpha·l))")
                         s_end = FieldSlider(-limits.MAX_ABS_STRENGTH, limits.MAX_ABS_STRENGTH, value=1.0, step=0.5,
                                             label="End value s* (linear)")
@@ -413,7 +416,24 @@ def build_app(pg: Playground) -> gr.Blocks:
             demo_open.click(open_in_playground, demo_pick, [tabs, feature, task, condition, strength, alpha, r, prompt,
                                                             theme, samples, max_new, seed], api_name=False, queue=False)
         demo.load(card_quiet, feature, [card_md, theme], api_name=False, **LIGHT)
+
+        def health() -> dict:
+            """Server state for operators and load tests: steering hooks on the model (0 when idle), RSS,
+            limits. Answers outside the queue."""
+            return {"preset": bundle.preset.name, "device": str(bundle.device), "hooks": count_hooks(bundle.model),
+                    "rss_mb": round(rss_mb(), 1), "limits": lim}
+
+        gr.api(health, api_name="health", queue=False)
     return demo
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def _plan_args(args):

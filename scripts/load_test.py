@@ -4,8 +4,10 @@
     python scripts/load_test.py --url http://127.0.0.1:7860/ --clients 8 --requests 25 --pid $(pgrep -f app.py)
 
 N clients x M requests of /flow and /steer (few tokens) through gradio_client; prints throughput,
-p50/p95 latency, the error count and the server's RSS before/after (with --pid). Bounded in count
-and in time (--max-seconds).
+p50/p95 latency, the error count, the server's RSS before/after (from its /health endpoint, or
+/proc with --pid; "before" is taken after one warm-up request of each kind, so one-time caches
+are not counted as growth) and the steering hooks left on the model afterwards (must be 0).
+Bounded in count and in time (--max-seconds).
 """
 
 from __future__ import annotations
@@ -44,7 +46,16 @@ def main() -> None:
 
     latencies, errors, lock = [], [], threading.Lock()
     deadline = time.time() + a.max_seconds
-    rss0 = rss_mb(a.pid)
+    probe = Client(a.url, verbose=False)
+
+    def health() -> dict:
+        h = probe.predict(api_name="/health")
+        return {"rss": rss_mb(a.pid) or h["rss_mb"], "hooks": h["hooks"]}
+
+    probe.predict(a.feature, 0.5, 0.15, "", api_name="/flow")  # warm-up: graph tables, generation buffers
+    probe.predict(a.feature, 0.5, 0.15, "activate", "cumulative", -1, 3.0, "exp", -0.25, 1.0, 0, [], [], 0, 1,
+                  a.max_new_tokens, "I think ", False, "", False, "", api_name="/steer")
+    rss0 = health()["rss"]
 
     def worker(i: int) -> None:
         client = Client(a.url, verbose=False)
@@ -72,7 +83,8 @@ def main() -> None:
     for th in threads:
         th.join()
     wall = time.time() - t0
-    rss1 = rss_mb(a.pid)
+    after = health()
+    rss1 = after["rss"]
     n = len(latencies)
     print(f"requests ok: {n}, errors: {len(errors)}, wall {wall:.1f} s, throughput {n / wall:.2f} req/s")
     if latencies:
@@ -80,6 +92,7 @@ def main() -> None:
         print(f"latency p50 {statistics.median(latencies):.2f} s, p95 {q[18]:.2f} s")
     if rss0 and rss1:
         print(f"server RSS {rss0:.0f} MB -> {rss1:.0f} MB ({100 * (rss1 - rss0) / rss0:+.1f}%)")
+    print(f"steering hooks left on the model: {after['hooks']}")
     for e in errors[:10]:
         print("  error:", e)
 

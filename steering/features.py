@@ -33,8 +33,10 @@ def parse_feature(text: "str | FeatureId", bundle=None) -> FeatureId:
             raise ValueError(f"feature id must be a string like '12/res/4111', got {type(text).__name__}")
         m = _ID.match(text)
         if not m:
-            raise ValueError(f"malformed feature id {text[:80]!r}; expected layer/site/index, "
-                             f"e.g. '12/res/4111' with site one of {', '.join(SITES)}")
+            shown = repr(text[:60])
+            shown = shown if len(shown) <= 80 and len(text) <= 60 else shown[:77] + "…"
+            raise ValueError(f"malformed feature id {shown}; expected layer/site/index, "
+                             f"e.g. '12/res/4111': non-negative layer and index, site one of {', '.join(SITES)}")
         fid = FeatureId(int(m.group(1)), m.group(2), int(m.group(3)))
     if fid.site not in SITES:
         raise ValueError(f"unknown site {fid.site!r} in feature id {str(fid)!r}; valid sites: {', '.join(SITES)}")

@@ -106,6 +106,12 @@ def test_third_column_compares_single_and_cumulative(client):
     (dict(feature="9/res/3"), "valid layers: 0..2"),
     (dict(feature="1/res/99999"), "valid indices for 1/res"),
     (dict(feature="<b>1/res/3"), "malformed feature id"),
+    (dict(feature="1/neuron/3"), "unknown site 'neuron'"),
+    (dict(max_new_tokens=-5), r"Max new tokens = -5 is out of range; allowed: 1..\d+"),
+    (dict(samples=0), r"Samples = 0 is out of range"),
+    (dict(prompt="\x00\x07\u200b"), "prompt is empty"),
+    (dict(sched="zigzag"), "zigzag"),
+    (dict(task="explode"), "explode"),
 ])
 def test_bad_steer_input_is_a_short_error_and_the_server_keeps_serving(client, live_app, changes, msg):
     from gradio_client.exceptions import AppError
@@ -117,30 +123,76 @@ def test_bad_steer_input_is_a_short_error_and_the_server_keeps_serving(client, l
     assert client.predict("1/res/3", api_name="/card")[0].startswith("### Feature")
 
 
+@pytest.mark.parametrize("field, value, msg", [
+    ("strength", "NaN", r"Strength s .* = nan is out of range; allowed: -200..200"),
+    ("alpha", "Infinity", r"Decay alpha .* = inf is out of range; allowed: -5..5"),
+    ("max_new_tokens", "1e308", r"Max new tokens = 1e\+308 is out of range"),
+])
+def test_non_finite_numbers_over_raw_http_are_refused(live_app, field, value, msg):
+    """gradio_client cannot send NaN/inf (JSON has none), but a stranger with curl can: the REST API
+    must refuse them by name, and the server keeps serving."""
+    import re
+
+    import httpx
+
+    args = dict(STEER_DEFAULTS)
+    args[field] = "__X__"
+    body = json.dumps({"data": list(args.values())}).replace('"__X__"', value)
+    base = live_app["url"].rstrip("/")
+    r = httpx.post(f"{base}/gradio_api/call/steer", content=body, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    events = httpx.get(f"{base}/gradio_api/call/steer/{r.json()['event_id']}", timeout=120).text
+    assert "event: error" in events and re.search(msg, events), events[:500]
+    assert "Traceback" not in events
+    assert live_app["server"].proc.poll() is None
+
+
 def test_api_key_is_never_echoed_or_logged(client, live_app):
     key = "sk-test-DoNotLeak-0123456789abcdef"
     base, steered, _, _, path, record = client.predict(*steer_args(api_key=key), api_name="/steer")
     scores = [s for g, s in zip(record["generations"], record["scores"]) if g["text"].strip()]
     assert scores and all(not s["available"] and "unavailable" in s["error"] for s in scores), scores
     assert {g["variant"] for g in record["generations"]} == {"unsteered", "steered"}  # texts shown anyway
-    for blob in (base, steered, json.dumps(record), Path(path).read_text(), live_app["server"].log()):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as e:  # an error in the same request does not carry the key either
+        client.predict(*steer_args(api_key=key, strength=1e6), api_name="/steer")
+    other = client.predict(*steer_args(seed=99), api_name="/steer")  # the next request (another user) has no key
+    assert other[5]["judge"].startswith("offline")  # the server's own judge, not the key of the request before
+    for blob in (base, steered, json.dumps(record), Path(path).read_text(), str(e.value), json.dumps(other),
+                 live_app["server"].log()):
         assert key not in blob and "DoNotLeak" not in blob
 
 
+def test_odd_unicode_prompts_generate(client):
+    """Control characters are dropped, other scripts and emoji pass through to the model."""
+    record = client.predict(*steer_args(prompt="I think \x01🙂 مرحبا\u202e\tnaïve ", max_new_tokens=4),
+                            api_name="/steer")[5]
+    assert {g["variant"] for g in record["generations"]} == {"unsteered", "steered"}
+    assert "\x01" not in record["prompt"] and "🙂" in record["prompt"]
+
+
 def test_concurrent_sessions_get_their_own_results(live_app):
-    """Four sessions steering with different seeds at once get what they get one at a time."""
+    """Eight sessions steering different features with different seeds at once get exactly what they
+    get one at a time; afterwards the server's model carries no steering hook."""
     from gradio_client import Client
 
-    def run(seed: int) -> list[str]:
+    features = ["1/res/3", "0/res/5", "2/res/7", "1/mlp/2", "2/res/1", "1/res/9", "0/res/2", "2/res/4"]
+
+    def run(i: int) -> list[str]:
         c = Client(live_app["url"], verbose=False)
-        record = c.predict(*steer_args(seed=seed, samples=2), api_name="/steer")[5]
+        record = c.predict(*steer_args(feature=features[i], seed=11 + i, max_new_tokens=6, condition="baseline"),
+                           api_name="/steer")[5]
         return [g["text"] for g in record["generations"]]
 
-    seeds = [11, 12, 13, 14]
-    alone = [run(s) for s in seeds]
-    with ThreadPoolExecutor(4) as ex:
-        together = list(ex.map(run, seeds))
+    alone = [run(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as ex:
+        together = list(ex.map(run, range(8)))
     assert together == alone
+    assert len({tuple(t) for t in alone}) > 1  # the sessions really differ
+    health = Client(live_app["url"], verbose=False).predict(api_name="/health")
+    assert health["hooks"] == 0 and health["rss_mb"] > 0
 
 
 # ---- in process: handlers called directly, no server ---------------------------------------------
