@@ -110,7 +110,7 @@ def app_first_answer(preset: str, port: int = 7891, timeout: float = 600, cache:
 
 
 @torch.no_grad()
-def steering_overhead(bundle, graph, max_new_tokens: int = 32, batch: int = 4, repeat: int = 3) -> dict:
+def steering_overhead(bundle, graph, max_new_tokens: int = 32, batch: int = 4, repeat: int = 5) -> dict:
     """tokens/s of steered generation (single layer; cumulative over the whole flow graph) divided
     by tokens/s of plain ``model.generate`` with the same batch, prompt and greedy settings."""
     from .features import FeatureId
@@ -172,12 +172,20 @@ def side_by_side_cost(bundle, graph, max_new_tokens: int = 32, repeat: int = 3) 
     def four():
         generate_variants(bundle, "I think ", variants, [0], max_new_tokens, temperature=0.0, metrics=False)
 
-    t1, t4 = [], []
+    enc4 = bundle.tokenize(["I think "] * len(variants))
+
+    def plain_batch():  # what batching alone costs: the same rows, no steering, no bookkeeping
+        with bundle.lock:
+            bundle.model.generate(**enc4, **kw)
+
+    t1, t4, tb = [], [], []
     for _ in range(repeat):
         t1.append(_timed(one, 1))
         t4.append(_timed(four, 1))
-    return {"one_generation_s": statistics.median(t1), "four_variants_batched_s": statistics.median(t4),
-            "side_by_side_cost": statistics.median(t4) / statistics.median(t1)}
+        tb.append(_timed(plain_batch, 1))
+    m1, m4, mb = statistics.median(t1), statistics.median(t4), statistics.median(tb)
+    return {"one_generation_s": m1, "four_variants_batched_s": m4, "side_by_side_cost": m4 / m1,
+            "plain_batch_of_4_cost": mb / m1, "variants_vs_plain_batch": m4 / mb}
 
 
 def flow_latency(bundle, n: int = 200, seed: int = 0) -> dict:
