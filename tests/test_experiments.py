@@ -1,0 +1,164 @@
+"""``python -m steering.experiments {groups,deactivation,steering}`` in smoke mode on the tiny random
+preset: files written, shares sum to 1, every method and condition present, a rerun recomputes
+nothing (unit files untouched), changed settings recompute only their units, bad options fail
+with one clear line before any model is loaded."""
+
+import json
+
+import pytest
+
+from steering.experiments import common
+from steering.experiments.__main__ import main
+from steering.groups import GROUPS, SINGLE_GROUPS
+from steering.training.corpus import DOMAINS
+
+THEMES = ["--theme", "1/res/5=weddings and marriage", "--theme", "2/res/7=religion",
+          "--removal-theme", "1/res/9=physics", "--t-res", "0"]
+
+
+def run(capsys, *argv) -> dict:
+    assert main(list(argv)) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def unit_state(folder) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+def test_groups_smoke_then_resume(tiny_llama_preset, out, capsys):
+    argv = ["groups", "--preset", str(tiny_llama_preset), "--smoke", "--quiet", "--out", str(out)]
+    head = run(capsys, *argv)
+    folder = out / "groups"
+    s = json.loads((folder / "summary.json").read_text())
+    assert s["command"] == "python -m steering.experiments " + " ".join(argv)
+    assert set(s["n_texts"]) == set(DOMAINS) and all(n >= 1 for n in s["n_texts"].values())
+    assert s["settings"]["texts_per_domain"] == 2 and s["settings"]["tokens_per_text"] == 2
+    assert sorted(s["shares"], key=int) == ["0", "1", "2"]
+    for shares in s["shares"].values():
+        assert set(shares) == set(GROUPS)
+        assert sum(shares.values()) == pytest.approx(1.0)
+    assert s["shares"]["0"]["RES"] == 0.0  # layer 0 has no R_{-1}
+    assert s["n_cases"] == sum(sum(c.values()) for c in s["counts"].values()) > 0
+    assert set(s["mann_whitney"]["contains_vs_not"]) == {"s(R): groups with RES vs without",
+                                                         "s(M): groups with MLP vs without",
+                                                         "s(A): groups with ATT vs without"}
+    for r in s["mann_whitney"]["pairwise"].values():
+        assert 0 <= r["p"] <= 1 and 0 <= r["auc"] <= 1
+    assert {"shares.html", "scores.html"} <= {p.name for p in folder.iterdir()}
+    assert head["units"]["computed"] == len(DOMAINS)
+    before = unit_state(folder / "units")
+    assert len(before) == len(DOMAINS)
+    again = run(capsys, *argv)
+    assert again["units"]["computed"] == 0 and again["units"]["reused"] == len(DOMAINS)
+    assert unit_state(folder / "units") == before
+    assert json.loads((folder / "summary.json").read_text())["shares"] == s["shares"]
+
+
+def test_deactivation_smoke_methods_groups_and_r(tiny_llama_preset, out, capsys):
+    argv = ["deactivation", "--preset", str(tiny_llama_preset), "--smoke", "--quiet", "--out", str(out)]
+    head = run(capsys, *argv)
+    folder = out / "deactivation"
+    s = json.loads((folder / "summary.json").read_text())
+    methods = ["top1_cosine", "top5_cosine", "random_top5", "permutation", "top1_pearson", "exhaustive"]
+    assert list(s["table1"]) == methods
+    for m in methods:
+        t = s["table1"][m]
+        assert t["n_cases"] > 0 and 0 <= t["n_with_predecessor"] <= t["n_cases"]
+        if t["n_with_predecessor"]:
+            assert 0 <= t["success_rate"] <= 1
+    # top-1 cosine always finds an active predecessor (targets are never "From nowhere")
+    assert s["table1"]["top1_cosine"]["n_with_predecessor"] == s["table1"]["top1_cosine"]["n_cases"]
+    assert set(s["by_group"]) <= set(SINGLE_GROUPS) and s["by_group"]
+    assert set(s["vs_r"]) == {"0", "-1"} and s["settings"]["layers"] == [1, 2]
+    assert {"table1.html", "vs_r.html"} <= {p.name for p in folder.iterdir()}
+    assert head["units"]["computed"] == 2
+    before = unit_state(folder / "units")
+    assert run(capsys, *argv)["units"] == {**head["units"], "computed": 0, "reused": 2}
+    assert unit_state(folder / "units") == before
+
+
+def test_steering_smoke_resume_and_partial_recompute(tiny_llama_preset, out, capsys, monkeypatch):
+    argv = ["steering", "--preset", str(tiny_llama_preset), "--smoke", "--quiet", "--out", str(out), *THEMES]
+    run(capsys, *argv)
+    folder = out / "steering"
+    s = json.loads((folder / "summary.json").read_text())
+    assert s["judge"]["name"].startswith(("offline", "openai"))
+    act, rem = s["activate"], s["remove"]
+    assert [t["feature"] for t in act["themes"].values()] == ["1/res/5", "2/res/7"]
+    assert {p["condition"] for p in act["points"]} == {"baseline", "single", "constant", "exp", "linear"}
+    assert {p["condition"] for p in rem["points"]} == {"baseline", "single", "cumulative"}
+    assert {p["strength"] for p in rem["points"]} == {0.0, -4.0}
+    for p in act["points"] + rem["points"]:
+        assert 0 <= p["metric"] <= 1 and 0 <= p["coherence"] <= 1
+    for theme in act["best"].values():
+        assert {"baseline", "single", "constant", "exp", "linear", "unsteered"} == set(theme)
+    units = sorted((folder / "units").glob("*.json"))
+    # 2 themes x (unsteered + 5 conditions x 1 s) + removal (unsteered + 3 conditions x 2 r)
+    assert len(units) == 2 * 6 + 7
+    unit = json.loads((folder / "units" / "activate__anger-and-frustration__single__s=4.json").read_text())
+    assert unit["command"].startswith("python -m steering.experiments steering")
+    assert unit["settings"]["layers"] == [0, 1]  # span 0..2 at stride 6, plus the seed layer
+    assert len(unit["result"]["rows"]) == 2  # 2 layers x 1 sample
+    assert all(isinstance(r["text"], str) for r in unit["result"]["rows"])
+    figs = {"activate_vs_layer.html", "activate_vs_strength.html", "activate_best.html", "activate_pareto.html",
+            "remove_vs_layer.html", "remove_vs_strength.html", "remove_best.html", "remove_pareto.html"}
+    assert figs <= {p.name for p in folder.iterdir()}
+
+    before = unit_state(folder / "units")
+    import steering.experiments.steering_curves as sc
+
+    def no_generation(*a, **k):
+        raise AssertionError("a cached unit was recomputed")
+
+    monkeypatch.setattr(sc, "generate_variants", no_generation)
+    assert run(capsys, *argv)["units"]["computed"] == 0
+    assert unit_state(folder / "units") == before
+    monkeypatch.undo()
+    # a new strength computes only its own units (5 conditions x 2 themes); the old ones are reused
+    more = run(capsys, *argv, "--strengths", "4,8",
+               "--tasks", "activate")
+    assert more["units"]["computed"] == 10 and more["units"]["reused"] == 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["groups", "--texts", "0"], "--texts must be a positive integer"),
+    (["groups", "--domains", "poetry"], "unknown domains"),
+    (["deactivation", "--methods", "top1_cosine,magic"], "unknown --methods"),
+    (["deactivation", "--r-sweep=-1,x"], "--r-sweep must be comma-separated numbers"),
+    (["deactivation", "--r", "-100"], "out of range"),
+    (["steering", "--theme", "8/res/697"], "must be FEATURE=THEME"),
+    (["steering", "--strengths", "1e9"], "out of range"),
+    (["steering", "--tasks", "dance"], "unknown --tasks"),
+    (["steering", "--preset", "no-such-preset"], "unknown preset"),
+])
+def test_bad_options_fail_clearly(argv, message, capsys):
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_steering_without_catalog_or_themes_says_what_to_pass(tiny_llama_preset, tmp_path, capsys):
+    assert main(["steering", "--preset", str(tiny_llama_preset), "--smoke", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "pass --theme FEATURE=THEME" in capsys.readouterr().err
+
+
+def test_units_recompute_on_changed_settings_and_corrupt_files(tmp_path):
+    units = common.Units(tmp_path, "cmd")
+    calls = []
+    assert units.get("a", {"x": (1, 2)}, lambda: calls.append(1) or {"v": 1}) == {"v": 1}
+    assert units.get("a", {"x": [1, 2]}, lambda: calls.append(1) or {"v": 2}) == {"v": 1}  # tuples == lists
+    assert units.get("a", {"x": [1, 3]}, lambda: calls.append(1) or {"v": 3}) == {"v": 3}
+    units.path("a").write_text("{broken")
+    assert units.get("a", {"x": [1, 3]}, lambda: calls.append(1) or {"v": 4}) == {"v": 4}
+    assert len(calls) == 3 and units.reused == ["a"]
+
+
+def test_passages_cover_the_document():
+    doc = " ".join(f"word{i}" for i in range(500))
+    parts = common.passages(doc, 200)
+    assert all(len(p) <= 200 for p in parts) and " ".join(parts).split() == doc.split()
