@@ -7,7 +7,6 @@ fonts: the page must make no request outside 127.0.0.1. Screenshots go to test-a
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
@@ -152,7 +151,7 @@ def test_walkthrough_default_preset(browser, tmp_path):
     preset = get_preset("default")
     if not (preset.assets_root / "catalog" / "meta.json").is_file():
         pytest.skip("the default preset's catalog is not built yet (python -m steering.catalog build)")
-    server = AppServer("default", tmp_path / "app.log", env={"FFP_MAX_NEW_TOKENS": os.environ.get("X", "128")})
+    server = AppServer("default", tmp_path / "app.log")
     try:
         page = Page(browser, server.url)
         _walkthrough(page, "wedding", "default")
