@@ -6,12 +6,17 @@ because hooks are global to the model (METHOD.md "Traps").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -62,13 +67,30 @@ def file_sha256(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()[:limit] if limit else h.hexdigest()
 
 
+@contextmanager
+def _memoized_gguf_name_map():
+    """transformers rebuilds gguf's tensor-name map once per submodule while matching GGUF
+    tensors to the model (~400 times, ~5 s for a 30-layer model); the map depends only on
+    (architecture, layers), so memoize it for the duration of one conversion."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def _gguf_converted(preset: Preset) -> Path:
     """A float safetensors copy of a GGUF model in the user cache, made once.
 
-    Loading the GGUF parses its vocabulary and dequantizes every tensor (~16-25 s);
+    Loading the GGUF parses its metadata (the vocabulary) once for the config, once for the
+    weights and once for the tokenizer, then dequantizes every tensor (~25 s in one process);
+    the tokenizer is converted in a child process while this one converts the weights, and
     the converted copy reloads in under a second.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src_dir = package_dir(preset.gguf_package)
     gguf = src_dir / preset.model
@@ -79,17 +101,42 @@ def _gguf_converted(preset: Preset) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     log.info("converting %s to a float safetensors copy in %s (one time)", gguf.name, out)
-    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantized weights are ordinary floats; drop the GGUF marker so they serialize.
-    del model.config.quantization_config
-    model.hf_quantizer = None
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    tok_dir = tmp / "tokenizer"
+    tok_job = subprocess.Popen(  # parsing is pure Python: a process, not a thread, runs in parallel
+        [sys.executable, "-c", _TOKENIZER_JOB, str(src_dir), gguf.name, str(tok_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with _memoized_gguf_name_map():
+            model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf.name, dtype=torch.float32)
+        # The dequantized weights are ordinary floats; drop the GGUF marker so they serialize.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        _, err = tok_job.communicate()
+    finally:
+        if tok_job.poll() is None:
+            tok_job.kill()
+    if tok_job.returncode != 0:
+        raise RuntimeError(f"converting the tokenizer of {gguf} failed (exit {tok_job.returncode}): "
+                           f"{err.strip()[-2000:]}")
+    for f in tok_dir.iterdir():
+        f.rename(tmp / f.name)
+    tok_dir.rmdir()
     (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
-    tmp.rename(out) if not out.exists() else None
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out)
     return out
+
+
+_TOKENIZER_JOB = """
+import sys
+from transformers import AutoTokenizer
+src, name, out = sys.argv[1:]
+AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(out)
+"""
 
 
 def load_model(preset: Preset, device: torch.device, dtype: torch.dtype):

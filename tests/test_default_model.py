@@ -52,3 +52,49 @@ def test_steering_shifts_text_toward_the_theme(default_bundle):
         if act["steered"] > act["base"] and beh["steered"] > beh["base"]:
             shifted.append(ex.title)
     assert len(shifted) >= 3, seen
+
+
+def test_gguf_conversion_equals_the_direct_gguf_load(tmp_path, monkeypatch):
+    """The one-time conversion (tokenizer in a child process, memoized tensor-name map) gives the
+    same tokenizer and logits as transformers loading the GGUF directly, and leaves no temp folder."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steering.bundle import _gguf_converted, package_dir
+    from steering.presets import get_preset
+
+    monkeypatch.setenv("FFP_CACHE", str(tmp_path))
+    preset = get_preset("default")
+    original = gguf.get_tensor_name_map
+    out = _gguf_converted(preset)
+    assert gguf.get_tensor_name_map is original  # the memoization is undone
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "source.json"} <= {p.name for p in out.iterdir()}
+
+    src = package_dir(preset.gguf_package)
+    ref_tok = AutoTokenizer.from_pretrained(src, gguf_file=preset.model)
+    ref = AutoModelForCausalLM.from_pretrained(src, gguf_file=preset.model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    text = "The bride and groom cut the wedding cake. def f(x): return x ** 2"
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok(text)["input_ids"] == ref_tok(text)["input_ids"]
+    assert tok.apply_chat_template(chat, tokenize=False) == ref_tok.apply_chat_template(chat, tokenize=False)
+    ids = torch.tensor([ref_tok(text)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+
+
+def test_gguf_name_map_memoization_is_scoped():
+    import gguf
+
+    from steering.bundle import _memoized_gguf_name_map
+
+    original = gguf.get_tensor_name_map
+    arch = gguf.MODEL_ARCH.LLAMA
+    with pytest.raises(KeyError), _memoized_gguf_name_map():
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+        assert original(arch, 30).mapping == gguf.get_tensor_name_map(arch, 30).mapping
+        raise KeyError("an error inside the conversion")
+    assert gguf.get_tensor_name_map is original
