@@ -173,34 +173,33 @@ def _check_steerable(bundle, f: FeatureId) -> FeatureId:
     return f
 
 
+def _specs_by_site(bundle, rows: list[list[SteerSpec]], mode: str):
+    """(row, (layer, site), feature, spec) for every spec of ``mode``, features checked."""
+    for i, specs in enumerate(rows):
+        for s in specs:
+            if s.mode == mode:
+                f = _check_steerable(bundle, s.feature)
+                yield i, (f.layer, f.site), f, s
+
+
 def _deltas(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.Tensor]:
     """Additive edits per site: {(layer, site): [batch, 1, d_model]} from the ``add`` specs."""
     out: dict[tuple[int, str], torch.Tensor] = {}
-    for i, specs in enumerate(rows):
-        for s in specs:
-            if s.mode != "add":
-                continue
-            f = _check_steerable(bundle, s.feature)
-            key = (f.layer, f.site)
-            if key not in out:
-                out[key] = torch.zeros(len(rows), 1, bundle.d_model)  # [batch, 1, d_model]
-            c = float(bundle.ref_scale(*key)[f.index]) if s.units == "folded" else 1.0
-            out[key][i, 0] += s.strength * c * bundle.decoder(*key)[f.index]
+    for i, key, f, s in _specs_by_site(bundle, rows, "add"):
+        if key not in out:
+            out[key] = torch.zeros(len(rows), 1, bundle.d_model)  # [batch, 1, d_model]
+        c = float(bundle.ref_scale(*key)[f.index]) if s.units == "folded" else 1.0
+        out[key][i, 0] += s.strength * c * bundle.decoder(*key)[f.index]
     return {k: v.to(bundle.device, bundle.dtype) for k, v in out.items()}
 
 
 def _rescales(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.Tensor]:
     """Removal factors per site: {(layer, site): [batch, d_sae]} holding r - 1 (0 = untouched)."""
     out: dict[tuple[int, str], torch.Tensor] = {}
-    for i, specs in enumerate(rows):
-        for s in specs:
-            if s.mode != "rescale":
-                continue
-            f = _check_steerable(bundle, s.feature)
-            key = (f.layer, f.site)
-            if key not in out:
-                out[key] = torch.zeros(len(rows), bundle.width(*key))  # [batch, d_sae]
-            out[key][i, f.index] = s.strength - 1.0
+    for i, key, f, s in _specs_by_site(bundle, rows, "rescale"):
+        if key not in out:
+            out[key] = torch.zeros(len(rows), bundle.width(*key))  # [batch, d_sae]
+        out[key][i, f.index] = s.strength - 1.0
     return {k: v.to(bundle.device) for k, v in out.items()}
 
 
