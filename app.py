@@ -62,8 +62,15 @@ EXPLAIN = {
 
 # ---- inputs that name themselves in range errors ------------------------------------------------
 
+def _num(x) -> str:
+    """A number as a person reads it: integers in full (seed 2147483647, not 2.14748e+09)."""
+    if isinstance(x, int):  # JSON integers can be longer than any float
+        return str(x) if abs(x) < 10**21 else f"{'-' if x < 0 else ''}~10^{len(str(abs(x))) - 1}"
+    return str(int(x)) if x.is_integer() and abs(x) < 1e21 else f"{x:g}"
+
+
 def _range_error(label: str, value, lo, hi) -> gr.Error:
-    return gr.Error(f"{label} = {value:g} is out of range; allowed: {lo:g}..{hi:g}", print_exception=False)
+    return gr.Error(f"{label} = {_num(value)} is out of range; allowed: {_num(lo)}..{_num(hi)}", print_exception=False)
 
 
 def named(component):

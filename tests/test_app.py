@@ -97,7 +97,7 @@ def test_third_column_compares_single_and_cumulative(client):
 
 
 @pytest.mark.parametrize("changes, msg", [
-    (dict(strength=1e6), r"Strength s .* = 1e\+06 is out of range; allowed: -200..200"),
+    (dict(strength=1e6), r"Strength s .* = 1000000 is out of range; allowed: -200..200"),
     (dict(max_new_tokens=10_000), r"Max new tokens = 10000 is out of range; allowed: 1..\d+"),
     (dict(samples=99), r"Samples = 99 is out of range; allowed: 1..\d+"),
     (dict(prompt=""), "prompt is empty"),
@@ -109,6 +109,9 @@ def test_third_column_compares_single_and_cumulative(client):
     (dict(feature="1/neuron/3"), "unknown site 'neuron'"),
     (dict(max_new_tokens=-5), r"Max new tokens = -5 is out of range; allowed: 1..\d+"),
     (dict(samples=0), r"Samples = 0 is out of range"),
+    (dict(max_new_tokens=10**9), r"Max new tokens = 1000000000 is out of range"),  # not 1e+09
+    (dict(seed=2**70), r"Seed = ~10\^21 is out of range; allowed: 0..2147483647"),
+    (dict(seed=-10**400), r"Seed = -~10\^400 is out of range"),  # longer than any float
     (dict(prompt="\x00\x07\u200b"), "prompt is empty"),
     (dict(sched="zigzag"), "zigzag"),
     (dict(task="explode"), "explode"),
