@@ -147,6 +147,18 @@ def _words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1]
 
 
+def theme_words(top_tokens: Iterable[str], n: int = 4) -> list[str]:
+    """Up to ``n`` words that name a feature's theme, from its top tokens: whole words only (tokens
+    that start with a space), no stop words, single letters, digits or word pieces such as 'erve'."""
+    out: list[str] = []
+    for tok in top_tokens:
+        word = tok.strip()
+        if (tok[:1].isspace() and word.isalpha() and len(word) > 1 and word.lower() not in _STOP
+                and word not in out):
+            out.append(word)
+    return out[:n]
+
+
 def _stem(word: str) -> str:
     """Tiny suffix stripper so 'weddings' finds 'wedding' and 'numbers' finds 'number'."""
     for suffix in ("ings", "ing", "ies", "es", "ed", "s"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import limits
 from .bundle import Bundle, file_sha256, package_dir
-from .catalog import Catalog, features_for_text
+from .catalog import Catalog, features_for_text, theme_words
 from .features import parse_feature
 from .flow import build_flow_graph
 from .generate import TASK_DEFAULTS, generate_variants
@@ -220,15 +220,15 @@ class Playground:
         return self.catalog.label(fid) if self.catalog else ""
 
     def default_theme(self, fid: str) -> str:
-        """Judge theme derived from the catalog: the feature's top tokens (editable in the UI)."""
+        """Judge theme derived from the catalog: whole words among the feature's top tokens, else its
+        label (editable in the UI)."""
         if self.catalog is None:
             return ""
         try:
             card = self.catalog.card(fid)
         except ValueError:
             return ""
-        words = list(dict.fromkeys(t.strip() for t in card.top_tokens if t.strip() and any(c.isalpha() for c in t)))
-        return ", ".join(words[:4]) or card.label[:100]
+        return ", ".join(theme_words(card.top_tokens)) or card.label[:100]
 
     def card_markdown(self, fid: str) -> tuple[str, str]:
         """Markdown card of a feature and a default theme for the judge."""

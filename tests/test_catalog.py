@@ -292,3 +292,12 @@ def test_refresh_rederives_the_same_labels_and_related_words(built, tmp_path):
     assert again.labels() == cat.labels() and again.related() == cat.related()
     again.save(tmp_path)
     assert Catalog.load(tmp_path).labels() == cat.labels()
+
+
+def test_theme_words_keep_whole_words_only():
+    from steering.catalog import theme_words
+
+    assert theme_words([" marriage", " the", " bank", " jury", " Bible"]) == ["marriage", "bank", "jury", "Bible"]
+    assert theme_words([" food", " dish", "erve", " food", " eat", "(", "K", " 42"]) == ["food", "dish", "eat"]
+    assert theme_words(["\n", "0", " a"]) == []
+    assert theme_words([" physics", " chemistry", " science", " mechanics", " energy"], n=2) == ["physics", "chemistry"]
