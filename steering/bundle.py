@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,23 +104,28 @@ def _gguf_converted(preset: Preset) -> Path:
     log.info("converting %s to a float safetensors copy in %s (one time)", gguf.name, out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok_dir = tmp / "tokenizer"
-    tok_job = subprocess.Popen(  # parsing is pure Python: a process, not a thread, runs in parallel
-        [sys.executable, "-c", _TOKENIZER_JOB, str(src_dir), gguf.name, str(tok_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        with _memoized_gguf_name_map():
-            model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf.name, dtype=torch.float32)
-        # The dequantized weights are ordinary floats; drop the GGUF marker so they serialize.
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        _, err = tok_job.communicate()
-    finally:
-        if tok_job.poll() is None:
+    with tempfile.TemporaryFile("w+") as tok_log:
+        tok_job = subprocess.Popen(  # parsing is pure Python: a process, not a thread, runs in parallel
+            [sys.executable, "-c", _TOKENIZER_JOB, str(src_dir), gguf.name, str(tok_dir)],
+            stdout=subprocess.DEVNULL, stderr=tok_log)
+        try:
+            with _memoized_gguf_name_map():
+                model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf.name, dtype=torch.float32)
+            # The dequantized weights are ordinary floats; drop the GGUF marker so they serialize.
+            del model.config.quantization_config
+            model.hf_quantizer = None
+            model.save_pretrained(tmp)
+            tok_job.wait()
+        except BaseException:
             tok_job.kill()
-    if tok_job.returncode != 0:
-        raise RuntimeError(f"converting the tokenizer of {gguf} failed (exit {tok_job.returncode}): "
-                           f"{err.strip()[-2000:]}")
+            tok_job.wait()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if tok_job.returncode != 0:
+            tok_log.seek(0)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"converting the tokenizer of {gguf} failed (exit {tok_job.returncode}): "
+                               f"{tok_log.read().strip()[-2000:]}")
     for f in tok_dir.iterdir():
         f.rename(tmp / f.name)
     tok_dir.rmdir()

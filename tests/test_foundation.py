@@ -115,3 +115,36 @@ def test_cli_errors_exit_nonzero():
     out = subprocess.run([sys.executable, "-m", "steering", "info", "--preset", "nope"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "valid presets" in out.stderr
+
+
+class _FakeConverted:
+    """Stands in for the dequantized GGUF model (the real conversion is tested in test_default_model)."""
+
+    def __init__(self, fail: bool = False):
+        if fail:
+            raise OSError("weights unreadable")
+        self.config = type("Config", (), {})()
+        self.config.quantization_config = {}
+        self.hf_quantizer = object()
+
+    def save_pretrained(self, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"")
+
+
+@pytest.mark.parametrize("tokenizer_job, model_fails, msg", [
+    ("import sys; sys.stderr.write('tokenizer boom'); sys.exit(3)", False, r"tokenizer .* failed \(exit 3\): tokenizer boom"),
+    ("import time; time.sleep(60)", True, "weights unreadable"),
+])
+def test_gguf_conversion_failures_say_why_and_leave_no_folder(tmp_path, monkeypatch, tokenizer_job, model_fails, msg):
+    import transformers
+
+    from steering import bundle as B
+
+    monkeypatch.setenv("FFP_CACHE", str(tmp_path))
+    monkeypatch.setattr(B, "_TOKENIZER_JOB", tokenizer_job)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: _FakeConverted(fail=model_fails))
+    with pytest.raises((RuntimeError, OSError), match=msg):
+        B._gguf_converted(PRESETS["default"])
+    assert list(tmp_path.iterdir()) == []
