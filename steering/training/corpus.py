@@ -10,6 +10,10 @@ All installed by scripts/install_corpora.sh:
 - math (AutoMathText): Debian gap-doc, GAP manuals, HTML stripped, inline LaTeX kept; GPL-2+.
 - code (Python GitHub code): the Python standard library of the running interpreter, no tests;
   PSF-2.0.
+- everyday (**synthetic**): stories, diary entries, dialogues, letters and forum posts on everyday,
+  personal and emotional topics (weddings, anger, grief, food, sport, music, pets, faith, money,
+  health, ...), written by the default model's instruct variant from a seeded grid of prompts
+  (steering/training/everyday.py); made by ``python -m steering.training.everyday``.
 
 Token counts are written by the training run into ``assets/saes/train_config.json``.
 Documents are split deterministically into train / held-out (every 50th document held out).
@@ -28,7 +32,7 @@ import sysconfig
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-DOMAINS = ("prose", "stories", "math", "code")
+DOMAINS = ("prose", "everyday", "stories", "math", "code")
 HELD_OUT_EVERY = 50
 
 
@@ -98,7 +102,13 @@ def code() -> list[str]:
     return docs
 
 
-LOADERS = {"prose": prose, "stories": stories, "math": math, "code": code}
+def everyday() -> list[str]:
+    from .everyday import load_docs
+
+    return load_docs()
+
+
+LOADERS = {"prose": prose, "everyday": everyday, "stories": stories, "math": math, "code": code}
 
 
 def load_domain(domain: str, split: str = "train") -> list[str]:

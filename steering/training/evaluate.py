@@ -2,7 +2,8 @@
 
     python -m steering.training.evaluate --preset default --out assets/saes/report.json
 
-Per SAE (every position except 0, the attention sink):
+Per SAE (every position except attention sinks: position 0 and any found by residual norm,
+`steering.sinks`):
 - fve: fraction of variance explained, 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, where the
   mean is taken over the evaluated tokens of that site.
 - l0: mean number of active features per token.
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from .. import sites as S
 from ..bundle import Bundle
+from ..sinks import sink_mask
 from . import corpus
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,13 @@ def evaluate(bundle: Bundle, dead_tokens: int = 32768, fit_tokens: int = 8192, c
         store: dict = {}
         with bundle.lock, S.capture_sites(mods, store):
             bundle.model.model(input_ids=ids)
+        res = [store[(l, "res")] for l in bundle.layers if (l, "res") in store]
+        keep = ~sink_mask(torch.stack(res)) if res else None  # [b, seq]: attention sinks by norm
+        if keep is None:
+            keep = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+            keep[:, 0] = False
         for k in keys:
-            x = store[k][:, 1:].reshape(-1, bundle.d_model).float()  # [N, d] without position 0
+            x = store[k][keep].float()  # [N, d] without attention sinks
             z = bundle.encode(*k, x)  # [N, d_sae]
             fired[k] |= (z > 0).any(0).cpu()
             if n_fit < fit_tokens:

@@ -1,25 +1,40 @@
 """Train TopK SAEs for every (layer, site) of a preset from one streamed forward pass.
 
-One command (CPU or GPU, same code):
+One command, resumable, CPU or GPU (same code):
 
-    python -m steering.training.train --out assets/saes --max-minutes 70
+    python -m steering.training.train --out assets/saes_v2 --max-minutes 70
+    python -m steering.training.train --out /tmp/saes --device cuda --max-tokens 20000000 --max-minutes 9
 
-Design (issue 4): activations are streamed, never stored; one model forward feeds all
-n_layers x 3 SAEs; the SAEs of one site are stacked and trained with batched matmuls; position 0
-(the attention sink, ~100x norm) is skipped. Inputs are scaled by a fixed per-SAE constant so
-that mean ||x||^2 = d_model, and the constant is folded back into the weights at save time, so
-the saved SAE reads raw activations. Decoder rows are kept unit norm. Dead features are
-resampled toward badly reconstructed inputs during the first part of training.
+Design (issues 4 and 16):
+- Activations are streamed, never stored; one model forward feeds all n_layers x 3 SAEs; the
+  SAEs of one site are stacked and trained together (one batched encoder matmul, one
+  block-diagonal sparse product for everything else, `StackedTopK.grad_step`).
+- Attention sinks (found by residual norm, `steering.sinks`) are dropped from every batch.
+- Cross-layer alignment: by default the SAEs of a site start from ONE shared random dictionary
+  (``init="shared"``), so a feature that the residual stream carries from layer to layer keeps
+  its index and direction (paper §3.2 matching relies on comparable dictionaries); the choice was
+  made by measurement, see docs/saes.md. ``init="independent"`` is the control.
+- Steps that count: small batches (about 1k tokens a step), linear warm-up then cosine decay of
+  the learning rate over the budget (tokens or minutes, whichever ends first), dead latents
+  resampled toward badly reconstructed inputs during the first part of training.
+- Inputs are scaled by a fixed per-SAE constant so that mean ||x||^2 = d_model; the constant is
+  folded back into the weights at save time, so the saved SAE reads raw activations. Decoder rows
+  are kept unit norm.
+- Checkpoints (weights, Adam state, statistics, RNG and stream state) go to
+  ``$FFP_CACHE/training/<config hash>/ckpt.pt`` every ``checkpoint_minutes``; the same command
+  resumes from there.
 
 Saved per SAE (sae-lens ``load_from_disk`` format): ``cfg.json`` + ``sae_weights.safetensors``
-(fp16) + ``ref_scale.safetensors`` (mean non-zero activation per feature, METHOD.md "Units").
+(fp16) + ``ref_scale.safetensors`` (mean non-zero activation per feature, paper §5.3 units).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,8 +45,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .. import sites as S
-from ..bundle import REF_SCALE_FILE, load_model, pick_device
+from ..bundle import REF_SCALE_FILE, cache_dir, load_model, pick_device
 from ..presets import SITES, get_preset, hook_name
+from ..sinks import sink_mask
 from . import corpus
 
 log = logging.getLogger(__name__)
@@ -42,33 +58,67 @@ class TrainConfig:
     """Fields:
     preset: preset whose model is read.
     widths: SAE width per site (res wider: users pick and steer res features).
-    k: active features per token (TopK).
+    k: active latents per token (TopK) per site.
+    init: ``shared`` (one random dictionary for all layers of a site) or ``independent``.
     ctx: tokens per training sequence.
-    batch_seqs: sequences per step (tokens per step = batch_seqs * (ctx - 1)).
-    lr: Adam learning rate.
-    max_tokens / max_minutes: stop at whichever comes first.
-    mix: sampling weight per corpus domain.
-    resample_every: steps between dead-feature resamplings (0: never).
+    batch_seqs: sequences per step (tokens per step about batch_seqs * (ctx - 1), sinks dropped).
+    lr, warmup_steps, lr_final: peak Adam learning rate, linear warm-up, final fraction of the
+        peak after cosine decay.
+    max_tokens / max_minutes: stop at whichever comes first (the schedule follows the nearer).
+    mix: sampling weight per corpus domain (steering/training/corpus.py).
+    enc_dtype: dtype of the dense matmuls of the SAE step (``bfloat16`` or ``float32``).
+    backend: ``dense`` or ``sparse`` kernels for the SAE step (`StackedTopK.grad_step`).
+    model_dtype: dtype of the model forward that produces the activations (bf16 is 2.4x faster
+        on the 2-core CPU; the SAEs are evaluated on float32 activations, docs/saes.md).
+    resample_every: steps between dead-latent resamplings (0: never).
     resample_until: fraction of the run after which no resampling happens.
     stats_from: fraction of the run after which reference scales are accumulated.
-    checkpoint_minutes: save everything this often, so an interrupted run still ships.
+    checkpoint_minutes: save a resumable checkpoint this often.
     seed: seeds sampling and initialisation.
     """
 
     preset: str = "default"
-    widths: dict = field(default_factory=lambda: {"res": 1536, "mlp": 512, "attn": 512})
-    k: int = 32
+    widths: dict = field(default_factory=lambda: {"res": 1024, "mlp": 384, "attn": 384})
+    k: dict = field(default_factory=lambda: {"res": 48, "mlp": 48, "attn": 48})
+    init: str = "shared"
     ctx: int = 128
-    batch_seqs: int = 16
-    lr: float = 1e-3
-    max_tokens: int = 2_000_000
+    batch_seqs: int = 8
+    lr: float = 1.5e-3
+    warmup_steps: int = 100
+    lr_final: float = 0.1
+    max_tokens: int = 3_000_000
     max_minutes: float = 70.0
-    mix: dict = field(default_factory=lambda: {"prose": 0.4, "stories": 0.1, "math": 0.2, "code": 0.3})
-    resample_every: int = 150
+    mix: dict = field(default_factory=lambda: {"prose": 0.35, "everyday": 0.15, "stories": 0.05,
+                                               "math": 0.15, "code": 0.3})
+    enc_dtype: str = "bfloat16"
+    backend: str = "dense"
+    model_dtype: str = "bfloat16"
+    resample_every: int = 250
     resample_until: float = 0.6
     stats_from: float = 0.5
-    checkpoint_minutes: float = 15.0
+    checkpoint_minutes: float = 10.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init not in ("shared", "independent"):
+            raise ValueError(f"init must be 'shared' or 'independent', got {self.init!r}")
+        if isinstance(self.k, int):
+            self.k = {s: self.k for s in self.widths}
+        for s in self.widths:
+            if s not in SITES:
+                raise ValueError(f"unknown site {s!r} in widths; valid: {', '.join(SITES)}")
+            if not 0 < self.k[s] <= self.widths[s]:
+                raise ValueError(f"k for {s} must be in 1..{self.widths[s]}, got {self.k[s]}")
+        for name in ("enc_dtype", "model_dtype"):
+            if getattr(self, name) not in ("bfloat16", "float32"):
+                raise ValueError(f"{name} must be bfloat16 or float32, got {getattr(self, name)!r}")
+        if self.backend not in ("dense", "sparse"):
+            raise ValueError(f"backend must be dense or sparse, got {self.backend!r}")
+
+    def key(self) -> str:
+        """Hash of everything but the budget: a resumed run must train the same thing."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "checkpoint_minutes")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class TokenStream:
@@ -111,70 +161,101 @@ class StackedTopK(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(n, 1, d))
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor, gen: torch.Generator) -> None:
-        """b_dec = input mean; random unit decoder rows; encoder = decoder^T (TopK-SAE init)."""
+    def init_from(self, x: torch.Tensor, gen: torch.Generator, shared: bool = False) -> None:
+        """b_dec = input mean (bias from the data); random unit decoder rows; encoder = decoder^T
+        (the TopK-SAE init of Gao et al. 2024). ``shared``: every stacked SAE starts from ONE
+        random dictionary, so features of neighbouring layers start aligned (issue 16; the
+        shared-initialisation counterpart of layer-wise transfer, Ghilardi et al. 2024)."""
         n, _, d = x.shape
         self.b_dec.copy_(x.mean(1, keepdim=True))
-        rows = torch.randn(self.W_dec.shape, generator=gen)
-        self.W_dec.copy_(rows / rows.norm(dim=-1, keepdim=True))
+        shape = (1, *self.W_dec.shape[1:]) if shared else self.W_dec.shape
+        rows = torch.randn(shape, generator=gen)
+        self.W_dec.copy_((rows / rows.norm(dim=-1, keepdim=True)).expand_as(self.W_dec))
         self.W_enc.copy_(self.W_dec.transpose(1, 2))
 
     @torch.no_grad()
-    def grad_step(self, x: torch.Tensor):
+    def grad_step(self, x: torch.Tensor, enc_dtype: torch.dtype = torch.float32, backend: str = "sparse"):
         """Forward + backward of the summed normalized MSE, gradients written to ``.grad``.
 
-        Only two things touch all w features: the dense encoder matmul and the top-k. The rest
-        runs on the k active features as sparse CSR products (reconstruction, decoder and
-        encoder gradients, and a sampled dense-dense product for d loss / d activation), which
-        is what makes training 90 SAEs feasible on a CPU. tests/test_training.py checks these
-        gradients against dense autograd.
+        Only two things touch all w features: the dense encoder matmul (in ``enc_dtype``; bf16
+        is ~2.5x faster on CPUs with AVX512-BF16, see docs/saes.md) and the top-k. Everything
+        else runs on the k active latents as sparse CSR products (reconstruction, decoder and
+        encoder gradients, and a sampled dense-dense product for d loss / d activation), all n
+        SAEs in one block-diagonal sparse matrix (no Python loop over layers), so the
+        encoder gets gradients only through the k active latents. The b_dec gradient needs
+        sum_t dx_c[t] = W_enc @ grad(b_enc), a matrix-vector product instead of a sparse one.
+        tests/test_training.py checks these gradients against dense autograd.
+
+        ``backend="dense"`` computes the same gradients (still only through the k active latents:
+        the code matrix is zero elsewhere) with dense batched matmuls in ``enc_dtype``; on the
+        2-core CPU with bf16 this is faster than the CSR kernels at these widths (docs/saes.md).
 
         Returns reconstruction [n, N, d], active values [n, N, k], indices [n, N, k] and the
         per-SAE normalized error [n].
         """
+        if backend not in ("sparse", "dense"):
+            raise ValueError(f"backend must be 'sparse' or 'dense', got {backend!r}")
         n, N, d = x.shape
         xc = x - self.b_dec  # [n, N, d]
-        vals, idx = torch.baddbmm(self.b_enc, xc, self.W_enc).topk(self.k, dim=-1)  # [n, N, k]
+        if enc_dtype == torch.float32:
+            pre = torch.baddbmm(self.b_enc, xc, self.W_enc)  # [n, N, w]
+        else:
+            pre = torch.bmm(xc.to(enc_dtype), self.W_enc.to(enc_dtype)).add_(self.b_enc.to(enc_dtype))
+        vals, idx = pre.topk(self.k, dim=-1)  # [n, N, k]
+        vals = vals.float()
+        del pre
         a = vals.relu()
-        crow = torch.arange(0, N * self.k + 1, self.k, device=x.device)
+        if backend == "dense":
+            return self._dense_grads(x, xc, vals, a, idx, enc_dtype)
         w = self.W_dec.shape[1]
-        x_hat = torch.empty_like(x)
-        nmse = torch.empty(n, device=x.device)
-        grads = {p: torch.empty_like(p) for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec)}
-        for i in range(n):
-            cols = idx[i].reshape(-1)
-            Z = torch.sparse_csr_tensor(crow, cols, a[i].reshape(-1), (N, w))
-            x_hat[i] = torch.sparse.mm(Z, self.W_dec[i]) + self.b_dec[i]
-            err = x_hat[i] - x[i]  # [N, d]
-            var = (x[i] - x[i].mean(0)).pow(2).sum()
-            nmse[i] = err.pow(2).sum() / var
-            g = 2 * err / var  # d loss / d x_hat
-            grads[self.W_dec][i] = Z.t() @ g
-            da = torch.sparse.sampled_addmm(Z, g, self.W_dec[i].T, beta=0.0).values().view(N, self.k)
-            dpre = da * (vals[i] > 0)  # [N, k]
-            D = torch.sparse_csr_tensor(crow, cols, dpre.reshape(-1), (N, w))
-            grads[self.W_enc][i] = (D.t() @ xc[i]).T
-            grads[self.b_enc][i, 0] = torch.zeros(w, device=x.device).index_add_(0, cols, dpre.reshape(-1))
-            dxc = torch.sparse.mm(D, self.W_enc[i].T.contiguous())  # [N, d]
-            grads[self.b_dec][i, 0] = g.sum(0) - dxc.sum(0)
+        # One block-diagonal CSR matrix for all n SAEs: row (i, t), column (i, j).
+        crow = torch.arange(0, n * N * self.k + 1, self.k, device=x.device)
+        cols = (idx + torch.arange(n, device=x.device)[:, None, None] * w).reshape(-1)
+        Z = torch.sparse_csr_tensor(crow, cols, a.reshape(-1), (n * N, n * w))
+        W_dec = self.W_dec.reshape(n * w, d)
+        x_hat = (torch.sparse.mm(Z, W_dec).view(n, N, d) + self.b_dec)
+        err = x_hat - x  # [n, N, d]
+        var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))  # [n]
+        nmse = err.pow(2).sum((1, 2)) / var
+        g = (2 * err / var[:, None, None]).reshape(n * N, d)  # d loss / d x_hat
+        grads = {self.W_dec: (Z.t() @ g).view(n, w, d)}
+        da = torch.sparse.sampled_addmm(Z, g, W_dec.T, beta=0.0).values()  # [n*N*k]
+        dpre = da * (vals.reshape(-1) > 0)
+        D = torch.sparse_csr_tensor(crow, cols, dpre, (n * N, n * w))
+        grads[self.W_enc] = (D.t() @ xc.reshape(n * N, d)).view(n, w, d).transpose(1, 2)
+        db_enc = torch.zeros(n * w, device=x.device).index_add_(0, cols, dpre).view(n, w)
+        grads[self.b_enc] = db_enc[:, None, :]
+        # sum_t dx_c[t] = W_enc @ grad(b_enc): a matrix-vector product per SAE.
+        grads[self.b_dec] = (g.view(n, N, d).sum(1) - torch.bmm(self.W_enc, db_enc[..., None])[..., 0])[:, None, :]
         for p, gr in grads.items():
             p.grad = gr
+        return x_hat, a, idx, nmse
+
+    def _dense_grads(self, x, xc, vals, a, idx, dt):
+        """`grad_step` with dense codes: Z [n, N, w] is zero outside the top-k."""
+        n, N, d = x.shape
+        w = self.W_dec.shape[1]
+        W_dec = self.W_dec.to(dt)
+        Z = torch.zeros(n, N, w, dtype=dt, device=x.device).scatter_(-1, idx, a.to(dt))
+        x_hat = torch.bmm(Z, W_dec).float() + self.b_dec
+        err = x_hat - x
+        var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))  # [n]
+        nmse = err.pow(2).sum((1, 2)) / var
+        g = 2 * err / var[:, None, None]  # [n, N, d]
+        gd = g.to(dt)
+        self.W_dec.grad = torch.bmm(Z.transpose(1, 2), gd).float()
+        dpre = torch.bmm(gd, W_dec.transpose(1, 2)).gather(-1, idx).float() * (vals > 0)  # [n, N, k]
+        del Z
+        D = torch.zeros(n, N, w, dtype=dt, device=x.device).scatter_(-1, idx, dpre.to(dt))
+        self.W_enc.grad = torch.bmm(xc.to(dt).transpose(1, 2), D).float()
+        db_enc = torch.zeros(n, w, device=x.device).scatter_add_(-1, idx.reshape(n, -1), dpre.reshape(n, -1))
+        self.b_enc.grad = db_enc[:, None, :]
+        self.b_dec.grad = (g.sum(1) - torch.bmm(self.W_enc, db_enc[..., None])[..., 0])[:, None, :]
         return x_hat, a, idx, nmse
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-
-
-def _collect(model, arch: str, n_layers: int, ids: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """Site activations without position 0: {site: [n_layers, N, d]}."""
-    mods = {(l, s): S.site_module(model, arch, l, s) for l in range(n_layers) for s in SITES}
-    store: dict = {}
-    with torch.no_grad(), S.capture_sites(mods, store):
-        model.model(input_ids=ids.to(device))  # the decoder stack only: no lm_head logits
-    d = next(iter(store.values())).shape[-1]
-    return {s: torch.stack([store[(l, s)][:, 1:].reshape(-1, d) for l in range(n_layers)]).float()
-            for s in SITES}
 
 
 def save_sae(folder: Path, layer: int, site: str, W_enc, b_enc, W_dec, b_dec, k: int,
@@ -197,44 +278,93 @@ def save_sae(folder: Path, layer: int, site: str, W_enc, b_enc, W_dec, b_dec, k:
     save_file({"ref_scale": ref_scale.float().contiguous()}, str(folder / REF_SCALE_FILE))
 
 
-def train(cfg: TrainConfig, out: Path, device: str | None = None) -> dict:
+def collect(model, arch: str, n_layers: int, ids: torch.Tensor, device,
+            sites: tuple[str, ...] = SITES) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Site activations at every non-sink token: ({site: [n_layers, N, d]}, keep mask [b, seq]).
+
+    Sinks are found from the residual stream of all layers (`steering.sinks.sink_mask`)."""
+    need = tuple(dict.fromkeys(("res", *sites)))
+    mods = {(l, s): S.site_module(model, arch, l, s) for l in range(n_layers) for s in need}
+    store: dict = {}
+    with torch.no_grad(), S.capture_sites(mods, store):
+        model.model(input_ids=ids.to(device))  # the decoder stack only: no lm_head logits
+    keep = ~sink_mask(torch.stack([store[(l, "res")] for l in range(n_layers)]))  # [b, seq]
+    return {s: torch.stack([store[(l, s)][keep] for l in range(n_layers)]).float() for s in sites}, keep
+
+
+def lr_factor(progress: float, step: int, warmup_steps: int, final: float) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from 1 to ``final`` over progress 0..1."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    cos = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warm * cos
+
+
+def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path | None = None) -> dict:
+    """Train (or resume) and save every SAE to ``out``; returns the saved train_config.json."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     preset = get_preset(cfg.preset)
     dev = pick_device(device)
-    model, tok = load_model(preset, dev, torch.float32)
+    model, tok = load_model(preset, dev, getattr(torch, cfg.model_dtype))
     L, d = preset.n_layers, preset.d_model
+    sites = tuple(s for s in SITES if s in cfg.widths)
+    enc_dtype = getattr(torch, cfg.enc_dtype)
     stream = TokenStream(tok, cfg.mix, cfg.ctx, cfg.seed)
-    saes = {s: StackedTopK(L, d, cfg.widths[s], cfg.k).to(dev) for s in SITES}
+    saes = {s: StackedTopK(L, d, cfg.widths[s], cfg.k[s]).to(dev) for s in sites}
+    ckpt = (ckpt_dir or cache_dir() / "training" / cfg.key()) / "ckpt.pt"
+    state = torch.load(ckpt, map_location=dev, weights_only=False) if ckpt.is_file() else None
 
-    first = _collect(model, preset.arch, L, stream.batch(cfg.batch_seqs), dev)
-    # Per-SAE input scale c so that mean ||x/c||^2 = d (folded back at save time).
-    scale = {s: (first[s].pow(2).sum(-1).mean(-1) / d).sqrt()[:, None, None] for s in SITES}  # [L,1,1]
-    for s in SITES:
-        saes[s].init_from(first[s] / scale[s], gen)
-    opts = {s: torch.optim.Adam(saes[s].parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for s in SITES}
-    tokens_per_step = cfg.batch_seqs * (cfg.ctx - 1)
-    total_steps = cfg.max_tokens // tokens_per_step
-    fired = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in SITES}  # since last resample
-    act_sum = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in SITES}
-    act_cnt = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in SITES}
-    fve_ema = {s: torch.zeros(L, device=dev) for s in SITES}
-    t0 = last_ckpt = time.time()
-    step = 0
-    bar = tqdm(total=total_steps, desc="train SAEs", unit="step")
+    if state is None:
+        first, _ = collect(model, preset.arch, L, stream.batch(cfg.batch_seqs), dev, sites)
+        # Per-SAE input scale c so that mean ||x/c||^2 = d (folded back at save time).
+        scale = {s: (first[s].pow(2).sum(-1).mean(-1) / d).sqrt()[:, None, None] for s in sites}  # [L,1,1]
+        for s in sites:
+            saes[s].init_from(first[s] / scale[s], gen, shared=cfg.init == "shared")
+    opts = {s: torch.optim.Adam(saes[s].parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for s in sites}
+    fired = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in sites}  # since last resample
+    act_sum = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in sites}
+    act_cnt = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in sites}
+    fve_ema = {s: torch.zeros(L, device=dev) for s in sites}
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    if state is not None:
+        for s in sites:
+            saes[s].load_state_dict(state["saes"][s])
+            opts[s].load_state_dict(state["opts"][s])
+            for name, buf in (("fired", fired), ("act_sum", act_sum), ("act_cnt", act_cnt), ("fve_ema", fve_ema)):
+                buf[s].copy_(state[name][s])
+        scale = state["scale"]
+        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        gen.set_state(state["gen"])
+        stream.rng.setstate(state["stream_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed %s at step %d (%d tokens, %.1f min)", ckpt, step, tokens_seen, elapsed / 60)
+    t0, last_ckpt = time.time() - elapsed, time.time()
 
     def progress() -> float:
-        return max(step / total_steps, (time.time() - t0) / 60 / cfg.max_minutes)
+        return max(tokens_seen / cfg.max_tokens, (time.time() - t0) / 60 / cfg.max_minutes)
 
     def checkpoint() -> None:
-        _save_all(out, cfg, saes, scale, act_sum, act_cnt, stream.token_counts,
-                  step * tokens_per_step, fve_ema, time.time() - t0)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"saes": {s: m.state_dict() for s, m in saes.items()},
+                    "opts": {s: o.state_dict() for s, o in opts.items()},
+                    "fired": fired, "act_sum": act_sum, "act_cnt": act_cnt, "fve_ema": fve_ema,
+                    "scale": scale, "step": step, "tokens_seen": tokens_seen, "elapsed": time.time() - t0,
+                    "gen": gen.get_state(), "stream_rng": stream.rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
+        tmp.replace(ckpt)
+        log.info("checkpoint %s at step %d", ckpt, step)
 
-    while step < total_steps and (time.time() - t0) / 60 < cfg.max_minutes:
-        acts = _collect(model, preset.arch, L, stream.batch(cfg.batch_seqs), dev)
-        for s in SITES:
+    bar = tqdm(total=cfg.max_tokens, initial=tokens_seen, desc="train SAEs", unit="tok", unit_scale=True)
+    while progress() < 1:
+        acts, keep = collect(model, preset.arch, L, stream.batch(cfg.batch_seqs), dev, sites)
+        n_tok = int(keep.sum())
+        lr = cfg.lr * lr_factor(progress(), step, cfg.warmup_steps, cfg.lr_final)
+        for s in sites:
             x = acts[s] / scale[s]  # [L, N, d]
-            x_hat, vals, idx, nmse = saes[s].grad_step(x)  # normalized MSE per SAE, grads set
+            for group in opts[s].param_groups:
+                group["lr"] = lr
+            x_hat, vals, idx, nmse = saes[s].grad_step(x, enc_dtype, cfg.backend)  # normalized MSE per SAE
             opts[s].step()
             saes[s].normalize_decoder()
             with torch.no_grad():
@@ -242,7 +372,7 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None) -> dict:
                 active = torch.zeros(L, cfg.widths[s], device=dev).scatter_add_(1, flat, (v > 0).float())
                 z_sum = torch.zeros(L, cfg.widths[s], device=dev).scatter_add_(1, flat, v)  # [L, w]
                 fired[s] += active
-                fve_ema[s].mul_(0.95).add_(0.05 * (1 - nmse)) if step else fve_ema[s].copy_(1 - nmse)
+                fve_ema[s].mul_(0.98).add_(0.02 * (1 - nmse)) if step else fve_ema[s].copy_(1 - nmse)
                 if progress() >= cfg.stats_from:
                     act_sum[s] += z_sum * scale[s][:, 0]
                     act_cnt[s] += active
@@ -251,19 +381,23 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None) -> dict:
                     _resample(saes[s], opts[s], fired[s], x, x_hat, gen)
                     fired[s].zero_()
         step += 1
-        bar.update(1)
-        bar.set_postfix({s: f"{fve_ema[s].mean():.3f}" for s in SITES})
+        tokens_seen += n_tok
+        bar.update(n_tok)
+        bar.set_postfix({"lr": f"{lr:.1e}", **{s: f"{fve_ema[s].mean():.3f}" for s in sites},
+                         "min": f"{(time.time() - t0) / 60:.1f}"})
         if (time.time() - last_ckpt) / 60 > cfg.checkpoint_minutes:
             checkpoint()
             last_ckpt = time.time()
     bar.close()
     checkpoint()
+    _save_all(out, cfg, saes, scale, act_sum, act_cnt, stream.token_counts, tokens_seen, fve_ema,
+              time.time() - t0, step)
     return json.loads((out / "train_config.json").read_text())
 
 
 @torch.no_grad()
 def _resample(sae: StackedTopK, opt, fired: torch.Tensor, x, x_hat, gen) -> None:
-    """Point features that never fired since the last resample at badly reconstructed inputs."""
+    """Point latents that never fired since the last resample at badly reconstructed inputs."""
     n, N, d = x.shape
     err = (x - x_hat).pow(2).sum(-1)  # [n, N]
     state = opt.state
@@ -284,7 +418,7 @@ def _resample(sae: StackedTopK, opt, fired: torch.Tensor, x, x_hat, gen) -> None
 
 
 def _save_all(out: Path, cfg: TrainConfig, saes, scale, act_sum, act_cnt, token_counts,
-              tokens_seen: int, fve_ema, seconds: float) -> None:
+              tokens_seen: int, fve_ema, seconds: float, steps: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for s, sae in saes.items():
         for l in range(sae.W_enc.shape[0]):
@@ -296,32 +430,54 @@ def _save_all(out: Path, cfg: TrainConfig, saes, scale, act_sum, act_cnt, token_
             save_sae(out / s / f"layer_{l}", l, s,
                      W_enc=sae.W_enc[l].cpu(), b_enc=(sae.b_enc[l, 0] * c).cpu(),
                      W_dec=sae.W_dec[l].cpu(), b_dec=(sae.b_dec[l, 0] * c).cpu(), k=sae.k,
-                     ref_scale=ref, extra={"input_scale": float(c)})
+                     ref_scale=ref, extra={"input_scale": float(c), "init": cfg.init,
+                                           "trained_tokens": int(tokens_seen)})
     (out / "train_config.json").write_text(json.dumps({
-        "config": asdict(cfg), "tokens_seen": tokens_seen, "seconds": round(seconds, 1),
+        "config": asdict(cfg), "tokens_seen": tokens_seen, "steps": steps, "seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens_seen / max(seconds, 1e-9), 1),
         "corpus_tokens": token_counts, "train_fve_ema": {s: [round(v, 4) for v in fve_ema[s].tolist()] for s in saes},
     }, indent=2))
     log.info("saved %d SAEs to %s after %d tokens", sum(s.W_enc.shape[0] for s in saes.values()), out, tokens_seen)
 
 
+def _site_values(text: str, cast=int) -> dict:
+    """``res=1024,mlp=384`` -> {"res": 1024, "mlp": 384}; a bare number applies to every site."""
+    if "=" not in text:
+        return {s: cast(text) for s in SITES}
+    try:
+        return {kv.split("=")[0].strip(): cast(kv.split("=")[1]) for kv in text.split(",")}
+    except (IndexError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"expected site=value pairs like res=1024,mlp=384, got {text!r}") from e
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("assets/saes"))
+    p.add_argument("--out", type=Path, default=Path("assets/saes_v2"))
     p.add_argument("--preset", default="default")
     p.add_argument("--max-tokens", type=int, default=TrainConfig.max_tokens)
     p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes)
-    p.add_argument("--k", type=int, default=TrainConfig.k)
+    p.add_argument("--widths", type=_site_values, default=None, help="e.g. res=1024,mlp=384,attn=384")
+    p.add_argument("--k", type=_site_values, default=None, help="TopK k: one number or site=k pairs")
+    p.add_argument("--init", choices=("shared", "independent"), default="shared")
     p.add_argument("--batch-seqs", type=int, default=TrainConfig.batch_seqs)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--widths", default="res=1536,mlp=512,attn=512")
+    p.add_argument("--enc-dtype", choices=("bfloat16", "float32"), default=TrainConfig.enc_dtype)
+    p.add_argument("--model-dtype", choices=("bfloat16", "float32"), default=TrainConfig.model_dtype)
+    p.add_argument("--backend", choices=("dense", "sparse"), default=TrainConfig.backend)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $FFP_CACHE/training/<hash>")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    widths = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in a.widths.split(",")}
-    cfg = TrainConfig(preset=a.preset, widths=widths, k=a.k, batch_seqs=a.batch_seqs, lr=a.lr,
-                      max_tokens=a.max_tokens, max_minutes=a.max_minutes, seed=a.seed)
-    train(cfg, a.out, a.device)
+    kw = {}
+    if a.widths:
+        kw["widths"] = a.widths
+    if a.k:
+        kw["k"] = a.k
+    cfg = TrainConfig(preset=a.preset, init=a.init, batch_seqs=a.batch_seqs, lr=a.lr, enc_dtype=a.enc_dtype,
+                      model_dtype=a.model_dtype, backend=a.backend,
+                      max_tokens=a.max_tokens, max_minutes=a.max_minutes, seed=a.seed, **kw)
+    train(cfg, a.out, a.device, a.checkpoint_dir)
 
 
 if __name__ == "__main__":
