@@ -78,28 +78,69 @@ def format_prompt(bundle, prompt: str, chat: bool) -> str:
                                                 add_generation_prompt=True)
 
 
-def check_request(bundle, prompt: str, max_new_tokens: int, n_rows: int) -> str:
-    """Validate a generation request before any compute (limits.py); returns the cleaned prompt."""
+_SLOT = "\x00FFP-USER-TEXT\x00"
+
+
+def encode_prompt(bundle, prompt: str, chat: bool = False, instruction: str | None = None) -> list[int]:
+    """Token ids the model sees for a prompt (paper App. B prompts are raw continuations).
+
+    - ``chat``: the prompt is the user turn of the chat template.
+    - ``instruction`` (the prompting baseline, issue 18): the instruction is the user turn and the
+      prompt starts the assistant's reply (raw ``instruction\n\nprompt`` without a template).
+    Text the user typed stays text: a typed ``<|im_start|>`` is tokenised as characters, never
+    as the control token (no forged turns); only the template's own markup is special.
+    """
+    tok = bundle.tokenizer
+
+    def user_ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def bos() -> list[int]:
+        probe = tok("a")["input_ids"]
+        return [tok.bos_token_id] if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id else []
+
+    has_template = bool(getattr(tok, "chat_template", None))
+    if chat and not has_template:
+        raise ValueError("this model has no chat template; turn the chat option off")
+    if instruction is None and not chat:
+        return bos() + user_ids(prompt)
+    if instruction is not None and not has_template:
+        return bos() + user_ids(instruction) + user_ids("\n\n" + prompt)
+    content = instruction if instruction is not None else prompt
+    rendered = tok.apply_chat_template([{"role": "user", "content": _SLOT}], tokenize=False,
+                                       add_generation_prompt=True)
+    before, after = rendered.split(_SLOT)
+    ids = (tok(before, add_special_tokens=False)["input_ids"] + user_ids(content)
+           + tok(after, add_special_tokens=False)["input_ids"])
+    return ids + (user_ids(prompt) if instruction is not None and prompt else [])
+
+
+def check_request(bundle, prompt: str, max_new_tokens: int, n_rows: int, chat: bool = False,
+                  instruction: str | None = None) -> tuple[str, list[int]]:
+    """Validate a generation request before any compute (limits.py); returns the cleaned prompt
+    and the token ids the model will see (the limit counts those, template included)."""
     prompt = limits.check_steer_args(prompt=prompt, max_new_tokens=max_new_tokens)["prompt"]
     limits.check_int("number of rows (variants x samples)", n_rows, 1, limits.MAX_ROWS)
-    n_tok = len(bundle.tokenizer(prompt)["input_ids"])
+    ids = encode_prompt(bundle, prompt, chat, instruction)
+    n_tok = len(ids)
     ctx = getattr(bundle.model.config, "max_position_embeddings", 10**9)
     if n_tok > limits.MAX_PROMPT_TOKENS or n_tok + max_new_tokens > ctx:
         allowed = min(limits.MAX_PROMPT_TOKENS, ctx - max_new_tokens)
-        raise ValueError(f"prompt is {n_tok} tokens; allowed: at most {allowed}")
-    return prompt
+        raise ValueError(f"prompt is {n_tok} tokens as the model sees it; allowed: at most {allowed}")
+    return prompt, ids
 
 
 @torch.no_grad()
 def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                       max_new_tokens: int = 36, temperature: float = TEMPERATURE, top_p: float = TOP_P,
-                      chat: bool = False, metrics: bool = True) -> list[Generation]:
+                      chat: bool = False, metrics: bool = True, instruction: str | None = None) -> list[Generation]:
     """Generate every variant for every seed in one batch (paper App. B sampling settings).
 
     ``variants`` maps a name to its specs (an empty list is the unsteered baseline). Row order:
     variant-major, seeds inner; sample j of every variant uses seed ``seeds[j]`` (paired draws:
     a zero-strength variant reproduces the baseline token for token). ``temperature=0`` decodes
-    greedily. ``bundle.lock`` is held for the whole call.
+    greedily. ``instruction`` makes every row the prompting baseline (`encode_prompt`).
+    ``bundle.lock`` is held for the whole call.
     """
     if not variants:
         raise ValueError("no variants to generate")
@@ -109,11 +150,10 @@ def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]],
         limits.check_int("seed", s, 0, limits.MAX_SEED)
     limits.check_steer_args(temperature=temperature, top_p=top_p)
     rows = [(name, seed) for name in variants for seed in seeds]
-    prompt = check_request(bundle, prompt, max_new_tokens, len(rows))
-    text = format_prompt(bundle, prompt, chat)
+    prompt, ids = check_request(bundle, prompt, max_new_tokens, len(rows), chat, instruction)
     tok = bundle.tokenizer
-    enc = tok([text] * len(rows), return_tensors="pt", add_special_tokens=not chat)
-    enc = {k: v.to(bundle.device) for k, v in enc.items()}  # same prompt in every row: no padding
+    input_ids = torch.tensor([ids] * len(rows), device=bundle.device)  # same prompt in every row: no padding
+    enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     specs = [variants[name] for name, _ in rows]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
@@ -207,6 +247,12 @@ def cmd_steer(args) -> dict:
         top_p=args.top_p, prompt=defaults["prompt"] if args.prompt is None else args.prompt)
     seeds = [v["seed"] + i for i in range(v["samples"])]
     limits.check_int("--seed + --samples - 1", seeds[-1], 0, limits.MAX_SEED)
+    from .controls import generate_with_controls, parse_controls
+
+    controls = parse_controls(args.controls)
+    theme = limits.clean_text("--theme", args.theme, 300) if args.theme else ""
+    if "prompt" in controls and not theme:
+        raise ValueError("--controls prompt needs --theme (what the prompting baseline asks for)")
     bundle = load_bundle(args)
     if args.mode == "baseline":  # the seed feature alone: no flow graph needed
         from .graph import FlowGraph, FlowNode
@@ -216,21 +262,40 @@ def cmd_steer(args) -> dict:
     else:
         from .flow import build_flow_graph  # lazy: the flow engine is heavier than generation
 
-        graph = build_flow_graph(bundle, args.feature)
+        graph = build_flow_graph(bundle, args.feature, t_res=args.t_res, t_module=args.t_module)
     remove = args.task == "remove"
     specs = plan(graph, args.mode, args.layer, v["r"] if remove else v["strength"], args.schedule, v["alpha"],
                  v["s_end"], mode="rescale" if remove else "add")
-    gens = generate_variants(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, v["max_new_tokens"],
-                             temperature=v["temperature"], top_p=v["top_p"], chat=args.chat)
-    base = [g for g in gens if g.variant == "baseline"]
-    steered = [g for g in gens if g.variant == "steered"]
+    gens = generate_with_controls(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, controls,
+                                  theme, args.task, max_new_tokens=v["max_new_tokens"],
+                                  temperature=v["temperature"], top_p=v["top_p"], chat=args.chat)
+    by = {name: [g for g in gens if g.variant == name] for name in dict.fromkeys(g.variant for g in gens)}
     one = len(seeds) == 1
-    return {"prompt": v["prompt"], "feature": args.feature, "task": args.task, "mode": args.mode,
-            "baseline": base[0].text if one else [g.text for g in base],
-            "steered": steered[0].text if one else [g.text for g in steered],
-            "schedule": schedule_table(specs, bundle), "seeds": seeds,
-            "metrics": {"baseline": [g.metrics for g in base], "steered": [g.metrics for g in steered]},
-            "flow": {"l_start": graph.l_start, "l_end": graph.l_end}}
+
+    def texts(name):
+        return by[name][0].text if one else [g.text for g in by[name]]
+
+    out = {"prompt": v["prompt"], "feature": args.feature, "task": args.task, "mode": args.mode,
+           "baseline": texts("baseline"), "steered": texts("steered"),
+           "schedule": schedule_table(specs, bundle), "seeds": seeds,
+           "metrics": {name: [g.metrics for g in gs] for name, gs in by.items()},
+           "flow": {"l_start": graph.l_start, "l_end": graph.l_end, "t_res": args.t_res, "t_module": args.t_module}}
+    if controls:
+        out["controls"] = {name: [g.text for g in by[name]] for name in ("prompted", "random") if name in by}
+    if theme:
+        from .judge import OfflineJudge, make_judge
+
+        judge = make_judge()
+        out["theme"], out["judge"] = theme, getattr(judge, "name", type(judge).__name__)
+        out["scores"] = {}
+        for name, gs in by.items():
+            if isinstance(judge, OfflineJudge):
+                sc = judge.score([g.text for g in gs], theme, args.task,
+                                 perplexities=[g.metrics.get("perplexity") for g in gs])
+            else:
+                sc = judge.score([g.text for g in gs], theme, args.task)
+            out["scores"][name] = [x.to_json() for x in sc]
+    return out
 
 
 def register(sub, common) -> None:
@@ -245,7 +310,7 @@ def register(sub, common) -> None:
                    help=f"s, in multiples of the feature's typical activation (|s| <= {limits.MAX_ABS_STRENGTH:g})")
     p.add_argument("--schedule", default="exp", help="exp | linear | constant (cumulative only; default: %(default)s)")
     p.add_argument("--alpha", type=float, default=-0.25, help="exp schedule: s'(l) = s * e^(alpha * l)")
-    p.add_argument("--s-end", type=float, default=1.0, help="linear schedule: s* at layer l")
+    p.add_argument("--s-end", type=float, default=1.0, help="linear schedule: s* at the graph's last layer l_end")
     p.add_argument("--r", type=float, default=0.0, help=f"--task remove: rescale factor (|r| <= {limits.MAX_ABS_R:g})")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
     p.add_argument("--samples", type=int, default=1, help=f"samples per variant (<= {limits.MAX_SAMPLES})")
@@ -255,4 +320,13 @@ def register(sub, common) -> None:
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=TOP_P, help="(default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--theme", default="", help="judge every variant for this theme (OpenAI judge when "
+                   "OPENAI_API_KEY is set, with OPENAI_BASE_URL for any compatible server; else the offline "
+                   "fallback, labelled)")
+    p.add_argument("--controls", default="", help="comma list of controls: prompt (ask the model for the "
+                   "theme; needs --theme), random (norm-matched random directions)")
+    p.add_argument("--t-res", type=float, default=0.5,
+                   help="flow graph: residual threshold t(R) (default: %(default)s)")
+    p.add_argument("--t-module", type=float, default=0.15,
+                   help="flow graph: MLP/attention threshold (default: %(default)s)")
     p.set_defaults(fn=cmd_steer)

@@ -7,7 +7,10 @@
 - Theme removal (§5.2, App. B.1): h_t <- h_t + (r - 1) * a_t * W_dec[f], a_t the SAE encoder
   activation of f at token t read at every forward step, r in {0, -1, ..., -64}. W_dec[f] is
   the SAE's own decoder row (= d_f for unit-norm decoders), so r = 0 removes exactly the
-  feature's share of the reconstruction. Absolute position 0 (the attention sink) is skipped.
+  feature's share of the reconstruction.
+- Neither edit touches an attention sink (each row's first real token, and in the prompt any
+  position whose residual norm marks it as a sink, `steering.sinks`): the sink carries no
+  content, and editing it changes the sample for no reason the user can see.
 - Conditions: ``baseline`` (the initial feature only), ``single`` (flow-graph features at layer
   l), ``cumulative`` (flow-graph features at layers l_start..l, MLP/attention nodes included),
   with exponential / linear / constant coefficient schedules across layers (`plan`,
@@ -18,8 +21,8 @@ Hook design (why): hooks are registered per request inside `steering(...)` and r
 steering can never leak into another or a later one: there is no state left to reset. One
 batch carries the baseline and every variant: each row has its own precomputed delta
 ``[batch, 1, d_model]`` per site, so the add hook is one broadcast add with no Python work
-per token and no position indexing at all (a KV-cache decode step sees one new token). Only
-removal needs positions, to skip position 0: a model pre-hook reads the cache length of each
+per token (a KV-cache decode step sees one new token). To skip the sinks, a model pre-hook
+reads the cache length of each
 forward call (positions = past + arange(seq)) and each row's first real token comes from the
 prompt's attention mask (left padding), so no position is ever assumed absolute in the chunk.
 Per-request hooks work unchanged with a static KV cache; for ``torch.compile`` the same edit
@@ -40,6 +43,7 @@ from . import limits
 from .features import FeatureId, parse_feature
 from .graph import FlowGraph
 from .presets import SITES, check_site
+from .sinks import sink_mask
 from .sites import edit_sites
 
 CONDITIONS = ("baseline", "single", "cumulative")
@@ -61,18 +65,23 @@ class SteerSpec:
         strength: s for ``add`` (multiples of c_f in folded units), r for ``rescale``.
         mode: ``add`` (activation) or ``rescale`` (theme removal, r=0 removes the feature).
         units: ``folded`` (s * c_f * d_f) or ``raw`` (s * d_f); ignored by ``rescale``.
+        direction_seed: ``add`` only: use a seeded random unit direction instead of d_f, with
+            the same norm (the random control, `steering.controls`).
     """
 
     feature: FeatureId
     strength: float
     mode: Literal["add", "rescale"] = "add"
     units: Literal["folded", "raw"] = "folded"
+    direction_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown steering mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.units not in UNITS:
             raise ValueError(f"unknown units {self.units!r}; valid: {', '.join(UNITS)}")
+        if self.direction_seed is not None and self.mode != "add":
+            raise ValueError("direction_seed (random direction) applies to add mode only")
         if self.mode == "rescale":
             limits.check_number("r", self.strength, limits.MAX_ABS_R)
         else:
@@ -101,11 +110,14 @@ def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = No
     """The steering specs of a condition (paper §5.3). Pure: no model needed, for previews.
 
     baseline: the graph's seed only, at ``strength``. single: graph nodes at ``layer`` (default:
-    the seed's layer), constant ``strength``. cumulative: graph nodes at layers l_start..layer,
-    coefficients from the schedule (l = absolute layer index; linear runs from (l_start, s) to
-    (layer, s_end)). ``sites`` restricts single/cumulative to those sites. ``include`` adds node
-    ids (e.g. nodes cut from the span) and ``exclude`` removes node ids, as the paper hand-picked
-    nodes. ``mode='rescale'`` uses ``strength`` as r for every node (no schedule).
+    the seed's layer), constant ``strength``: we do not apply e^(alpha*l) there (App. C.3 quotes an
+    alpha for single-layer runs too, but at one layer it only rescales s, so the strength the user
+    sets is the strength applied). cumulative: graph nodes at layers l_start..layer, coefficients
+    from the schedule (l = absolute layer index; linear runs from (l_start, s) to (l_end, s_end)
+    of the whole graph, App. B.2, even when ``layer`` < l_end). ``sites`` restricts
+    single/cumulative to those sites. ``include`` adds node ids (e.g. nodes cut from the span)
+    and ``exclude`` removes node ids, as the paper hand-picked nodes. ``mode='rescale'`` uses
+    ``strength`` as r for every node (no schedule).
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; valid: {', '.join(CONDITIONS)}")
@@ -143,7 +155,9 @@ def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = No
     for f in chosen:
         s = strength
         if mode == "add" and condition == "cumulative":
-            s = schedule_strength(f.layer, schedule, strength, alpha, graph.l_start, layer, s_end)
+            # linear runs from (l_start, s) to (l_end, s*) of the WHOLE graph (paper App. B.2), also
+            # when cumulative steering stops at layer < l_end
+            s = schedule_strength(f.layer, schedule, strength, alpha, graph.l_start, graph.l_end, s_end)
         specs.append(SteerSpec(f, float(s), mode, units))
     return specs
 
@@ -156,6 +170,8 @@ def schedule_table(specs: list[SteerSpec], bundle=None) -> list[dict]:
     for s in sorted(specs, key=lambda s: (s.feature.layer, SITES.index(s.feature.site), s.feature.index)):
         row = {"layer": s.feature.layer, "feature": str(s.feature), "site": s.feature.site,
                "strength": round(s.strength, 6), "mode": s.mode}
+        if s.direction_seed is not None:
+            row["direction"] = f"random (seed {s.direction_seed})"
         if bundle is not None and s.mode == "add":
             f = s.feature
             c = float(bundle.ref_scale(f.layer, f.site)[f.index]) if s.units == "folded" else 1.0
@@ -189,8 +205,16 @@ def _deltas(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.
         if key not in out:
             out[key] = torch.zeros(len(rows), 1, bundle.d_model)  # [batch, 1, d_model]
         c = float(bundle.ref_scale(*key)[f.index]) if s.units == "folded" else 1.0
-        out[key][i, 0] += s.strength * c * bundle.decoder(*key)[f.index]
+        out[key][i, 0] += s.strength * c * direction(bundle, f, s.direction_seed)
     return {k: v.to(bundle.device, bundle.dtype) for k, v in out.items()}
+
+
+def direction(bundle, f: FeatureId, seed: int | None = None) -> torch.Tensor:
+    """Unit direction added for f: its decoder direction, or a seeded random one.  # [d_model]"""
+    if seed is None:
+        return bundle.decoder(f.layer, f.site)[f.index]
+    v = torch.randn(bundle.d_model, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
 
 
 def _rescales(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.Tensor]:
@@ -208,14 +232,20 @@ def _edit_fn(bundle, key, delta: torch.Tensor | None, factor: torch.Tensor | Non
     sae = bundle.sae(*key)
 
     def edit(h: torch.Tensor) -> torch.Tensor:  # [batch, seq, d_model]
+        pos = state["past"] + torch.arange(h.shape[1], device=h.device)  # [seq] absolute positions
+        keep = pos[None, :] != first_real[:, None]  # [batch, seq]: never edit an attention sink
+        if state["past"] == 0 and key[1] == "res" and state.get("prompt_mask") is not None \
+                and state["prompt_mask"].shape[1] == h.shape[1]:
+            # prefill: sinks beyond the first token (e.g. a repeated first token) by their norm
+            state["sinks"] = state["sinks"] | sink_mask(h, state["prompt_mask"])
+        if state["past"] == 0 and state["sinks"].shape[1] == h.shape[1]:
+            keep = keep & ~state["sinks"]
         if delta is not None:
-            h = h + delta  # [batch, 1, d_model] broadcast over positions
+            h = h + delta * keep[..., None].to(h.dtype)  # [batch, 1, d_model] broadcast, sinks left alone
         if factor is not None:
             # paper §5.2 / App. B.1: h_t += (r - 1) * a_t * W_dec[f], a_t read now by the encoder
             z = sae.encode(h.to(sae.W_dec.dtype)).float()  # [batch, seq, d_sae]
             change = (z * factor[:, None, :]) @ sae.W_dec.float()  # [batch, seq, d_model]
-            pos = state["past"] + torch.arange(h.shape[1], device=h.device)  # [seq] absolute positions
-            keep = pos[None, :] != first_real[:, None]  # [batch, seq]: skip each row's attention sink
             h = h + (change * keep[..., None]).to(h.dtype)
         return h
 
@@ -249,14 +279,16 @@ def steering(bundle, rows: list[list[SteerSpec]], attention_mask: torch.Tensor |
         if attention_mask.shape[0] != len(rows):
             raise ValueError(f"attention_mask has {attention_mask.shape[0]} rows but {len(rows)} spec rows were given")
         first_real = attention_mask.long().argmax(dim=1).to(bundle.device)  # [batch]
-    state = {"past": 0}
+    state = {"past": 0, "prompt_mask": attention_mask.to(bundle.device) if attention_mask is not None else None,
+             "sinks": torch.zeros(len(rows), 0, dtype=torch.bool, device=bundle.device)}
+    if attention_mask is not None:
+        state["sinks"] = torch.zeros(attention_mask.shape, dtype=torch.bool, device=bundle.device)
     keys = sorted(set(deltas) | set(factors))
     edits = {k: _edit_fn(bundle, k, deltas.get(k), factors.get(k), first_real, state) for k in keys}
     with bundle.lock:
         handle = None
         try:
-            if factors:
-                handle = bundle.model.register_forward_pre_hook(_past_length(state), with_kwargs=True)
+            handle = bundle.model.register_forward_pre_hook(_past_length(state), with_kwargs=True)
             with edit_sites({k: bundle.module(*k) for k in keys}, edits):
                 yield
         finally:

@@ -177,7 +177,7 @@ def test_judge_arguments_are_checked(texts, theme, task):
 @given(prompt=ODD_TEXT, max_new=st.integers(-5, 10_000), rows=st.integers(-1, 100))
 def test_generation_requests_are_refused_before_compute_or_accepted_clean(tiny_bundle, prompt, max_new, rows):
     try:
-        clean = check_request(tiny_bundle, prompt, max_new, rows)
+        clean, _ = check_request(tiny_bundle, prompt, max_new, rows)
     except ValueError as e:
         assert any(w in str(e) for w in ("prompt", "max_new_tokens", "rows")), str(e)
         return

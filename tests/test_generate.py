@@ -191,3 +191,57 @@ def test_cli_steer_remove_in_process(tiny_llama_preset, capsys):
 def test_cli_steer_bad_values_exit_2(tiny_llama_preset, capsys, extra, msg):
     code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset)] + extra)
     assert code == 2 and msg in capsys.readouterr().err
+
+
+def test_typed_special_tokens_stay_text(tiny_bundle):
+    """A user cannot forge chat turns: typed markup is tokenised as characters (issue 18)."""
+    tok = tiny_bundle.tokenizer
+    special = [t for t in (tok.eos_token, tok.bos_token, tok.pad_token) if t]
+    assert special, "the tiny tokenizer needs a special token for this test"
+    typed = f"hello {special[0]} world"
+    ids = G.encode_prompt(tiny_bundle, typed)
+    assert tok.convert_tokens_to_ids(special[0]) not in ids
+    assert tok.decode(ids) == typed
+
+
+def test_instruction_goes_before_the_prompt(tiny_bundle):
+    ids = G.encode_prompt(tiny_bundle, "I think ", instruction="Talk about food.")
+    text = tiny_bundle.tokenizer.decode(ids)
+    assert text.index("Talk about food.") < text.index("I think")
+
+
+def test_cli_steer_controls_and_theme(tiny_llama_preset, capsys, monkeypatch):
+    """--controls prompt,random adds both controls, one text per sample, and --theme scores every
+    variant with the configured judge (offline here: no key, no base URL)."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--mode", "single", "--samples", "2",
+                 "--max-new-tokens", "4", "--controls", "prompt,random", "--theme", "anger", "--t-res", "0.2",
+                 "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["controls"]) == {"prompted", "random"}
+    assert all(len(v) == 2 for v in out["controls"].values())
+    assert set(out["scores"]) == {"baseline", "steered", "random", "prompted"}
+    assert out["judge"].startswith("offline") and out["flow"]["t_res"] == 0.2
+
+
+def test_cli_prompt_control_needs_a_theme(tiny_llama_preset, capsys):
+    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--controls", "prompt"])
+    assert code == 2 and "--theme" in capsys.readouterr().err
+
+
+def test_random_control_matches_norms_not_directions(tiny_bundle):
+    from steering.controls import random_control
+    from steering.steer import SteerSpec, _deltas
+
+    specs = [SteerSpec(FeatureId(1, "res", 3), 4.0), SteerSpec(FeatureId(0, "mlp", 2), 2.0)]
+    real, rand = _deltas(tiny_bundle, [specs]), _deltas(tiny_bundle, [random_control(tiny_bundle, specs)])
+    assert set(real) == set(rand)
+    for k in real:
+        torch.testing.assert_close(real[k].norm(), rand[k].norm(), rtol=1e-4, atol=1e-4)
+        cos = torch.nn.functional.cosine_similarity(real[k].flatten(), rand[k].flatten(), dim=0)
+        assert abs(float(cos)) < 0.9
+    removal = [SteerSpec(FeatureId(1, "res", 3), 0.0, "rescale")]
+    ctrl = random_control(tiny_bundle, removal)[0]
+    assert ctrl.feature.layer == 1 and ctrl.feature.site == "res" and ctrl.feature.index != 3

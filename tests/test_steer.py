@@ -42,8 +42,10 @@ def test_added_direction_is_exact_and_only_where_scheduled(tiny_bundle):
     clean = _capture(b, ids)
     steered = _capture(b, ids, [[SteerSpec(f, 2.5)]])
     delta = 2.5 * b.ref_scale(1, "mlp")[5] * b.decoder(1, "mlp")[5]
-    torch.testing.assert_close(steered[(1, "mlp")], clean[(1, "mlp")] + delta, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(steered[(1, "res")], clean[(1, "res")] + delta, rtol=1e-4, atol=1e-4)
+    # every position but the attention sink (position 0) gets exactly the scheduled direction
+    torch.testing.assert_close(steered[(1, "mlp")][:, 1:], clean[(1, "mlp")][:, 1:] + delta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steered[(1, "mlp")][:, 0], clean[(1, "mlp")][:, 0])
+    torch.testing.assert_close(steered[(1, "res")][:, 1:], clean[(1, "res")][:, 1:] + delta, rtol=1e-4, atol=1e-4)
     for k in [(0, "res"), (0, "mlp"), (0, "attn"), (1, "attn")]:
         torch.testing.assert_close(steered[k], clean[k])
     assert not torch.allclose(steered[(2, "res")], clean[(2, "res")])  # it does propagate
@@ -78,7 +80,9 @@ def test_scheduled_plan_is_exact_at_every_site_and_nowhere_else(tiny_bundle, sch
     for k in KEYS:
         torch.testing.assert_close(after[k][0], before[k][0])  # row 0: unsteered
         want = expected.get(k, torch.zeros(b.d_model))
-        torch.testing.assert_close(after[k][1] - before[k][1], want.expand_as(after[k][1]), rtol=1e-5, atol=1e-5)
+        diff = after[k][1] - before[k][1]
+        torch.testing.assert_close(diff[1:], want.expand_as(diff[1:]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(diff[0], torch.zeros(b.d_model))  # the attention sink is never edited
     for k in [(0, "mlp"), (0, "attn"), (0, "res")]:  # row 0 equals a clean forward
         torch.testing.assert_close(before[k][0], clean[k][0])
     assert count_hooks(b.model) == 0
@@ -89,7 +93,7 @@ def test_raw_units_skip_the_reference_scale(tiny_bundle):
     ids = b.tokenize(["Once upon a time"])["input_ids"]
     clean = _capture(b, ids)
     steered = _capture(b, ids, [[SteerSpec(FeatureId(0, "res", 3), 4.0, units="raw")]])
-    torch.testing.assert_close(steered[(0, "res")], clean[(0, "res")] + 4.0 * b.decoder(0, "res")[3])
+    torch.testing.assert_close(steered[(0, "res")][:, 1:], clean[(0, "res")][:, 1:] + 4.0 * b.decoder(0, "res")[3])
 
 
 def _active_feature(b, ids, layer=1, site="res"):

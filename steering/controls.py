@@ -1,0 +1,85 @@
+"""Controls beside every steered run: is it the feature, or would anything have done? (issue 18)
+
+At temperature 1.27 (paper App. B) any perturbation changes the sample, so a steered text that
+differs from the unsteered one proves nothing. Two controls, scored by the same judge:
+
+- ``prompted``: no steering, the model is simply asked. The theme instruction is the user turn
+  of the chat template and the run's prompt starts the reply (`generate.encode_prompt`). For
+  removal the instruction asks the model to avoid the theme.
+- ``random``: the same layers, schedule and norms as the steered run, with random unit directions
+  instead of the features' decoder directions (one seeded direction per steered feature, norm
+  s'(l) * c_f). For removal (rescale), a random feature of the same site and layer per feature of
+  the chain, rescaled by the same r.
+
+Pure spec builders plus one generation helper; the CLI (`steer --controls`), the app and the
+demo sweep all use `generate_with_controls`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from .features import FeatureId
+from .generate import Generation, generate_variants
+from .steer import SteerSpec
+
+CONTROLS = ("prompt", "random")
+CONTROL_VARIANT = {"prompt": "prompted", "random": "random"}
+
+
+def parse_controls(text: str | list[str] | None) -> tuple[str, ...]:
+    """``"prompt,random"`` (or a list) -> ("prompt", "random"); empty -> (); names checked."""
+    if not text:
+        return ()
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+    bad = [c for c in out if c not in CONTROLS]
+    if bad:
+        raise ValueError(f"unknown control(s) {', '.join(bad)}; valid: {', '.join(CONTROLS)}")
+    return out
+
+
+def instruction(theme: str, task: str = "activate") -> str:
+    """The plain request of the prompting baseline."""
+    theme = theme.strip()
+    if not theme:
+        raise ValueError("the prompting control needs a theme (what to ask the model to talk about)")
+    return f"Talk about {theme}." if task == "activate" else f"Do not mention {theme}."
+
+
+def random_control(bundle, specs: list[SteerSpec], seed: int = 0) -> list[SteerSpec]:
+    """Norm-matched random counterpart of ``specs`` (module docstring), deterministic in ``seed``."""
+    rng = random.Random(seed)
+    out = []
+    for s in specs:
+        f = s.feature
+        if s.mode == "add":
+            out.append(replace(s, direction_seed=rng.randrange(2**31)))
+        else:
+            width = bundle.width(f.layer, f.site)
+            j = rng.randrange(width - 1)
+            out.append(replace(s, feature=FeatureId(f.layer, f.site, j + (j >= f.index))))
+    return out
+
+
+def generate_with_controls(bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
+                           controls: tuple[str, ...] = (), theme: str = "", task: str = "activate",
+                           steered: str = "steered", control_seed: int = 0, **kwargs) -> list[Generation]:
+    """`generate_variants` plus the requested controls for the variant named ``steered``.
+
+    The random control runs in the same batch as the other variants (same prompt, paired seeds);
+    the prompted control is a second call with the instruction. Returns every generation;
+    control rows have variant ``"random"`` / ``"prompted"``.
+    """
+    controls = parse_controls(list(controls))
+    if controls and steered not in variants:
+        raise ValueError(f"controls need a steered variant named {steered!r}; got {', '.join(variants)}")
+    todo = dict(variants)
+    if "random" in controls:
+        todo["random"] = random_control(bundle, variants[steered], control_seed)
+    gens = generate_variants(bundle, prompt, todo, seeds, **kwargs)
+    if "prompt" in controls:
+        kw = {k: v for k, v in kwargs.items() if k != "chat"}
+        gens += generate_variants(bundle, prompt, {"prompted": []}, seeds, instruction=instruction(theme, task), **kw)
+    return gens
