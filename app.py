@@ -201,7 +201,8 @@ def build_app(pg: Playground) -> gr.Blocks:
 
     @safe
     def steer(feature, t_res, t_module, task, condition, layer, strength, sched, alpha, s_end, r, exclude, include,
-              seed, samples, max_new_tokens, prompt, chat, theme, compare, api_key, progress=gr.Progress()):
+              seed, samples, max_new_tokens, prompt, chat, theme, compare, api_key, controls=(),
+              progress=gr.Progress()):
         pg.check_generation(prompt, seed, samples, max_new_tokens, theme)  # refuse before any compute
         progress(0.05, desc="flow graph")
         graph = pg.flow(feature, t_res, t_module)
@@ -212,19 +213,22 @@ def build_app(pg: Playground) -> gr.Blocks:
             variants[other] = pg.plan(graph, task, other, *_plan_args(args))
         progress(0.15, desc=f"generating {len(variants)} variants x {int(samples)} samples in one batch")
         theme = (theme or "").strip() or pg.default_theme(str(graph.seed))
-        result = pg.steer(variants, task, prompt, seed, samples, max_new_tokens, theme, api_key or "", chat)
+        result = pg.steer(variants, task, prompt, seed, samples, max_new_tokens, theme, api_key or "", chat,
+                          tuple(controls or ()))
         settings = {"task": task, "condition": condition, "layer": layer, "strength": strength, "schedule": sched,
                     "alpha": alpha, "s_end": s_end, "r": r, "exclude": exclude, "include": include, "seed": seed,
                     "samples": samples, "max_new_tokens": max_new_tokens, "chat": chat, "compare": compare,
-                    "t_res": t_res, "t_module": t_module}
+                    "t_res": t_res, "t_module": t_module, "controls": list(controls or ()), "theme": theme}
         schedules = {k: pg.schedule_rows(v) for k, v in variants.items() if v}
         record = pg.run_record(feature.strip(), settings, schedules, result)
         path = _write_record(record_dir, f"run_{graph.seed.layer}_{graph.seed.site}_{graph.seed.index}", record)
         focus = str(graph.seed)
         third = pg.column_markdown(result, other, focus) if compare else ""
+        ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
+                            if c in result["variants"])
         return (pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
                 gr.update(value=third, visible=bool(compare)), scores_figure(pg.summary(result), VARIANT_TITLES),
-                str(path), record)
+                str(path), record, gr.update(value=ctrl, visible=bool(ctrl)))
 
     @safe
     def run_demo(title: str, progress=gr.Progress()):
@@ -233,17 +237,25 @@ def build_app(pg: Playground) -> gr.Blocks:
         graph = pg.flow(ex.feature)
         variants = {"unsteered": [], "steered": pg.plan(graph, ex.task, ex.condition, ex.layer, ex.strength, "exp",
                                                         ex.alpha, 1.0, ex.r)}
-        progress(0.15, desc="writing both texts")
-        result = pg.steer(variants, ex.task, ex.prompt_or_default, ex.seed, ex.samples, ex.max_new_tokens, ex.theme)
+        progress(0.15, desc="writing the texts and the two controls")
+        result = pg.steer(variants, ex.task, ex.prompt_or_default, ex.seed, ex.samples, ex.max_new_tokens, ex.theme,
+                          controls=("prompt", "random"))
         s = pg.summary(result)
         gain = ""
         if "steered" in s and "unsteered" in s:
-            gain = (f"**Theme score**: {s['unsteered']['behavioral'] * 5:.1f}/5 without steering -> "
-                    f"**{s['steered']['behavioral'] * 5:.1f}/5** with it. **Readability**: "
-                    f"{s['unsteered']['coherence'] * 5:.1f}/5 -> {s['steered']['coherence'] * 5:.1f}/5.")
+            def th(v):
+                return f"{s[v]['behavioral'] * 5:.1f}/5" if v in s else "n/a"
+
+            gain = (f"**Theme score** ({result['judge']}): {th('unsteered')} without steering -> "
+                    f"**{th('steered')}** with it. Controls: asking the model {th('prompted')}, random "
+                    f"directions of the same size {th('random')}. **Readability**: "
+                    f"{s['unsteered']['coherence'] * 5:.1f}/5 -> {s['steered']['coherence'] * 5:.1f}/5. "
+                    "A different text alone proves nothing: compare with the controls.")
+        ctrl = "\n\n".join(pg.column_markdown(result, c, ex.feature) for c in ("prompted", "random")
+                            if c in result["variants"])
         return (flow_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})"),
                 pg.column_markdown(result, "unsteered", ex.feature), pg.column_markdown(result, "steered", ex.feature),
-                scores_figure(s, VARIANT_TITLES), gain)
+                scores_figure(s, VARIANT_TITLES), gain, ctrl)
 
     def example_text(title: str):
         ex = next((e for e in examples if e.title == title), None)
@@ -279,6 +291,7 @@ def build_app(pg: Playground) -> gr.Blocks:
                     with gr.Row():
                         demo_base = gr.Markdown(elem_id="demo-unsteered")
                         demo_steer = gr.Markdown(elem_id="demo-steered")
+                        demo_ctrl = gr.Markdown(elem_id="demo-controls")
                     with gr.Row():
                         demo_graph = gr.Plot(label="where the feature lives: its flow through the layers",
                                              elem_id="demo-graph")
@@ -308,7 +321,8 @@ def build_app(pg: Playground) -> gr.Blocks:
                         probe_tokens = gr.HighlightedText(label="strongest feature per token (click one to pick it)",
                                                           combine_adjacent=False, show_legend=False,
                                                           elem_id="probe-tokens")
-                        probe_rows = gr.Dataframe(headers=["feature", "label", "max act.", "token"], interactive=False,
+                        probe_rows = gr.Dataframe(headers=["feature", "label", "max act. (x typical)", "token"],
+                                                  interactive=False,
                                                   label="Most active features (click a row to pick it)",
                                                   max_height=220, wrap=True)
                 with gr.Row():
@@ -370,6 +384,10 @@ def build_app(pg: Playground) -> gr.Blocks:
                             chat = gr.Checkbox(label="Use the chat template", value=False)
                             compare = gr.Checkbox(label="Third column: the other condition (single vs cumulative)",
                                                   value=False)
+                        controls = gr.CheckboxGroup([("ask the model for the theme", "prompt"),
+                                                     ("random directions, same layers and norms", "random")],
+                                                    value=["prompt", "random"], elem_id="controls",
+                                                    label="Controls (is it the feature, or would anything do?)")
                         api_key = gr.Textbox(label="OpenAI API key (optional; this request only, never stored)",
                                              type="password", elem_id="api-key")
                         gr.Markdown(f"<small>Limits: at most {lim['max_new_tokens']} new tokens, "
@@ -383,6 +401,7 @@ def build_app(pg: Playground) -> gr.Blocks:
                     col_base = gr.Markdown(elem_id="col-unsteered")
                     col_steer = gr.Markdown(elem_id="col-steered")
                     col_other = gr.Markdown(visible=False, elem_id="col-other")
+                    col_ctrl = gr.Markdown(visible=False, elem_id="col-controls")
                 with gr.Row():
                     score_plot = gr.Plot(label="scores (0-1)")
                     record_file = gr.File(label="Run record (JSON: preset, hashes, versions, settings, texts, scores)")
@@ -396,7 +415,7 @@ def build_app(pg: Playground) -> gr.Blocks:
             named(comp)
         plan_inputs = [feature, t_res, t_module, task, condition, layer, strength, sched, alpha, s_end, r, exclude,
                        include]
-        steer_inputs = plan_inputs + [seed, samples, max_new, prompt, chat, theme, compare, api_key]
+        steer_inputs = plan_inputs + [seed, samples, max_new, prompt, chat, theme, compare, api_key, controls]
         search_btn.click(search, query, hits, api_name="search", **LIGHT)
         query.submit(search, query, hits, api_name=False, **LIGHT)
         probe_btn.click(features_for_text, probe, [probe_tokens, probe_rows], api_name="features_for_text", **MODEL)
@@ -414,12 +433,12 @@ def build_app(pg: Playground) -> gr.Blocks:
         flow_btn.click(schedule, plan_inputs, [preview_plot, plan_json], api_name="schedule",
                        show_progress="hidden", **LIGHT)
         task.change(task_defaults, task, [prompt, max_new], api_name=False, queue=False)
-        steer_btn.click(steer, steer_inputs, [col_base, col_steer, col_other, score_plot, record_file, record_json],
-                        api_name="steer", **MODEL)
+        steer_btn.click(steer, steer_inputs, [col_base, col_steer, col_other, score_plot, record_file, record_json,
+                                              col_ctrl], api_name="steer", **MODEL)
         if examples:
             demo_pick.change(example_text, demo_pick, demo_expl, api_name=False, queue=False)
-            demo_run.click(run_demo, demo_pick, [demo_graph, demo_base, demo_steer, demo_scores, demo_gain],
-                           api_name="demo", **MODEL)
+            demo_run.click(run_demo, demo_pick, [demo_graph, demo_base, demo_steer, demo_scores, demo_gain,
+                                                 demo_ctrl], api_name="demo", **MODEL)
             demo_open.click(open_in_playground, demo_pick, [tabs, feature, task, condition, strength, alpha, r, prompt,
                                                             theme, samples, max_new, seed], api_name=False, queue=False)
         demo.load(card_quiet, feature, [card_md, theme], api_name=False, **LIGHT)

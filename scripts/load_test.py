@@ -54,7 +54,7 @@ def main() -> None:
 
     probe.predict(a.feature, 0.5, 0.15, "", api_name="/flow")  # warm-up: graph tables, generation buffers
     probe.predict(a.feature, 0.5, 0.15, "activate", "cumulative", -1, 3.0, "exp", -0.25, 1.0, 0, [], [], 0, 1,
-                  a.max_new_tokens, "I think ", False, "", False, "", api_name="/steer")
+                  a.max_new_tokens, "I think ", False, "", False, "", [], api_name="/steer")
     rss0 = health()["rss"]
 
     def worker(i: int) -> None:
@@ -69,7 +69,7 @@ def main() -> None:
                 else:
                     client.predict(a.feature, 0.5, 0.15, "activate", "cumulative", -1, 3.0, "exp", -0.25, 1.0, 0,
                                    [], [], i * 1000 + j, 1, a.max_new_tokens, "I think ", False, "", False, "",
-                                   api_name="/steer")
+                                   [], api_name="/steer")
                 with lock:
                     latencies.append(time.perf_counter() - t)
             except Exception as e:  # noqa: BLE001 - counted and reported

@@ -49,6 +49,7 @@ from . import limits
 from . import sites as S
 from .features import FeatureId, parse_feature
 from .presets import SITES
+from .sinks import SINK_RATIO, sink_mask
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,10 @@ N_PROMOTED = 5
 N_CONTEXT_WORDS = 6
 WINDOW = (8, 3)  # tokens shown before / after the highlighted token (12 in all)
 CTX = 64  # tokens per sequence (SAEs were trained on 128-token chunks; 64 sees twice the documents)
-# Share of the token budget per corpus domain: general prose (Wikipedia summaries + recipes) gets half,
-# since it carries the widest range of themes.
-MIX = {"prose": 0.5, "code": 0.2, "math": 0.15, "stories": 0.15}
+# Share of the token budget per corpus domain: general prose (Wikipedia summaries + recipes) and the
+# everyday texts (stories, diaries, dialogues on personal and emotional themes) carry the widest
+# range of themes a user searches for.
+MIX = {"prose": 0.4, "everyday": 0.25, "code": 0.15, "math": 0.1, "stories": 0.1}
 MAX_FILE_BYTES = 50 * 2**20
 LLM_MODEL = "gpt-4o-mini"
 RELATED_MIN_SIM = 0.55  # MiniLM cosine for a related word (wedding~bride 0.83, food~meal 0.80, food~flour 0.48)
@@ -257,7 +259,12 @@ def corpus_sequences(tokenizer, n_tokens: int, ctx: int = CTX, seed: int = 0,
     if texts is None:
         from .training import corpus
 
-        texts = {d: corpus.sample_texts(d, 10**6, seed=seed, split="all", min_chars=100) for d in corpus.DOMAINS}
+        texts = {}
+        for d in corpus.DOMAINS:
+            try:
+                texts[d] = corpus.sample_texts(d, 10**6, seed=seed, split="all", min_chars=100)
+            except FileNotFoundError as e:  # e.g. the generated everyday texts were not made here
+                log.warning("catalog text: domain %s skipped (%s)", d, e)
         mix = MIX if mix is None else mix
     texts = {d: docs for d, docs in texts.items() if docs}
     if not texts:
@@ -761,7 +768,7 @@ class Catalog:
         if not sites or bad:
             raise ValueError(f"unknown sites {bad or sites}; valid: {', '.join(SITES)}")
         layer_set = None if layers is None else {int(x) for x in layers}
-        if re.fullmatch(r"\s*\d+\s*/\s*[a-z]+\s*/\s*\d+\s*", query):
+        if re.fullmatch(r"\s*\d+\s*/\s*[a-zA-Z]+\s*/\s*\d+\s*", query):
             f = parse_feature(query)
             cols = self._cols(f)
             return [Hit(str(f), cols["label"][f.index], 1.0, ["feature id"], cols["max"][f.index],
@@ -876,16 +883,22 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
     data = corpus_sequences(bundle.tokenizer, n_tokens, ctx, seed, texts)
     seqs = data.ids  # [n_seqs, ctx]
     stats = {k: RunningStats(bundle.width(*k), N_CONTEXTS[k[1]]) for k in keys}
-    mods = {k: bundle.module(*k) for k in keys}
+    res_keys = [(l, "res") for l in bundle.layers if (l, "res") in bundle.saes]
+    mods = {k: bundle.module(*k) for k in set(keys) | set(res_keys)}
     inner = getattr(bundle.model, "model", bundle.model)  # the decoder stack: no lm_head needed here
+    n_sinks = 0
     for start in tqdm(range(0, len(seqs), batch), desc="catalog forward", unit="batch", disable=not progress):
         ids = seqs[start:start + batch]  # [b, ctx]
         store: dict = {}
         with bundle.lock, S.capture_sites(mods, store):
             inner(input_ids=ids.to(bundle.device))
+        # attention sinks by residual norm (position 0 always; others such as a repeated first token)
+        sinks = sink_mask(torch.stack([store[k] for k in res_keys]))[:, 1:].cpu()  # [b, ctx - 1]
+        n_sinks += int(sinks.sum())
         seq_index = torch.arange(start, start + len(ids))
         for k in keys:
             z = bundle.encode(*k, store.pop(k)[:, 1:]).cpu()  # [b, ctx - 1, w]: position 0 skipped
+            z[sinks] = 0  # ... and every other sink
             stats[k].update(z, ids, seq_index)
     t_forward = time.time() - t0
 
@@ -916,6 +929,8 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
                  else "caller-supplied texts",
         "mix": MIX if texts is None else None,
         "position_0": "skipped (attention sink)",
+        "sinks": f"positions whose residual norm is >= {SINK_RATIO:g}x the row median are skipped too "
+                 f"({n_sinks} such positions besides position 0)",
         "label_source": "llm" if n_llm and n_llm == sum(len(c["label"]) for c in summary.values()) else
                         "mixed" if n_llm else "offline",
         "llm_model": LLM_MODEL if llm_client is not None else None, "llm_labels": n_llm,
@@ -1006,8 +1021,10 @@ def features_for_text(bundle, text: str, k: int = 10, sites: Iterable[str] = ("r
 
     Returns ``{"tokens": [...], "per_token": [[(fid, act), ...] per token], "top": [(fid, max_act,
     token_index), ...]}``: per token its k strongest features over the chosen sites, and overall the
-    k features with the largest activation anywhere (and where). Position 0 is skipped (attention
-    sink); its list is empty.
+    k features with the largest activation anywhere (and where). Activations are in units of the
+    feature's typical activation (value / reference scale, paper §5.3 units), so features of
+    different layers compare. Attention sinks (position 0 and any by residual norm) are skipped;
+    their lists are empty.
     """
     text = limits.clean_text("text", text, limits.MAX_PROMPT_CHARS)
     limits.check_int("k", k, 1, 100)
@@ -1019,9 +1036,16 @@ def features_for_text(bundle, text: str, k: int = 10, sites: Iterable[str] = ("r
     n_tok = enc["input_ids"].shape[1]
     if n_tok > limits.MAX_PROMPT_TOKENS:
         raise ValueError(f"text is too long ({n_tok} tokens); allowed: at most {limits.MAX_PROMPT_TOKENS}")
-    store, _ = bundle.activations(enc, keys)
-    z = torch.cat([bundle.encode(*key, store[key][0]).cpu() for key in keys], dim=-1)  # [seq, sum of widths]
+    res_keys = [(l, "res") for l in bundle.layers if (l, "res") in bundle.saes]
+    store, _ = bundle.activations(enc, list(dict.fromkeys(keys + res_keys)))
+    # Ranked by activation / the feature's typical activation (its reference scale): raw values grow
+    # with depth and would rank late-layer features first whatever the text is about.
+    z = torch.cat([bundle.encode(*key, store[key][0]).cpu() / bundle.ref_scale(*key).clamp_min(1e-6)
+                   for key in keys], dim=-1)  # [seq, sum of widths]
+    sinks = sink_mask(torch.stack([store[k][0] for k in res_keys])[:, None])[0].cpu() if res_keys else None
     z[0] = 0  # attention sink
+    if sinks is not None:
+        z[sinks] = 0  # and any other sink (by residual norm)
     names = [f"{l}/{s}/" for l, s in keys for _ in range(bundle.width(l, s))]
     offsets = [i for key in keys for i in range(bundle.width(*key))]
     ids = enc["input_ids"][0].tolist()

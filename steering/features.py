@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from .presets import SITES
 
-_ID = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*/\s*(\d+)\s*$")
+_ID = re.compile(r"^\s*(\d+)\s*/\s*([a-zA-Z]+)\s*/\s*(\d+)\s*$")
 
 
 class FeatureId(NamedTuple):
@@ -37,7 +37,7 @@ def parse_feature(text: "str | FeatureId", bundle=None) -> FeatureId:
             shown = shown if len(shown) <= 80 and len(text) <= 60 else shown[:77] + "…"
             raise ValueError(f"malformed feature id {shown}; expected layer/site/index, "
                              f"e.g. '12/res/4111': non-negative layer and index, site one of {', '.join(SITES)}")
-        fid = FeatureId(int(m.group(1)), m.group(2), int(m.group(3)))
+        fid = FeatureId(int(m.group(1)), m.group(2).lower(), int(m.group(3)))  # "8/RES/697" is 8/res/697
     if fid.site not in SITES:
         raise ValueError(f"unknown site {fid.site!r} in feature id {str(fid)!r}; valid sites: {', '.join(SITES)}")
     if bundle is not None:

@@ -22,7 +22,8 @@ from .bundle import Bundle, file_sha256, package_dir
 from .catalog import Catalog, features_for_text, theme_words
 from .features import parse_feature
 from .flow import build_flow_graph
-from .generate import TASK_DEFAULTS, generate_variants
+from .controls import generate_with_controls, parse_controls
+from .generate import TASK_DEFAULTS
 from .graph import FlowGraph
 from .groups import live_activations
 from .judge import OfflineJudge, make_judge, unavailable
@@ -32,7 +33,8 @@ from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
 log = logging.getLogger(__name__)
 TASKS = tuple(TASK_DEFAULTS)
 VARIANT_TITLES = {"unsteered": "Unsteered", "steered": "Steered", "single": "Steered: single layer",
-                  "cumulative": "Steered: cumulative flow"}
+                  "cumulative": "Steered: cumulative flow", "prompted": "Control: asking the model",
+                  "random": "Control: random directions"}
 # Neuronpedia source ids of the SAE families the presets use (feature pages: /model/source/index).
 NEURONPEDIA_SOURCES = {"gemma-2-2b": "{layer}-gemmascope-{site}-16k", "llama3.1-8b": "{layer}-llamascope-{site}-32k"}
 NEURONPEDIA_SITE = {"res": "res", "mlp": "mlp", "attn": "att"}
@@ -210,7 +212,8 @@ class Playground:
         return [[h.feature, h.label, round(h.score, 2), ", ".join(h.matched)] for h in self.catalog.search(query, k)]
 
     def text_features(self, text: str, k: int = 10) -> tuple[list[tuple[str, str | None]], list[list]]:
-        """Tokens tagged with their strongest feature, and rows [feature, label, max act, token]."""
+        """Tokens tagged with their strongest feature, and rows [feature, label, max activation in units
+        of the feature's typical activation, token]."""
         out = features_for_text(self.bundle, text, k)
         spans = [(tok, feats[0][0] if feats else None) for tok, feats in zip(out["tokens"], out["per_token"])]
         rows = [[fid, self.label(fid), round(act, 3), f"{out['tokens'][t]!r} (#{t})"] for fid, act, t in out["top"]]
@@ -305,15 +308,21 @@ class Playground:
         return v
 
     def steer(self, variants: dict[str, list], task: str, prompt: str, seed: int, samples: int,
-              max_new_tokens: int, theme: str, api_key: str = "", chat: bool = False) -> dict:
+              max_new_tokens: int, theme: str, api_key: str = "", chat: bool = False,
+              controls: tuple[str, ...] = ()) -> dict:
         """Generate every variant for seeds seed..seed+samples-1 in one batch, then score all texts
-        (left unscored when ``theme`` is empty).
+        (left unscored when ``theme`` is empty). ``controls`` (``prompt``, ``random``:
+        `steering.controls`) add the control variants ``prompted`` / ``random`` for the variant
+        named ``steered``; the prompting control needs a theme and is skipped without one.
 
         ``api_key`` (optional, per request) selects an OpenAI judge for this request only; it is
         never stored, logged or returned."""
         v = self.check_generation(prompt, seed, samples, max_new_tokens, theme)
         seeds = [v["seed"] + i for i in range(v["samples"])]
-        gens = generate_variants(self.bundle, v["prompt"], variants, seeds, v["max_new_tokens"], chat=bool(chat))
+        controls = tuple(c for c in parse_controls(list(controls)) if c != "prompt" or v["theme"])
+        gens = generate_with_controls(self.bundle, v["prompt"], variants, seeds, controls, v["theme"], task,
+                                      max_new_tokens=v["max_new_tokens"], chat=bool(chat))
+        variants = {name: None for name in dict.fromkeys(g.variant for g in gens)}
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
         texts = [g.text for g in gens]
         if not v["theme"]:  # nothing to judge against: show the texts unscored
@@ -343,6 +352,9 @@ class Playground:
         """One side-by-side column: each sample's text, scores and local metrics (with the mean
         activation of the ``focus`` feature, e.g. the seed, on the generated tokens)."""
         lines = [f"### {VARIANT_TITLES.get(variant, variant)}"]
+        if variant in ("unsteered", "prompted"):
+            shown = "(the theme request, then) " if variant == "prompted" else ""
+            lines.append(f"<small>prompt: {shown}«{_escape(result.get('prompt', ''))}»</small>\n")
         mean = Playground.summary(result).get(variant)
         if mean:
             lines.append(f"mean theme **{mean['behavioral']:.2f}** · coherence **{mean['coherence']:.2f}** · "
@@ -350,7 +362,7 @@ class Playground:
         for g, s in zip(result["generations"], result["scores"]):
             if g.variant != variant:
                 continue
-            text = g.text.strip().replace("\n", " ⏎ ") or "(empty)"
+            text = _escape(g.text.strip()).replace("⏎", " ⏎ ") or "(empty)"  # verbatim, never Markdown
             lines.append(f"**seed {g.seed}**\n\n> {text}\n")
             if s.available:
                 tag = "offline fallback judge" if s.offline else s.judge
@@ -385,18 +397,22 @@ class Playground:
 
 
 def reproduce_command(preset: str, feature: str, settings: dict, prompt: str) -> str:
-    """The CLI call that regenerates the unsteered and steered texts of a run (same seeds)."""
+    """The CLI call that regenerates the texts of a run (same seeds, thresholds and controls)."""
     args = ["python", "-m", "steering", "steer", feature, "--preset", preset, "--mode", str(settings["condition"])]
-    for key in ("task", "strength", "schedule", "alpha", "s_end", "r", "seed", "samples", "max_new_tokens"):
+    for key in ("task", "strength", "schedule", "alpha", "s_end", "r", "seed", "samples", "max_new_tokens",
+                "t_res", "t_module"):
         if settings.get(key) is not None:
             args += ["--" + key.replace("_", "-"), str(settings[key])]
     if settings.get("layer") not in (None, -1):
         args += ["--layer", str(settings["layer"])]
+    if settings.get("controls"):
+        args += ["--controls", ",".join(settings["controls"])]
+    if settings.get("theme"):
+        args += ["--theme", str(settings["theme"])]
     args += ["--prompt", prompt] + (["--chat"] if settings.get("chat") else [])
     cmd = " ".join(shlex.quote(a) for a in args)
-    extra = [k for k, default in (("t_res", 0.5), ("t_module", 0.15)) if settings.get(k) not in (None, default)]
-    if settings.get("exclude") or settings.get("include") or extra:
-        cmd += "  # the CLI uses t(R)=0.5, t(M/A)=0.15 and no include/exclude; this run changed those"
+    if settings.get("exclude") or settings.get("include"):
+        cmd += "  # the CLI has no include/exclude; this run changed the node set"
     return cmd
 
 

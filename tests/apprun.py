@@ -35,7 +35,7 @@ def prepare_tiny(out_dir: Path) -> dict:
     cat = Catalog.load(bundle)
     word = next(w for layer in bundle.layers for i in range(bundle.width(layer, "res"))
                 for t in cat.card(f"{layer}/res/{i}").top_tokens for w in [t.strip().lower()]
-                if w.isalpha() and len(w) > 3 and cat.search(w))
+                if w.isalpha() and len(w) > 2 and cat.search(w))
     demo = out_dir / "demo_examples.json"
     demo.write_text(json.dumps({"examples": [
         {"title": "Tiny example", "preset": "tiny-app", "feature": TINY_FEATURE, "theme": word,

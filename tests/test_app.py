@@ -17,7 +17,8 @@ from apprun import ROOT, TINY_FEATURE
 
 STEER_DEFAULTS = dict(feature=TINY_FEATURE, t_res=0.5, t_module=0.15, task="activate", condition="cumulative", layer=-1,
                       strength=4.0, sched="exp", alpha=-0.25, s_end=1.0, r=0, exclude=[], include=[], seed=5, samples=1,
-                      max_new_tokens=8, prompt="I think ", chat=False, theme="wedding", compare=False, api_key="")
+                      max_new_tokens=8, prompt="I think ", chat=False, theme="wedding", compare=False, api_key="",
+                      controls=[])
 
 
 def steer_args(**changes) -> list:
@@ -74,7 +75,7 @@ def test_flow_live_activations_match_the_library(client, live_app):
 
 
 def test_steer_matches_the_cli_and_records_the_run(client, live_app):
-    _, _, _, _, path, record = client.predict(*steer_args(), api_name="/steer")
+    _, _, _, _, path, record, _ = client.predict(*steer_args(), api_name="/steer")
     command = shlex.split(record["reproduce"])  # the record says how to regenerate it with the CLI
     assert command[:4] == ["python", "-m", "steering", "steer"] and "#" not in record["reproduce"]
     expected = cli(*command[3:])
@@ -90,7 +91,7 @@ def test_steer_matches_the_cli_and_records_the_run(client, live_app):
 
 
 def test_third_column_compares_single_and_cumulative(client):
-    base, steered, other, _, _, record = client.predict(*steer_args(compare=True), api_name="/steer")
+    base, steered, other, _, _, record, _ = client.predict(*steer_args(compare=True), api_name="/steer")
     assert {g["variant"] for g in record["generations"]} == {"unsteered", "steered", "single"}
     assert other["visible"] is True  # the third column is an update: shown with its text
     assert "single layer" in other["value"] and "Steered" in steered and "Unsteered" in base
@@ -153,7 +154,7 @@ def test_non_finite_numbers_over_raw_http_are_refused(live_app, field, value, ms
 
 def test_api_key_is_never_echoed_or_logged(client, live_app):
     key = "sk-test-DoNotLeak-0123456789abcdef"
-    base, steered, _, _, path, record = client.predict(*steer_args(api_key=key), api_name="/steer")
+    base, steered, _, _, path, record, _ = client.predict(*steer_args(api_key=key), api_name="/steer")
     scores = [s for g, s in zip(record["generations"], record["scores"]) if g["text"].strip()]
     assert scores and all(not s["available"] and "unavailable" in s["error"] for s in scores), scores
     assert {g["variant"] for g in record["generations"]} == {"unsteered", "steered"}  # texts shown anyway
@@ -266,3 +267,14 @@ def test_bad_demo_examples_fail_loudly(tmp_path, row, msg):
     path.write_text(json.dumps({"examples": [row]}))
     with pytest.raises(ValueError, match=msg):
         load_demo_examples(None, path)
+
+
+def test_steer_controls_columns_and_record(client):
+    """Both controls run beside the steered text, are scored, and land in the run record."""
+    out = client.predict(*steer_args(controls=["prompt", "random"], samples=2), api_name="/steer")
+    record, ctrl = out[5], out[6]
+    assert "Control: asking the model" in ctrl and "Control: random directions" in ctrl
+    variants = {g["variant"] for g in record["generations"]}
+    assert {"unsteered", "steered", "prompted", "random"} <= variants
+    assert len(record["scores"]) == len(record["generations"])
+    assert record["settings"]["controls"] == ["prompt", "random"]
