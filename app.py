@@ -25,6 +25,7 @@ import gradio as gr
 from steering import limits
 from steering.bundle import Bundle
 from steering.generate import TASK_DEFAULTS
+from steering.flow import chance_levels
 from steering.sites import count_hooks
 from steering.plots import flow_figure, live_figure, schedule_figure, scores_figure
 from steering.steer import CONDITIONS, SCHEDULES
@@ -173,7 +174,7 @@ def build_app(pg: Playground) -> gr.Blocks:
         live = pg.live(graph, live_prompt) if live_prompt and live_prompt.strip() else None
         ids = [str(n.id) for n in graph.nodes]
         cut = [str(n.id) for n in graph.nodes if not n.in_span]
-        return (flow_figure(graph, live), pg.node_rows(graph), graph.to_json(),
+        return (flow_figure(graph, live, chance=chance_levels(bundle)), pg.node_rows(graph), graph.to_json(),
                 gr.update(value=live_figure(live) if live else None, visible=bool(live)),
                 gr.update(choices=ids, value=[]), gr.update(choices=cut, value=[]))
 
@@ -253,7 +254,8 @@ def build_app(pg: Playground) -> gr.Blocks:
                     "A different text alone proves nothing: compare with the controls.")
         ctrl = "\n\n".join(pg.column_markdown(result, c, ex.feature) for c in ("prompted", "random")
                             if c in result["variants"])
-        return (flow_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})"),
+        return (flow_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})",
+                            chance=chance_levels(bundle)),
                 pg.column_markdown(result, "unsteered", ex.feature), pg.column_markdown(result, "steered", ex.feature),
                 scores_figure(s, VARIANT_TITLES), gain, ctrl)
 

@@ -53,6 +53,29 @@ class Match(NamedTuple):
 
 # ---- pure tensor matching ------------------------------------------------------------------
 
+def chance_top1(n_dst: int, d: int, n_src: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Top-1 cosines of ``n_src`` random unit directions against ``n_dst`` others in d dims  # [n_src]
+
+    The chance level of a match score: about sqrt(2 ln n_dst / d) (0.14 for 1,536 directions in
+    576 dimensions); a score near it is no match (paper §3.2 matching)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(n_src, d, generator=g), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(n_dst, d, generator=g), dim=-1)
+    return (a @ b.T).max(-1).values
+
+
+def chance_levels(bundle) -> dict[str, float]:
+    """Median chance cosine of a match into each site's SAEs (widths of the first layer), cached."""
+    key = ("chance",)
+    if key not in bundle._cache:
+        out = {}
+        for site in bundle.sites:
+            layer = next(l for l in bundle.layers if (l, site) in bundle.saes)
+            out[site] = round(float(chance_top1(bundle.width(layer, site), bundle.d_model, 1000).median()), 3)
+        bundle._cache[key] = out
+    return bundle._cache[key]
+
+
 def _check_dims(src: torch.Tensor, dst: torch.Tensor) -> None:
     if src.dim() != 2 or dst.dim() != 2 or src.shape[-1] != dst.shape[-1]:
         raise ValueError(f"cannot match directions of shape {tuple(src.shape)} with {tuple(dst.shape)}: "

@@ -11,10 +11,13 @@ LANE_NAMES = {2: "attention", 1: "residual", 0: "MLP"}
 SITE_COLORS = {"res": "#4C6EF5", "mlp": "#F59F00", "attn": "#12B886"}
 
 
-def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = None) -> go.Figure:
+def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = None,
+                chance: dict[str, float] | None = None) -> go.Figure:
     """Layers on x, sites as lanes; node size and colour by score (or by the node's max live
     activation on a prompt when ``live`` is given); nodes outside l_start..l_end are faded;
-    edges drawn with width proportional to the cosine."""
+    edges drawn with width proportional to the cosine. ``chance`` ({site: chance cosine},
+    `steering.flow.chance_levels`) is shown in the hover and the colour bar, so a reader sees
+    what a score means."""
     pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
     layers = [n.layer for n in graph.nodes]
     fig = go.Figure()
@@ -33,6 +36,8 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
         hover = []
         for n in nodes:
             lines = [f"<b>{n.id}</b> ({n.role})", n.label or "(no label)", f"score (cosine): {n.score:.3f}"]
+            if chance and n.site in chance:
+                lines.append(f"chance level of a cosine here: {chance[n.site]:.2f} (random directions)")
             if n.site == "res":
                 fmt = [f"{name} {v:.2f}" for name, v in (("s(R)", n.s_res), ("s(M)", n.s_mlp), ("s(A)", n.s_attn))
                        if v is not None]
@@ -51,7 +56,9 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
                     "colorscale": "Viridis", "cmin": 0, "cmax": max(colour + [1.0]) if live else 1.0,
                     "line": {"width": [3 if n.role == "seed" else 1 for n in nodes], "color": "#222"},
                     "showscale": in_span,
-                    "colorbar": {"title": "max act." if live else "cosine", "len": 0.6}}))
+                    "colorbar": {"title": "max act." if live else (
+                        f"cosine<br>(chance ≈ {chance['res']:.2f})" if chance and "res" in chance else "cosine"),
+                        "len": 0.6}}))
     fig.add_vrect(x0=graph.l_start - 0.4, x1=graph.l_end + 0.4, fillcolor="#E7F5FF", opacity=0.5, line_width=0,
                   layer="below")
     fig.update_layout(

@@ -150,12 +150,13 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
 
 
 def choose(rec: dict) -> tuple[str, str, int] | None:
-    """(feature, setting, hits) with most hits; ties go to the weaker push; None if nothing."""
+    """(feature, setting, hits): among graphs spanning >= MIN_SPAN layers (if any), the most hits;
+    ties go to the weaker push; None if nothing was run."""
     best = None
     for fid, c in rec["candidates"].items():
         for name, run in c["runs"].items():
             cond, s = name.split(":")
-            key = (run["hits"], c["span"][1] - c["span"][0] + 1 >= MIN_SPAN, -abs(float(s)))
+            key = (c["span"][1] - c["span"][0] + 1 >= MIN_SPAN, run["hits"], -abs(float(s)))
             if best is None or key > best[0]:
                 best = (key, fid, name, run["hits"])
     return None if best is None else best[1:]

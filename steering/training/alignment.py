@@ -37,20 +37,12 @@ from tqdm import tqdm
 
 from .. import sites as S
 from ..bundle import Bundle
-from ..flow import build_flow_graph, build_tables, table
+from ..flow import build_flow_graph, build_tables, chance_top1, table
 from ..sinks import sink_mask
 from . import corpus
 
 log = logging.getLogger(__name__)
 T_RES = 0.5  # paper App. B.2
-
-
-def chance_top1(n_dst: int, d: int, n_src: int = 2000, seed: int = 0) -> torch.Tensor:
-    """Top-1 cosines of ``n_src`` random unit directions against ``n_dst`` others in d dims.  # [n_src]"""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.nn.functional.normalize(torch.randn(n_src, d, generator=g), dim=-1)
-    b = torch.nn.functional.normalize(torch.randn(n_dst, d, generator=g), dim=-1)
-    return (a @ b.T).max(-1).values
 
 
 def fve(x: torch.Tensor, x_hat: torch.Tensor) -> float:

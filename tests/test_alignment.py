@@ -1,0 +1,53 @@
+"""Cross-layer alignment checks (issue 16) and the demo sweep's hit rules."""
+
+import math
+
+import torch
+
+from steering.experiments import demo_sweep as D
+from steering.training import alignment as A
+from steering.training import everyday
+
+
+def test_chance_top1_matches_the_extreme_value_estimate():
+    c = A.chance_top1(1536, 576, n_src=500)
+    assert abs(float(c.median()) - math.sqrt(2 * math.log(1536) / 576)) < 0.03
+    assert float(c.quantile(0.99)) > float(c.median())
+
+
+def test_transfer_fve_identity_equals_reconstruction_and_random_map_is_worse():
+    torch.manual_seed(0)
+    dec = torch.nn.functional.normalize(torch.randn(64, 16), dim=-1)
+    codes = torch.relu(torch.randn(400, 64)) * (torch.rand(400, 64) < 0.1)
+    b = torch.randn(16)
+    x = codes @ dec + b
+    same = A.transfer_fve(codes, dec, dec, b, torch.arange(64), x)
+    assert same > 0.999
+    perm = A.transfer_fve(codes, dec, dec[torch.randperm(64)], b, torch.randint(0, 64, (64,)), x)
+    assert perm < 0.5
+
+
+def test_report_on_a_tiny_bundle_has_every_layer_and_chance(tiny_bundle):
+    rep = A.report(tiny_bundle, tokens_per_domain=64, span_seeds=3, domains=("prose", "code"))
+    assert set(rep["layers"]) == set(tiny_bundle.layers)
+    row = rep["layers"][1]
+    assert 0 <= row["s_res"]["share_ge_t_res"] <= 1 and row["s_res"]["chance_p99"] > row["s_res"]["chance_median"]
+    assert row["span"]["n"] >= 1 and "transfer_fve" in row and set(row["fve"]["res"]) == {"prose", "code"}
+    assert "| 1 |" in A.markdown(rep) and rep["summary"]["median_span"] >= 1
+
+
+def test_everyday_prompts_are_seeded_and_independent_of_order():
+    assert everyday.prompt_for(7, seed=0) == everyday.prompt_for(7, seed=0)
+    assert len({everyday.prompt_for(i) for i in range(50)}) > 40
+
+
+def test_demo_hit_rules():
+    words = set(D.THEMES["Weddings"]["words"].split())
+    assert D.theme_hits("The Bride smiled; the wedding was lovely.", words) == ["bride", "wedding"]
+    assert D.readable({"perplexity": 40.0, "distinct_2": 0.9})
+    assert not D.readable({"perplexity": 400.0, "distinct_2": 0.9})
+    assert not D.readable({"perplexity": None, "distinct_2": 0.9})
+    rec = {"candidates": {"5/res/1": {"span": [3, 9], "runs": {"single:8": {"hits": 6}, "single:16": {"hits": 6}}},
+                          "7/res/2": {"span": [7, 7], "runs": {"baseline:8": {"hits": 7}}}}}
+    # the wider span wins over one more hit on a one-layer graph; ties go to the weaker push
+    assert D.choose(rec)[:2] == ("5/res/1", "single:8")
