@@ -42,6 +42,17 @@ def out_dir(out: str | None, bundle, command: str) -> Path:
     return path
 
 
+def sae_fingerprint(bundle) -> str:
+    """A short hash of every SAE's first decoder rows (changes when any SAE is retrained)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(bundle.saes):
+        h.update(str(key).encode())
+        h.update(bundle.sae(*key).W_dec[:4].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _plain(obj):
     """JSON round trip: tuples become lists, so settings compare equal to what a file holds."""
     return json.loads(json.dumps(obj, default=str))
@@ -61,8 +72,10 @@ class Units:
     the same settings, else computes, writes and returns it. ``computed`` and ``reused`` count
     what happened (the CLI reports them; tests check a rerun computes nothing)."""
 
-    def __init__(self, folder: Path, command: str):
-        self.folder, self.command = Path(folder), command
+    def __init__(self, folder: Path, command: str, saes: str = ""):
+        # ``saes``: a fingerprint of the SAE weights (`sae_fingerprint`), part of every unit's
+        # settings, so results of other SAEs are never reused
+        self.folder, self.command, self.saes = Path(folder), command, saes
         self.computed: list[str] = []
         self.reused: list[str] = []
 
@@ -70,7 +83,7 @@ class Units:
         return self.folder / (re.sub(r"[^A-Za-z0-9=._+-]+", "_", name) + ".json")
 
     def get(self, name: str, settings: dict, compute: Callable[[], dict]) -> dict:
-        settings = _plain(settings)
+        settings = _plain({**settings, "saes": self.saes} if self.saes else settings)
         path = self.path(name)
         if path.is_file():
             try:

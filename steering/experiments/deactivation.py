@@ -86,7 +86,7 @@ def run(args, bundle) -> dict:
         if (l, "res") not in bundle.saes:
             raise ValueError(f"--layers: no residual SAE at layer {l}; layers: {list(bundle.layers)}")
     folder = common.out_dir(args.out, bundle, "deactivation")
-    units = common.Units(folder / "units", args.command_line)
+    units = common.Units(folder / "units", args.command_line, common.sae_fingerprint(bundle))
     texts = common.domain_texts(args.domain, args.texts, args.seed, args.passage_chars)
     if not texts:
         raise ValueError(f"domain {args.domain!r} has no held-out passages")

@@ -20,6 +20,8 @@ from ..groups import GROUPS, group_scores, predecessor_groups
 from ..training.corpus import DOMAINS
 from . import common
 
+PAPER_DOMAINS = ("prose", "stories", "math", "code")  # FineWeb, TinyStories, AutoMathText, Python code
+
 log = logging.getLogger(__name__)
 SCORES = ("s_res", "s_mlp", "s_attn")
 SCORE_NAMES = {"s_res": "s(R)", "s_mlp": "s(M)", "s_attn": "s(A)"}
@@ -139,7 +141,8 @@ def check(args) -> list[str]:
     """Validate the options before any model is loaded; returns the domains."""
     for name in ("texts", "tokens", "max_length", "passage_chars", "sample_cap"):
         common.check_positive("--" + name.replace("_", "-"), getattr(args, name))
-    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else list(DOMAINS)
+    # default: the four stand-ins of the paper's datasets (App. A.1); "everyday" on request
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else list(PAPER_DOMAINS)
     bad = [d for d in domains if d not in DOMAINS]
     if bad or not domains:
         raise ValueError(f"unknown domains {bad or args.domains!r}; valid: {', '.join(DOMAINS)}")
@@ -152,7 +155,7 @@ def run(args, bundle) -> dict:
 
     domains = check(args)
     folder = common.out_dir(args.out, bundle, "groups")
-    units = common.Units(folder / "units", args.command_line)
+    units = common.Units(folder / "units", args.command_line, common.sae_fingerprint(bundle))
     results = {}
     for domain in domains:
         texts = common.domain_texts(domain, args.texts, args.seed, args.passage_chars)
@@ -198,7 +201,8 @@ def register(sub, parent) -> None:
     p = sub.add_parser("groups", parents=[parent], help="predecessor-group shares per layer (paper §5.1)")
     p.add_argument("--texts", type=int, default=250, help="held-out passages per domain (paper: 250)")
     p.add_argument("--tokens", type=int, default=5, help="random non-BOS tokens per text (paper: 5)")
-    p.add_argument("--domains", default="", help=f"comma-separated subset of {', '.join(DOMAINS)} (default: all)")
+    p.add_argument("--domains", default="", help=f"comma-separated subset of {', '.join(DOMAINS)} "
+                   f"(default: {', '.join(PAPER_DOMAINS)})")
     p.add_argument("--max-length", type=int, default=128, help="tokens read per text (default: %(default)s)")
     p.add_argument("--passage-chars", type=int, default=1000, help="held-out documents are cut into passages "
                    "of about this many characters (default: %(default)s)")

@@ -248,7 +248,7 @@ def run(args, bundle) -> dict:
     labels = catalog.labels() if catalog is not None else {}
     judge = make_judge() if args.judge == "auto" else OfflineJudge()
     folder = common.out_dir(args.out, bundle, "steering")
-    units = common.Units(folder / "units", args.command_line)
+    units = common.Units(folder / "units", args.command_line, common.sae_fingerprint(bundle))
     show = not args.quiet
     summary = {"command": args.command_line, "preset": bundle.preset.name, "model": bundle.preset.model,
                "judge": {"name": judge.name, "label": getattr(judge, "label", "")},
