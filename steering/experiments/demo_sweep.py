@@ -39,7 +39,7 @@ MIN_HITS = 6
 MIN_SPAN = 2
 ALPHA = -0.05  # paper App. B.2
 GRID = [("baseline", 8.0), ("baseline", 16.0), ("single", 8.0), ("single", 16.0),
-        ("cumulative", 4.0), ("cumulative", 8.0), ("cumulative", 12.0)]
+        ("cumulative", 4.0), ("cumulative", 8.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
 
 THEMES = {
@@ -107,7 +107,7 @@ def judge_samples(gens, words: set[str], task: str) -> list[dict]:
     return out
 
 
-def candidates(bundle, catalog, spec: dict, n_search: int = 3, n_probe: int = 2) -> list[str]:
+def candidates(bundle, catalog, spec: dict, n_search: int = 2, n_probe: int = 1) -> list[str]:
     from ..catalog import features_for_text
 
     out: list[str] = []
