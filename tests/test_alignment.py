@@ -51,3 +51,20 @@ def test_demo_hit_rules():
                           "7/res/2": {"span": [7, 7], "runs": {"baseline:8": {"hits": 7}}}}}
     # the wider span wins over one more hit on a one-layer graph; ties go to the weaker push
     assert D.choose(rec)[:2] == ("5/res/1", "single:8")
+
+
+def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path, capsys):
+    import json
+
+    code = D.main(["--preset", str(tiny_llama_preset), "--out", str(tmp_path / "ev"), "--examples",
+                   str(tmp_path / "ex.json"), "--themes", "Food", "--max-new-tokens", "4"])
+    assert code == 0
+    sweep = json.loads((tmp_path / "ev" / "sweep.json").read_text())
+    food = sweep["themes"][0]
+    assert food["title"] == "Food" and len(food["unsteered"]) == 8 and food["candidates"]
+    for c in food["candidates"].values():
+        assert set(c["runs"]) == {f"{cond}:{s:g}" for cond, s in D.GRID}
+        assert all(len(r["samples"]) == 8 for r in c["runs"].values())
+    assert {"prompted", "random"} == set(food["controls"])
+    ex = json.loads((tmp_path / "ex.json").read_text())
+    assert ex["examples"] == [] or ex["examples"][0]["title"] == "Food"  # shipped only if >= 6 of 8 hit

@@ -111,7 +111,8 @@ def candidates(bundle, catalog, spec: dict, n_search: int = 2, n_probe: int = 1)
     from ..catalog import features_for_text
 
     out: list[str] = []
-    lo, hi = 2, bundle.n_layers - 3
+    # the first and last layers hold few themes (token identity, next-token form)
+    lo, hi = (2, bundle.n_layers - 3) if bundle.n_layers >= 8 else (0, bundle.n_layers - 1)
     if catalog is not None:
         out += [h.feature for h in catalog.search(spec["query"], 20)
                 if lo <= int(h.feature.split("/")[0]) <= hi][:n_search]
