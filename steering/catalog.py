@@ -893,7 +893,8 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
         with bundle.lock, S.capture_sites(mods, store):
             inner(input_ids=ids.to(bundle.device))
         # attention sinks by residual norm (position 0 always; others such as a repeated first token)
-        sinks = sink_mask(torch.stack([store[k] for k in res_keys]))[:, 1:].cpu()  # [b, ctx - 1]
+        sinks = (sink_mask(torch.stack([store[k] for k in res_keys]))[:, 1:].cpu() if res_keys
+                 else torch.zeros(len(ids), ids.shape[1] - 1, dtype=torch.bool))  # [b, ctx - 1]
         n_sinks += int(sinks.sum())
         seq_index = torch.arange(start, start + len(ids))
         for k in keys:

@@ -6,10 +6,13 @@ differs from the unsteered one proves nothing. Two controls, scored by the same 
 - ``prompted``: no steering, the model is simply asked. The theme instruction is the user turn
   of the chat template and the run's prompt starts the reply (`generate.encode_prompt`). For
   removal the instruction asks the model to avoid the theme.
-- ``random``: the same layers, schedule and norms as the steered run, with random unit directions
-  instead of the features' decoder directions (one seeded direction per steered feature, norm
-  s'(l) * c_f). For removal (rescale), a random feature of the same site and layer per feature of
-  the chain, rescaled by the same r.
+- ``random``: the same layers, schedule and norms as the steered run, with random directions
+  instead of the features' decoder directions: one seeded random rotation Q of the residual space
+  applied to every d_f of the run (norms s'(l) * c_f and all cosines between the run's directions
+  kept, so an aligned flow chain stays as aligned as the real one; `steer.direction`). For
+  removal (rescale), a random feature of the same site and layer per feature of the chain,
+  rescaled by the same r (such a feature may not fire on the text at all: then the control
+  changes nothing, which is also what chance looks like).
 
 Pure spec builders plus one generation helper; the CLI (`steer --controls`), the app and the
 demo sweep all use `generate_with_controls`.
@@ -51,11 +54,12 @@ def instruction(theme: str, task: str = "activate") -> str:
 def random_control(bundle, specs: list[SteerSpec], seed: int = 0) -> list[SteerSpec]:
     """Norm-matched random counterpart of ``specs`` (module docstring), deterministic in ``seed``."""
     rng = random.Random(seed)
+    rotation = rng.randrange(2**31)  # one rotation for the whole run
     out = []
     for s in specs:
         f = s.feature
         if s.mode == "add":
-            out.append(replace(s, direction_seed=rng.randrange(2**31)))
+            out.append(replace(s, direction_seed=rotation))
         else:
             width = bundle.width(f.layer, f.site)
             j = rng.randrange(width - 1)
@@ -75,6 +79,10 @@ def generate_with_controls(bundle, prompt: str, variants: dict[str, list[SteerSp
     controls = parse_controls(list(controls))
     if controls and steered not in variants:
         raise ValueError(f"controls need a steered variant named {steered!r}; got {', '.join(variants)}")
+    if "prompt" in controls:  # refuse a too-long prompting baseline before any generation
+        from .generate import check_request
+
+        check_request(bundle, prompt, kwargs.get("max_new_tokens", 36), len(seeds), False, instruction(theme, task))
     todo = dict(variants)
     if "random" in controls:
         todo["random"] = random_control(bundle, variants[steered], control_seed)

@@ -281,7 +281,7 @@ def cmd_steer(args) -> dict:
            "metrics": {name: [g.metrics for g in gs] for name, gs in by.items()},
            "flow": {"l_start": graph.l_start, "l_end": graph.l_end, "t_res": args.t_res, "t_module": args.t_module}}
     if controls:
-        out["controls"] = {name: [g.text for g in by[name]] for name in ("prompted", "random") if name in by}
+        out["controls"] = {name: texts(name) for name in ("prompted", "random") if name in by}  # like baseline
     if theme:
         from .judge import OfflineJudge, make_judge
 

@@ -44,7 +44,7 @@ from .features import FeatureId, parse_feature
 from .graph import FlowGraph
 from .presets import SITES, check_site
 from .sinks import sink_mask
-from .sites import edit_sites
+from .sites import edit_sites, hidden_of
 
 CONDITIONS = ("baseline", "single", "cumulative")
 SCHEDULES = ("exp", "linear", "constant")
@@ -65,8 +65,8 @@ class SteerSpec:
         strength: s for ``add`` (multiples of c_f in folded units), r for ``rescale``.
         mode: ``add`` (activation) or ``rescale`` (theme removal, r=0 removes the feature).
         units: ``folded`` (s * c_f * d_f) or ``raw`` (s * d_f); ignored by ``rescale``.
-        direction_seed: ``add`` only: use a seeded random unit direction instead of d_f, with
-            the same norm (the random control, `steering.controls`).
+        direction_seed: ``add`` only: add a seeded random rotation of d_f instead of d_f, with
+            the same norm (the random control, `steering.controls`; see `direction`).
     """
 
     feature: FeatureId
@@ -210,11 +210,21 @@ def _deltas(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.
 
 
 def direction(bundle, f: FeatureId, seed: int | None = None) -> torch.Tensor:
-    """Unit direction added for f: its decoder direction, or a seeded random one.  # [d_model]"""
+    """Unit direction added for f: its decoder direction d_f, or (random control) Q @ d_f for a
+    seeded random rotation Q of the residual space.  # [d_model]
+
+    One rotation for every spec of a run keeps each norm and every cosine between the run's
+    directions (a flow chain's aligned directions stay aligned, so they add up as strongly as the
+    real ones) while the directions themselves are random."""
+    d_f = bundle.decoder(f.layer, f.site)[f.index]
     if seed is None:
-        return bundle.decoder(f.layer, f.site)[f.index]
-    v = torch.randn(bundle.d_model, generator=torch.Generator().manual_seed(seed))
-    return v / v.norm()
+        return d_f
+    key = ("rotation", seed)
+    if key not in bundle._cache:
+        g = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(bundle.d_model, bundle.d_model, generator=g))
+        bundle._cache[key] = q * torch.sign(torch.diagonal(r))  # Haar-random orthogonal  # [d, d]
+    return bundle._cache[key] @ d_f
 
 
 def _rescales(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.Tensor]:
@@ -234,11 +244,7 @@ def _edit_fn(bundle, key, delta: torch.Tensor | None, factor: torch.Tensor | Non
     def edit(h: torch.Tensor) -> torch.Tensor:  # [batch, seq, d_model]
         pos = state["past"] + torch.arange(h.shape[1], device=h.device)  # [seq] absolute positions
         keep = pos[None, :] != first_real[:, None]  # [batch, seq]: never edit an attention sink
-        if state["past"] == 0 and key[1] == "res" and state.get("prompt_mask") is not None \
-                and state["prompt_mask"].shape[1] == h.shape[1]:
-            # prefill: sinks beyond the first token (e.g. a repeated first token) by their norm
-            state["sinks"] = state["sinks"] | sink_mask(h, state["prompt_mask"])
-        if state["past"] == 0 and state["sinks"].shape[1] == h.shape[1]:
+        if state["past"] == 0 and state["sinks"].shape[1] == h.shape[1]:  # prefill: sinks found so far
             keep = keep & ~state["sinks"]
         if delta is not None:
             h = h + delta * keep[..., None].to(h.dtype)  # [batch, 1, d_model] broadcast, sinks left alone
@@ -250,6 +256,19 @@ def _edit_fn(bundle, key, delta: torch.Tensor | None, factor: torch.Tensor | Non
         return h
 
     return edit
+
+
+def _sink_detector(state: dict):
+    """Forward hook on every residual site: at prefill, mark positions whose residual norm makes
+    them attention sinks (`steering.sinks`), so later edits skip them."""
+
+    def hook(_mod, _inp, out):
+        pm = state["prompt_mask"]
+        h = hidden_of(out)
+        if state["past"] == 0 and pm is not None and h.shape[1] == pm.shape[1]:
+            state["sinks"] |= sink_mask(h, pm)
+
+    return hook
 
 
 def _past_length(state: dict):
@@ -286,11 +305,14 @@ def steering(bundle, rows: list[list[SteerSpec]], attention_mask: torch.Tensor |
     keys = sorted(set(deltas) | set(factors))
     edits = {k: _edit_fn(bundle, k, deltas.get(k), factors.get(k), first_real, state) for k in keys}
     with bundle.lock:
-        handle = None
+        handles = []
         try:
-            handle = bundle.model.register_forward_pre_hook(_past_length(state), with_kwargs=True)
+            handles.append(bundle.model.register_forward_pre_hook(_past_length(state), with_kwargs=True))
+            if attention_mask is not None and keys:  # registered before the edits: they see raw residuals
+                for l in range(bundle.n_layers):
+                    handles.append(bundle.module(l, "res").register_forward_hook(_sink_detector(state)))
             with edit_sites({k: bundle.module(*k) for k in keys}, edits):
                 yield
         finally:
-            if handle is not None:
-                handle.remove()
+            for h in handles:
+                h.remove()

@@ -210,7 +210,8 @@ def test_features_for_text_agree_with_direct_encode(tiny_bundle):
     out = features_for_text(tiny_bundle, text, k=5, sites=("res", "mlp"))
     keys = [k for k in sorted(tiny_bundle.saes) if k[1] in ("res", "mlp")]
     store, _ = tiny_bundle.activations([text], keys)
-    z = {k: tiny_bundle.encode(*k, store[k][0]) for k in keys}  # [seq, w] each
+    # activations in units of each feature's typical activation (its reference scale)
+    z = {k: tiny_bundle.encode(*k, store[k][0]) / tiny_bundle.ref_scale(*k).clamp_min(1e-6) for k in keys}
     assert len(out["per_token"]) == len(out["tokens"]) and out["per_token"][0] == []
     for t in range(1, len(out["tokens"])):
         flat = sorted(((float(z[k][t, i]), f"{k[0]}/{k[1]}/{i}") for k in keys for i in range(z[k].shape[1])),

@@ -60,7 +60,8 @@ def test_exception_inside_generation_leaves_no_steering_behind(tiny_bundle, monk
     def failing(self, input_ids, scores):
         calls.append(1)
         if len(calls) == 3:
-            assert count_hooks(b.model) == 3  # two edit hooks + the cache-length pre-hook, live mid-generation
+            # two edit hooks + the cache-length pre-hook + one sink detector per layer, live mid-generation
+            assert count_hooks(b.model) == 3 + b.n_layers
             raise RuntimeError("boom in step 3")
         return real(self, input_ids, scores)
 

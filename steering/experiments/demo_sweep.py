@@ -15,7 +15,8 @@ A sample is a **hit** when it is on theme and readable, by rules a reader can ch
 For removal (the paper's physics prompt, App. B.1) a hit is a readable sample with no theme word.
 
 The chosen setting per theme is the one with most hits (ties: the weaker push). It is shipped only
-when it reaches MIN_HITS of 8 and its flow graph spans at least 2 layers; the same 8 seeds are then
+when it reaches MIN_HITS of 8, beats both the unsteered model and the random control, and its flow
+graph spans at least 2 layers; the same 8 seeds are then
 run for the two controls (`steering.controls`: asking the model, and norm-matched random
 directions) and for the unsteered model, all recorded in ``results/<preset>/demo/sweep.json``.
 """
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .. import limits
 
 log = logging.getLogger(__name__)
 SEEDS = list(range(8))
@@ -139,8 +142,9 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
             variants[f"{cond}:{s:g}"] = plan(graph, cond, graph.seed.layer, s, "exp", ALPHA, 1.0, mode=mode)
         runs = {}
         names = list(variants)
-        for i in range(0, len(names), 4):  # MAX_ROWS = 4 variants x 8 seeds
-            chunk = {n: variants[n] for n in names[i:i + 4]}
+        per = max(1, limits.MAX_ROWS // len(SEEDS))  # variants per batched generation
+        for i in range(0, len(names), per):
+            chunk = {n: variants[n] for n in names[i:i + per]}
             gens = generate_variants(bundle, prompt, chunk, SEEDS, max_new_tokens)
             for n in chunk:
                 samples = judge_samples([g for g in gens if g.variant == n], words, task)
@@ -182,7 +186,7 @@ def controls_for(bundle, rec: dict, fid: str, setting: str, max_new_tokens: int)
     return out
 
 
-def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int) -> dict:
+def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, preset: str) -> dict:
     cond, s = setting.split(":")
     span = f"layers {graph.l_start}-{graph.l_end}"
     what = {"baseline": "the feature alone", "single": f"the flow-graph features at layer {graph.seed.layer}",
@@ -199,7 +203,7 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int) 
                 f"kept physics words out of {n_hits} of 8 readable samples (unsteered: {rec['baseline_hits']} of 8; "
                 f"asking the model not to: {rec['controls']['prompted']['hits']}; random features: "
                 f"{rec['controls']['random']['hits']}).")
-    ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl,
+    ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
           "task": rec["task"], "condition": cond, "layer": graph.seed.layer, "samples": 2,
           "max_new_tokens": max_new_tokens}
     if rec["task"] == "activate":
@@ -252,19 +256,23 @@ def main(argv: list[str] | None = None) -> int:
             rec["controls"] = controls_for(bundle, rec, fid, setting, n_tok)
             graph = build_flow_graph(bundle, fid)
             span = graph.l_end - graph.l_start + 1
-            rec["shipped"] = hits >= MIN_HITS and span >= MIN_SPAN
+            margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
+            rec["shipped"] = hits >= MIN_HITS and span >= MIN_SPAN and margin > 0
             if rec["shipped"]:
-                margin = hits - rec["controls"]["random"]["hits"]
-                examples.append((margin, example_json(rec, fid, setting, graph, n_tok)))
+                examples.append((margin, example_json(rec, fid, setting, graph, n_tok, bundle.preset.name)))
         records.append(rec)
         rules = {"max_perplexity": MAX_PPL, "min_distinct_2": MIN_DISTINCT2, "min_hits": MIN_HITS, "min_span": MIN_SPAN}
         (out / "sweep.json").write_text(json.dumps({"preset": bundle.preset.name, "seeds": SEEDS, "rules": rules,
                                                     "themes": records}, indent=1))
-    # most convincing first: largest margin over the random control (removal last)
+    # most convincing first: largest margin over the unsteered model and the random control
     acts = sorted([e for e in examples if e[1]["task"] == "activate"], key=lambda e: -e[0])
     rems = [e for e in examples if e[1]["task"] == "remove"]
     path = a.examples or ASSETS / "demo_examples.json"
-    path.write_text(json.dumps({"examples": [e[1] for e in acts + rems],
+    # examples of other presets, and (on a partial run) of themes not swept now, are kept
+    swept = {r["title"] for r in records}
+    old = json.loads(path.read_text()).get("examples", []) if path.is_file() else []
+    keep = [e for e in old if e.get("preset", "default") != bundle.preset.name or (wanted and e["title"] not in swept)]
+    path.write_text(json.dumps({"examples": [e[1] for e in acts + rems] + keep,
                                 "evidence": f"results/{bundle.preset.name}/demo/sweep.json"}, indent=1) + "\n")
     summary = [{"title": r["title"], "chosen": r.get("chosen"), "unsteered": r["baseline_hits"],
                 "prompted": r.get("controls", {}).get("prompted", {}).get("hits"),

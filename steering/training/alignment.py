@@ -17,7 +17,7 @@ and beside a chance level, because a cosine alone says little (paper §3.2 match
   with R_l's SAE and report the FVE against R_l. It uses the data and the match tables only,
   not how the SAEs were initialised. Baselines: the same with each code moved to a random
   feature (chance), and R_{l-1} itself used as the prediction of R_l (how slowly the residual
-  stream changes; a ceiling for any transfer).
+  stream changes; a reference, not a bound).
 - **FVE per domain** of every SAE (1 - SSE / total variance about the domain's mean).
 
 The causal check (Table 1 success at r = 0) is `python -m steering.experiments deactivation`.
@@ -104,8 +104,11 @@ def report(bundle: Bundle, tokens_per_domain: int = 2048, span_seeds: int = 48, 
             acts[dom] = capture(bundle, domain_texts(dom), tokens_per_domain)
         except FileNotFoundError as e:
             log.warning("domain %s skipped: %s", dom, e)
+    if not acts:
+        raise FileNotFoundError(f"none of the domains {', '.join(domains)} is installed; "
+                                "run scripts/install_corpora.sh")
     mixed = {k: torch.cat([a[k] for a in acts.values()]) for k in next(iter(acts.values()))}
-    codes = {k: bundle.encode(*k, x) for k, x in tqdm(mixed.items(), desc="encode")}
+    codes = {k: bundle.encode(*k, x.to(bundle.device)).cpu() for k, x in tqdm(mixed.items(), desc="encode")}
 
     tokens = {dom: int(a[(L[0], "res")].shape[0]) for dom, a in acts.items()}
     out: dict = {"preset": bundle.preset.name, "tokens": tokens, "t_res": T_RES, "layers": {}}
@@ -157,7 +160,7 @@ def report(bundle: Bundle, tokens_per_domain: int = 2048, span_seeds: int = 48, 
             row["fve"][site] = {}
             for dom, a in acts.items():
                 x = a[(l, site)]
-                x_hat = sae.decode(bundle.encode(l, site, x).to(sae.W_dec.dtype)).float().cpu()
+                x_hat = sae.decode(bundle.encode(l, site, x.to(bundle.device)).to(sae.W_dec.dtype)).float().cpu()
                 row["fve"][site][dom] = round(fve(x, x_hat), 4)
         out["layers"][l] = row
     out["summary"] = summarize(out)

@@ -104,6 +104,7 @@ class TrainConfig:
             raise ValueError(f"init must be 'shared' or 'independent', got {self.init!r}")
         if isinstance(self.k, int):
             self.k = {s: self.k for s in self.widths}
+        self.k = {**{s: 48 for s in self.widths}, **self.k}  # sites not named keep the default k
         for s in self.widths:
             if s not in SITES:
                 raise ValueError(f"unknown site {s!r} in widths; valid: {', '.join(SITES)}")
@@ -115,9 +116,12 @@ class TrainConfig:
         if self.backend not in ("dense", "sparse"):
             raise ValueError(f"backend must be dense or sparse, got {self.backend!r}")
 
-    def key(self) -> str:
-        """Hash of everything but the budget: a resumed run must train the same thing."""
+    def key(self, corpus_tokens: dict | None = None) -> str:
+        """Hash of everything but the budget (and of the corpus' token counts): a resumed run must
+        train the same thing on the same text."""
         d = {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "checkpoint_minutes")}
+        if corpus_tokens:
+            d["corpus_tokens"] = corpus_tokens
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -311,7 +315,7 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
     enc_dtype = getattr(torch, cfg.enc_dtype)
     stream = TokenStream(tok, cfg.mix, cfg.ctx, cfg.seed)
     saes = {s: StackedTopK(L, d, cfg.widths[s], cfg.k[s]).to(dev) for s in sites}
-    ckpt = (ckpt_dir or cache_dir() / "training" / cfg.key()) / "ckpt.pt"
+    ckpt = (ckpt_dir or cache_dir() / "training" / cfg.key(stream.token_counts)) / "ckpt.pt"
     state = torch.load(ckpt, map_location=dev, weights_only=False) if ckpt.is_file() else None
 
     if state is None:
@@ -334,9 +338,9 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
                 buf[s].copy_(state[name][s])
         scale = state["scale"]
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())  # RNG states are CPU tensors even when training on a GPU
         stream.rng.setstate(state["stream_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         log.info("resumed %s at step %d (%d tokens, %.1f min)", ckpt, step, tokens_seen, elapsed / 60)
     t0, last_ckpt = time.time() - elapsed, time.time()
 
@@ -405,7 +409,7 @@ def _resample(sae: StackedTopK, opt, fired: torch.Tensor, x, x_hat, gen) -> None
         dead = (fired[i] == 0).nonzero().flatten()
         if len(dead) == 0:
             continue
-        pick = torch.multinomial(err[i], len(dead), replacement=True, generator=gen)
+        pick = torch.multinomial(err[i].cpu(), len(dead), replacement=True, generator=gen).to(x.device)
         dirs = x[i, pick] - x_hat[i, pick]
         dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n_dead, d]
         sae.W_dec[i, dead] = dirs
