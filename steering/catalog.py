@@ -755,8 +755,8 @@ class Catalog:
         (0.4 + 0.6 x min(1, 2 x its share of the top activations)), tag 2.5, context words 1 x share
         of contexts that contain it, promoted tokens 0.8); fields and query words add up,
         multiplied by the share of query words matched and by a specificity factor
-        1 / (1 + 10 x firing frequency). Features matched in a label, top token or tag rank above
-        those matched only in promoted tokens or contexts.
+        1 / (1 + 10 x firing frequency), and doubled for features matched in a label, top token or
+        tag (not only in promoted tokens or contexts). Hits are sorted by that score.
         Each query word also matches its related words (``related``, MiniLM neighbours stored at
         build time; shown as ``≈word``) at RELATED_WEIGHT x similarity. A feature id
         (``12/res/4111``) as query returns that feature.
@@ -804,11 +804,12 @@ class Catalog:
             specificity = 1.0 / (1.0 + 10.0 * cols["freq"][i])
             strong = any(f.split()[0] in _STRONG for flds in m.values() for f in flds)
             why = [f"{w} ({', '.join(sorted(flds))})" for w, flds in m.items()]
-            hits.append((strong, round(s * coverage * specificity, 4), -cols["freq"][i],
-                         Hit(f"{layer}/{site}/{i}", cols["label"][i], round(s * coverage * specificity, 4), why,
-                             cols["max"][i], cols["freq"][i])))
-        hits.sort(key=lambda h: (h[0], h[1], h[2]), reverse=True)
-        return [h[3] for h in hits[:k]]
+            # a match in a label, top token or tag counts double, so the shown score is the ranking
+            total = round(s * coverage * specificity * (2.0 if strong else 1.0), 4)
+            hits.append((total, -cols["freq"][i],
+                         Hit(f"{layer}/{site}/{i}", cols["label"][i], total, why, cols["max"][i], cols["freq"][i])))
+        hits.sort(key=lambda h: (h[0], h[1]), reverse=True)
+        return [h[2] for h in hits[:k]]
 
 
 def _feature_terms(cols: dict, i: int, common: set[str] = frozenset()) -> dict[tuple[str, str], float]:

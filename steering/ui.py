@@ -209,7 +209,11 @@ class Playground:
         """Rows [feature, label, score, matched words] of the catalog search (res features)."""
         if self.catalog is None:
             raise ValueError("this preset has no feature catalog: pick a feature by id (layer/site/index)")
-        return [[h.feature, h.label, round(h.score, 2), ", ".join(h.matched)] for h in self.catalog.search(query, k)]
+        hits = self.catalog.search(query, k)
+        if not hits:
+            raise ValueError(f"search query {query.strip()[:80]!r}: no feature of this model matches it; try a "
+                             "related everyday word, or type a sentence in 'Which features fire?'")
+        return [[h.feature, h.label, round(h.score, 2), ", ".join(h.matched)] for h in hits]
 
     def text_features(self, text: str, k: int = 10) -> tuple[list[tuple[str, str | None]], list[list]]:
         """Tokens tagged with their strongest feature, and rows [feature, label, max activation in units

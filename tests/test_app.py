@@ -273,6 +273,7 @@ def test_steer_controls_columns_and_record(client):
     """Both controls run beside the steered text, are scored, and land in the run record."""
     out = client.predict(*steer_args(controls=["prompt", "random"], samples=2), api_name="/steer")
     record, ctrl = out[5], out[6]
+    ctrl = ctrl["value"] if isinstance(ctrl, dict) else ctrl  # a gr.update (value + visible)
     assert "Control: asking the model" in ctrl and "Control: random directions" in ctrl
     variants = {g["variant"] for g in record["generations"]}
     assert {"unsteered", "steered", "prompted", "random"} <= variants
