@@ -233,7 +233,13 @@ def cmd_steer(args) -> dict:
     from .features import parse_feature
     from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
 
-    parse_feature(args.feature)
+    seeds_f = [x.strip() for x in args.feature.split(",") if x.strip()]  # a seed set (paper App. B.1)
+    if not seeds_f:
+        raise ValueError("feature: give a feature id layer/site/index, or several separated by commas")
+    for f in seeds_f:
+        parse_feature(f)
+    if len(seeds_f) > 1 and args.layer is not None:
+        raise ValueError("--layer applies to one seed feature; with a seed set each graph uses its seed's layer")
     if args.mode not in CONDITIONS:
         raise ValueError(f"unknown --mode {args.mode!r}; valid: {', '.join(CONDITIONS)}")
     if args.schedule not in SCHEDULES:
@@ -254,18 +260,25 @@ def cmd_steer(args) -> dict:
     if "prompt" in controls and not theme:
         raise ValueError("--controls prompt needs --theme (what the prompting baseline asks for)")
     bundle = load_bundle(args)
-    if args.mode == "baseline":  # the seed feature alone: no flow graph needed
-        from .graph import FlowGraph, FlowNode
+    graphs = []
+    for f in seeds_f:
+        if args.mode == "baseline":  # the seed feature alone: no flow graph needed
+            from .graph import FlowGraph, FlowNode
 
-        seed = parse_feature(args.feature, bundle)
-        graph = FlowGraph(seed, [FlowNode(seed, 1.0, "seed")], [], seed.layer, seed.layer)
-    else:
-        from .flow import build_flow_graph  # lazy: the flow engine is heavier than generation
+            seed = parse_feature(f, bundle)
+            graphs.append(FlowGraph(seed, [FlowNode(seed, 1.0, "seed")], [], seed.layer, seed.layer))
+        else:
+            from .flow import build_flow_graph  # lazy: the flow engine is heavier than generation
 
-        graph = build_flow_graph(bundle, args.feature, t_res=args.t_res, t_module=args.t_module)
+            graphs.append(build_flow_graph(bundle, f, t_res=args.t_res, t_module=args.t_module))
     remove = args.task == "remove"
-    specs = plan(graph, args.mode, args.layer, v["r"] if remove else v["strength"], args.schedule, v["alpha"],
-                 v["s_end"], mode="rescale" if remove else "add")
+    specs, seen = [], set()
+    for graph in graphs:  # the union of the seeds' plans; a node shared by two graphs is steered once
+        for s in plan(graph, args.mode, args.layer, v["r"] if remove else v["strength"], args.schedule, v["alpha"],
+                      v["s_end"], mode="rescale" if remove else "add"):
+            if s.feature not in seen:
+                seen.add(s.feature)
+                specs.append(s)
     gens = generate_with_controls(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, controls,
                                   theme, args.task, max_new_tokens=v["max_new_tokens"],
                                   temperature=v["temperature"], top_p=v["top_p"], chat=args.chat)
@@ -279,7 +292,9 @@ def cmd_steer(args) -> dict:
            "baseline": texts("baseline"), "steered": texts("steered"),
            "schedule": schedule_table(specs, bundle), "seeds": seeds,
            "metrics": {name: [g.metrics for g in gs] for name, gs in by.items()},
-           "flow": {"l_start": graph.l_start, "l_end": graph.l_end, "t_res": args.t_res, "t_module": args.t_module}}
+           "flow": {"l_start": graphs[0].l_start, "l_end": graphs[0].l_end, "t_res": args.t_res,
+                    "t_module": args.t_module,
+                    "graphs": [{"seed": str(g.seed), "l_start": g.l_start, "l_end": g.l_end} for g in graphs]}}
     if controls:
         out["controls"] = {name: texts(name) for name in ("prompted", "random") if name in by}  # like baseline
     if theme:
@@ -300,7 +315,8 @@ def cmd_steer(args) -> dict:
 
 def register(sub, common) -> None:
     p = sub.add_parser("steer", parents=[common], help="generate unsteered vs steered text (paper §5.3)")
-    p.add_argument("feature", help="seed feature id layer/site/index, e.g. 12/res/4111")
+    p.add_argument("feature", help="seed feature id layer/site/index, e.g. 12/res/4111, or a seed set "
+                   "separated by commas (their flow graphs are merged, as in the paper's removal)")
     p.add_argument("--task", default="activate", choices=list(TASK_DEFAULTS),
                    help="activate: add the features; remove: rescale them by --r (default: %(default)s)")
     p.add_argument("--mode", default="cumulative",

@@ -246,3 +246,13 @@ def test_random_control_matches_norms_not_directions(tiny_bundle):
     removal = [SteerSpec(FeatureId(1, "res", 3), 0.0, "rescale")]
     ctrl = random_control(tiny_bundle, removal)[0]
     assert ctrl.feature.layer == 1 and ctrl.feature.site == "res" and ctrl.feature.index != 3
+
+
+def test_cli_seed_set_merges_the_graphs(tiny_llama_preset, capsys):
+    code = main(["steer", "1/res/3,2/res/5", "--preset", str(tiny_llama_preset), "--task", "remove", "--mode",
+                 "cumulative", "--t-res", "0", "--max-new-tokens", "3", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [g["seed"] for g in out["flow"]["graphs"]] == ["1/res/3", "2/res/5"]
+    feats = [r["feature"] for r in out["schedule"]]
+    assert len(feats) == len(set(feats)) and {"1/res/3", "2/res/5"} <= set(feats)
