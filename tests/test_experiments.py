@@ -10,7 +10,7 @@ import pytest
 from steering.experiments import common
 from steering.experiments.__main__ import main
 from steering.groups import GROUPS, SINGLE_GROUPS
-from steering.training.corpus import DOMAINS
+from steering.experiments.groups import PAPER_DOMAINS as DOMAINS  # the default domains of `groups`
 
 THEMES = ["--theme", "1/res/5=weddings and marriage", "--theme", "2/res/7=religion",
           "--removal-theme", "1/res/9=physics", "--t-res", "0"]
