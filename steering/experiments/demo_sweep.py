@@ -2,9 +2,10 @@
 
     python -m steering.experiments.demo_sweep --preset default          # ~15 min on 2 CPU cores
 
-For each theme a lay audience knows, candidate residual features come from the catalog search
-(the theme's word) and from the text probe (features most active, relative to their typical
-activation, on a sentence about the theme). Each candidate is swept over condition (baseline =
+For each theme a lay audience knows, candidate residual features come from the logit lens (the
+features whose decoder direction most raises the theme's words in the output, `lens_candidates`)
+and from the catalog search (the theme's word); the text probe (features most active on a sentence
+about the theme) is an option (``n_probe``). Each candidate is swept over condition (baseline =
 the seed feature alone, single = its flow-graph nodes at its layer, cumulative = the graph from
 l_start to its layer with the exponential schedule, paper §5.3 / App. B.2) and strength, with 8
 seeds at the paper's sampling settings (prompt "I think ", 36 tokens, T = 1.27, top-p 0.7).
@@ -41,8 +42,10 @@ MIN_DISTINCT2 = 0.6
 MIN_HITS = 6
 MIN_SPAN = 2
 ALPHA = -0.05  # paper App. B.2
-GRID = [("baseline", 8.0), ("baseline", 16.0), ("single", 8.0), ("single", 16.0),
-        ("cumulative", 4.0), ("cumulative", 8.0)]
+# Strengths in multiples of each feature's typical activation. A cumulative run adds one aligned
+# direction per layer of a graph that spans ~20 layers, so it needs a far smaller s than one feature.
+GRID = [("baseline", 4.0), ("baseline", 8.0), ("single", 4.0), ("single", 8.0),
+        ("cumulative", 0.5), ("cumulative", 1.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
 
 THEMES = {
@@ -110,17 +113,47 @@ def judge_samples(gens, words: set[str], task: str) -> list[dict]:
     return out
 
 
-def candidates(bundle, catalog, spec: dict, n_search: int = 2, n_probe: int = 1) -> list[str]:
+def lens_candidates(bundle, words: set[str], n: int = 2) -> list[str]:
+    """Residual features whose decoder direction, read through the unembedding (logit lens: W_U
+    (g * d_f), as `catalog.promoted_tokens`), most raises the theme's words: the output side of a
+    feature, which is what steering acts through. One best feature per layer from the middle third
+    on, then the ``n`` best of those."""
+    import torch
+
+    tok = bundle.tokenizer
+    ids = sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"][:1]})
+    model = bundle.model
+    W_U = model.get_output_embeddings().weight.detach().float().cpu()[ids]  # [n_words, d_model]
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    g = norm.weight.detach().float().cpu() if norm is not None else torch.ones(bundle.d_model)
+    if bundle.preset.arch == "gemma2":
+        g = 1.0 + g
+    W_all = model.get_output_embeddings().weight.detach().float().cpu()
+    best = []
+    for layer in range(bundle.n_layers // 3, bundle.n_layers - 2):
+        if (layer, "res") not in bundle.saes:
+            continue
+        dec = bundle.decoder(layer, "res") * g  # [w, d_model]
+        theme = (dec @ W_U.T).mean(-1)  # [w]
+        spread = (dec @ W_all[:: max(1, len(W_all) // 4096)].T).std(-1).clamp_min(1e-6)  # [w] vs typical tokens
+        z = theme / spread
+        i = int(z.argmax())
+        best.append((float(z[i]), f"{layer}/res/{i}"))
+    return [fid for _, fid in sorted(best, reverse=True)[:n]]
+
+
+def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_probe: int = 0, n_lens: int = 2) -> list[str]:
     from ..catalog import features_for_text
 
-    out: list[str] = []
+    out: list[str] = lens_candidates(bundle, set(spec["words"].split()), n_lens)
     # the first and last layers hold few themes (token identity, next-token form)
     lo, hi = (2, bundle.n_layers - 3) if bundle.n_layers >= 8 else (0, bundle.n_layers - 1)
     if catalog is not None:
         out += [h.feature for h in catalog.search(spec["query"], 20)
                 if lo <= int(h.feature.split("/")[0]) <= hi][:n_search]
-    probe = features_for_text(bundle, spec["probe"], k=20)
-    out += [fid for fid, _, _ in probe["top"] if lo <= int(fid.split("/")[0]) <= hi][:n_probe]
+    if n_probe:
+        probe = features_for_text(bundle, spec["probe"], k=20)
+        out += [fid for fid, _, _ in probe["top"] if lo <= int(fid.split("/")[0]) <= hi][:n_probe]
     return list(dict.fromkeys(out))
 
 
