@@ -15,9 +15,11 @@ A sample is a **hit** when it is on theme and readable, by rules a reader can ch
 - readable: perplexity under the unsteered model <= MAX_PPL and distinct-2 >= MIN_DISTINCT2.
 For removal (the paper's physics prompt, App. B.1) a hit is a readable sample with no theme word.
 
-The chosen setting per theme is the one with most hits (ties: the weaker push). It is shipped only
-when it reaches MIN_HITS of 8, beats both the unsteered model and the random control, and its flow
-graph spans at least 2 layers; the same 8 seeds are then
+The chosen setting per theme is the one with most hits (ties: the weaker push). It counts as
+shipped (convincing) only when it reaches MIN_HITS of 8, beats both the unsteered model and the
+random control, and its flow graph spans at least 2 layers; every theme's chosen setting becomes a
+curated example, convincing ones first, the others with an explanation that says plainly that
+steering did not beat the controls. The same 8 seeds are
 run for the two controls (`steering.controls`: asking the model, and norm-matched random
 directions) and for the unsteered model, all recorded in ``results/<preset>/demo/sweep.json``.
 """
@@ -232,10 +234,13 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
                 f"{rec['controls']['prompted']['hits']}; random directions of the same size: "
                 f"{rec['controls']['random']['hits']}).")
     else:
+        what = what.replace(", weaker at later layers", "")  # r is the same at every layer
         expl = (f"The prompt asks about physics. Scaling the physics feature by r = {float(s):g} along {what} "
                 f"kept physics words out of {n_hits} of 8 readable samples (unsteered: {rec['baseline_hits']} of 8; "
                 f"asking the model not to: {rec['controls']['prompted']['hits']}; random features: "
                 f"{rec['controls']['random']['hits']}).")
+    if not rec.get("shipped"):
+        expl = "Honest result: here steering did not beat the controls. " + expl
     ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
           "task": rec["task"], "condition": cond, "layer": graph.seed.layer, "samples": 2,
           "max_new_tokens": max_new_tokens}
@@ -254,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="demo examples file (default: assets/demo_examples.json)")
     p.add_argument("--themes", default="", help="comma list of theme titles (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=36)
+    p.add_argument("--rewrite-examples", action="store_true",
+                   help="no generation: rebuild the examples file from the recorded sweep.json")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from ..bundle import Bundle
@@ -277,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     if not wanted or REMOVAL["title"] in wanted:
         jobs.append((REMOVAL["title"], REMOVAL, "remove"))
     records, examples = [], []
+    if a.rewrite_examples:  # only rebuild the examples file from the recorded evidence
+        records = json.loads((out / "sweep.json").read_text())["themes"]
+        jobs = []
+    for rec in records:
+        if rec.get("chosen"):
+            graph = build_flow_graph(bundle, rec["chosen"]["feature"])
+            margin = rec["chosen"]["hits"] - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
+            n_tok = a.max_new_tokens if rec["task"] == "activate" else 64
+            examples.append((margin, example_json(rec, rec["chosen"]["feature"], rec["chosen"]["setting"], graph,
+                                                  n_tok, bundle.preset.name)))
     for title, spec, task in tqdm(jobs, desc="themes"):
         prompt = TASK_DEFAULTS[task]["prompt"]
         n_tok = a.max_new_tokens if task == "activate" else 64
@@ -291,18 +308,19 @@ def main(argv: list[str] | None = None) -> int:
             span = graph.l_end - graph.l_start + 1
             margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
             rec["shipped"] = hits >= MIN_HITS and span >= MIN_SPAN and margin > 0
-            if rec["shipped"]:
-                examples.append((margin, example_json(rec, fid, setting, graph, n_tok, bundle.preset.name)))
+            # every theme's best setting is shown; those that did not beat the controls say so
+            examples.append((margin, example_json(rec, fid, setting, graph, n_tok, bundle.preset.name)))
         records.append(rec)
         rules = {"max_perplexity": MAX_PPL, "min_distinct_2": MIN_DISTINCT2, "min_hits": MIN_HITS, "min_span": MIN_SPAN}
         (out / "sweep.json").write_text(json.dumps({"preset": bundle.preset.name, "seeds": SEEDS, "rules": rules,
                                                     "themes": records}, indent=1))
     # most convincing first: largest margin over the unsteered model and the random control
     acts = sorted([e for e in examples if e[1]["task"] == "activate"], key=lambda e: -e[0])
+    swept_now = {e[1]["title"] for e in examples}
     rems = [e for e in examples if e[1]["task"] == "remove"]
     path = a.examples or ASSETS / "demo_examples.json"
     # examples of other presets, and (on a partial run) of themes not swept now, are kept
-    swept = {r["title"] for r in records}
+    swept = {r["title"] for r in records} | swept_now
     old = json.loads(path.read_text()).get("examples", []) if path.is_file() else []
     keep = [e for e in old if e.get("preset", "default") != bundle.preset.name or (wanted and e["title"] not in swept)]
     path.write_text(json.dumps({"examples": [e[1] for e in acts + rems] + keep,
