@@ -132,7 +132,8 @@ def lens_candidates(bundle, words: set[str], n: int = 2) -> list[str]:
         g = 1.0 + g
     W_all = model.get_output_embeddings().weight.detach().float().cpu()
     best = []
-    for layer in range(bundle.n_layers // 3, bundle.n_layers - 2):
+    n = bundle.n_layers
+    for layer in (range(n // 3, n - 2) if n >= 8 else range(n)):
         if (layer, "res") not in bundle.saes:
             continue
         dec = bundle.decoder(layer, "res") * g  # [w, d_model]
