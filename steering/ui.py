@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +368,8 @@ class Playground:
             if g.variant != variant:
                 continue
             text = _escape(g.text.strip()).replace("⏎", " ⏎ ") or "(empty)"  # verbatim, never Markdown
+            text = re.sub(r"^(\d+)\.", r"\1\\.", text)  # "010. What" is text, not a numbered list
+            text = re.sub(r"^([-+])", r"\\\1", text)
             lines.append(f"**seed {g.seed}**\n\n> {text}\n")
             if s.available:
                 tag = "offline fallback judge" if s.offline else s.judge

@@ -127,7 +127,8 @@ def test_open_example_in_playground_and_pick_a_token(browser, live_app):
     pg = page.page
     pg.locator("#demo-open").click()  # the demo's settings land in the Playground tab
     tab = pg.get_by_role("tab", name="Playground")
-    pg.wait_for_function("() => document.querySelector('#feature-id textarea, #feature-id input').value === '1/res/3'")
+    # null-safe: the Playground tab may render after the click returns
+    pg.wait_for_function("() => document.querySelector('#feature-id textarea, #feature-id input')?.value === '1/res/3'")
     assert tab.get_attribute("aria-selected") == "true"
     pg.locator("#probe-box textarea, #probe-box input").first.fill("the bride and the groom")
     pg.locator("#probe-btn").click()
@@ -135,7 +136,7 @@ def test_open_example_in_playground_and_pick_a_token(browser, live_app):
     token.wait_for()
     tagged = token.locator(".label").text_content().strip()  # inner_text is upper-cased by CSS
     token.click()  # clicking a token picks the feature it is tagged with
-    pg.wait_for_function("(v) => document.querySelector('#feature-id textarea, #feature-id input').value === v",
+    pg.wait_for_function("(v) => document.querySelector('#feature-id textarea, #feature-id input')?.value === v",
                          arg=tagged)
     page.wait_text("feature-card", re.escape(tagged))
     assert page.external == []
