@@ -391,16 +391,23 @@ def context_windows(seqs: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, bo
 
 
 @torch.no_grad()
-def promoted_tokens(bundle, layer: int, site: str, k: int = N_PROMOTED, chunk: int = 512) -> torch.Tensor:
-    """Logit lens of every decoder direction: the top-k token ids of W_U (g * d_f), where g is
-    the final norm's scale ((1 + w) for Gemma). This ranks tokens exactly like
-    lm_head(final_norm(d_f)): RMSNorm of one vector only adds a positive factor.  # [d_sae, k]"""
+def unembedding(bundle) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_U [vocab, d_model] and the final norm's scale g [d_model] ((1 + w) for Gemma), float32 on
+    CPU: the logit lens of a direction d ranks tokens by W_U (g * d)."""
     model = bundle.model
     W_U = model.get_output_embeddings().weight.detach().float().cpu()  # [vocab, d_model]
     norm = getattr(getattr(model, "model", model), "norm", None)
     g = norm.weight.detach().float().cpu() if norm is not None else torch.ones(bundle.d_model)  # [d_model]
     if bundle.preset.arch == "gemma2":
         g = 1.0 + g
+    return W_U, g
+
+
+def promoted_tokens(bundle, layer: int, site: str, k: int = N_PROMOTED, chunk: int = 512) -> torch.Tensor:
+    """Logit lens of every decoder direction: the top-k token ids of W_U (g * d_f), where g is
+    the final norm's scale ((1 + w) for Gemma). This ranks tokens exactly like
+    lm_head(final_norm(d_f)): RMSNorm of one vector only adds a positive factor.  # [d_sae, k]"""
+    W_U, g = unembedding(bundle)
     dec = bundle.decoder(layer, site) * g  # [d_sae, d_model]
     return torch.cat([(dec[i:i + chunk] @ W_U.T).topk(k, dim=-1).indices for i in range(0, len(dec), chunk)])
 

@@ -68,3 +68,8 @@ def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path
     assert {"prompted", "random"} == set(food["controls"])
     ex = json.loads((tmp_path / "ex.json").read_text())
     assert ex["examples"] == [] or ex["examples"][0]["title"] == "Food"  # shipped only if >= 6 of 8 hit
+
+
+def test_lens_candidates_returns_at_most_n_residual_features(tiny_bundle):
+    got = D.lens_candidates(tiny_bundle, {"food", "cake"}, n=2)
+    assert 1 <= len(got) <= 2 and all(f.split("/")[1] == "res" for f in got)

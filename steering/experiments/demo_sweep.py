@@ -120,20 +120,15 @@ def lens_candidates(bundle, words: set[str], n: int = 2) -> list[str]:
     (g * d_f), as `catalog.promoted_tokens`), most raises the theme's words: the output side of a
     feature, which is what steering acts through. One best feature per layer from the middle third
     on, then the ``n`` best of those."""
-    import torch
+    from ..catalog import unembedding
 
     tok = bundle.tokenizer
     ids = sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"][:1]})
-    model = bundle.model
-    W_U = model.get_output_embeddings().weight.detach().float().cpu()[ids]  # [n_words, d_model]
-    norm = getattr(getattr(model, "model", model), "norm", None)
-    g = norm.weight.detach().float().cpu() if norm is not None else torch.ones(bundle.d_model)
-    if bundle.preset.arch == "gemma2":
-        g = 1.0 + g
-    W_all = model.get_output_embeddings().weight.detach().float().cpu()
+    W_all, g = unembedding(bundle)  # [vocab, d_model], [d_model]
+    W_U = W_all[ids]  # [n_words, d_model]
     best = []
-    n = bundle.n_layers
-    for layer in (range(n // 3, n - 2) if n >= 8 else range(n)):
+    n_layers = bundle.n_layers
+    for layer in (range(n_layers // 3, n_layers - 2) if n_layers >= 8 else range(n_layers)):
         if (layer, "res") not in bundle.saes:
             continue
         dec = bundle.decoder(layer, "res") * g  # [w, d_model]
