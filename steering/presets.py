@@ -200,17 +200,7 @@ LLAMA_3_1_8B = Preset(
     neuronpedia="llama3.1-8b",
 )
 
-# The SAEs shipped before issue 16 (independent initialisation per layer, 459k tokens): kept for one
-# submission as the "before" of docs/saes.md, then removed (a replacement in the same submission
-# would exceed the submission's size limit).
-DEFAULT_V1 = replace(
-    DEFAULT, name="default-v1",
-    description="SmolLM2-135M-Instruct + the first, unaligned SAEs (comparison only)",
-    saes={site: SaeSource("local", path=f"saes/{site}/layer_{{layer}}") for site in SITES},
-    notes="The SAEs shipped before issue 16: independently initialised per layer, not aligned "
-    "across layers. Kept for before/after comparisons.")
-
-PRESETS: dict[str, Preset] = {p.name: p for p in (DEFAULT, GEMMA_2_2B, LLAMA_3_1_8B, DEFAULT_V1)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (DEFAULT, GEMMA_2_2B, LLAMA_3_1_8B)}
 
 
 def get_preset(name_or_path: str | Path) -> Preset:

@@ -17,11 +17,7 @@ def test_default_bundle_loads_all_90_saes_within_budget(default_bundle):
     b = default_bundle
     assert len(b.saes) == 90 and b.width(12, "res") == 1024 and b.width(12, "mlp") == 384
     assets = Path(__file__).resolve().parent.parent / "assets"
-    # assets/saes holds the v1 SAEs (preset default-v1), kept for one submission as the "before"
-    # of docs/saes.md: deleting them in the same submission as adding v2 exceeds the submission's
-    # diff limit. The budget is for what the default preset ships.
-    legacy = assets / "saes"
-    sizes = [p.stat().st_size for p in assets.rglob("*") if p.is_file() and legacy not in p.parents]
+    sizes = [p.stat().st_size for p in assets.rglob("*") if p.is_file()]
     assert sum(sizes) <= 200e6 and max(sizes) <= 50e6
 
 

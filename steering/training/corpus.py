@@ -15,7 +15,7 @@ All installed by scripts/install_corpora.sh:
   health, ...), written by the default model's instruct variant from a seeded grid of prompts
   (steering/training/everyday.py); made by ``python -m steering.training.everyday``.
 
-Token counts are written by the training run into ``assets/saes/train_config.json``.
+Token counts are written by the training run into ``assets/saes_v2/train_config.json``.
 Documents are split deterministically into train / held-out (every 50th document held out).
 """
 
@@ -122,6 +122,22 @@ def load_domain(domain: str, split: str = "train") -> list[str]:
         return docs
     keep = (lambda i: i % HELD_OUT_EVERY == 0) if split == "heldout" else (lambda i: i % HELD_OUT_EVERY != 0)
     return [d for i, d in enumerate(docs) if keep(i)]
+
+
+def available(domains: tuple[str, ...] = DOMAINS) -> tuple[str, ...]:
+    """The domains whose texts are on this machine. Only the generated ``everyday`` texts may be
+    missing (they are made by a command, not installed); a missing domain is logged."""
+    out = []
+    for d in domains:
+        try:
+            LOADERS[d]()
+        except FileNotFoundError as e:
+            if d != "everyday":
+                raise
+            log.warning("skipping domain %s: %s", d, e)
+            continue
+        out.append(d)
+    return tuple(out)
 
 
 def sample_texts(domain: str, n: int, seed: int = 0, split: str = "heldout",

@@ -1,6 +1,6 @@
 """Quality report for a preset's SAEs on held-out text (issue 4).
 
-    python -m steering.training.evaluate --preset default --out assets/saes/report.json
+    python -m steering.training.evaluate --preset default --out assets/saes_v2/report.json
 
 Per SAE (every position except attention sinks: position 0 and any found by residual norm,
 `steering.sinks`):
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 def heldout_batches(tokenizer, n_seqs: int, ctx: int = 128, seed: int = 1) -> torch.Tensor:
     """[n_seqs, ctx] token ids from held-out documents of the four domains, interleaved."""
     rows: list[torch.Tensor] = []
-    per = -(-n_seqs // len(corpus.DOMAINS))
-    for domain in corpus.DOMAINS:
+    domains = corpus.available()
+    per = -(-n_seqs // len(domains))
+    for domain in domains:
         ids: list[int] = []
         for doc in corpus.sample_texts(domain, 400, seed=seed, split="heldout", min_chars=0):
             ids += tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]
@@ -141,7 +142,7 @@ def markdown_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Quality report of a preset's SAEs on held-out text")
     p.add_argument("--preset", default="default")
-    p.add_argument("--out", type=Path, default=Path("assets/saes/report.json"))
+    p.add_argument("--out", type=Path, default=Path("assets/saes_v2/report.json"))
     p.add_argument("--dead-tokens", type=int, default=32768)
     p.add_argument("--fit-tokens", type=int, default=8192)
     p.add_argument("--ce-tokens", type=int, default=2048)
