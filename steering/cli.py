@@ -65,8 +65,13 @@ def _register_catalog(sub, common):
     register(sub, common)
 
 
+def _register_export(sub, common):
+    from .export import register
+    register(sub, common)
+
+
 # Subcommands defined beside the code they drive register themselves here.
-_REGISTER: list = [_register_flow, _register_steer, _register_catalog]
+_REGISTER: list = [_register_flow, _register_steer, _register_catalog, _register_export]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,10 +228,11 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
 
 # ---- CLI: python -m steering steer ----------------------------------------------------------
 
-def cmd_steer(args) -> dict:
-    from .cli import load_bundle
+def check_steer_cli(args) -> tuple[list[str], dict]:
+    """Validate the steer options shared by ``steer`` and ``export`` (no model needed): the seed
+    features and the checked numbers ``v`` (`limits.check_steer_args`)."""
     from .features import parse_feature
-    from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
+    from .steer import CONDITIONS, SCHEDULES
 
     seeds_f = [x.strip() for x in args.feature.split(",") if x.strip()]  # a seed set (paper App. B.1)
     if not seeds_f:
@@ -251,15 +252,15 @@ def cmd_steer(args) -> dict:
         strength=args.strength, alpha=args.alpha, s_end=args.s_end, r=args.r, samples=args.samples, seed=args.seed,
         max_new_tokens=args.max_new_tokens or defaults["max_new_tokens"], temperature=args.temperature,
         top_p=args.top_p, prompt=defaults["prompt"] if args.prompt is None else args.prompt)
-    seeds = [v["seed"] + i for i in range(v["samples"])]
-    limits.check_int("--seed + --samples - 1", seeds[-1], 0, limits.MAX_SEED)
-    from .controls import generate_with_controls, parse_controls
+    return seeds_f, v
 
-    controls = parse_controls(args.controls)
-    theme = limits.clean_text("--theme", args.theme, 300) if args.theme else ""
-    if "prompt" in controls and not theme:
-        raise ValueError("--controls prompt needs --theme (what the prompting baseline asks for)")
-    bundle = load_bundle(args)
+
+def steer_plan(bundle, args, seeds_f: list[str], v: dict) -> tuple[list, list[SteerSpec]]:
+    """The flow graphs of the seed features and the union of their plans (a node shared by two
+    graphs is steered once): what ``steer`` applies and ``export`` writes out."""
+    from .features import parse_feature
+    from .steer import plan
+
     graphs = []
     for f in seeds_f:
         if args.mode == "baseline":  # the seed feature alone: no flow graph needed
@@ -273,12 +274,30 @@ def cmd_steer(args) -> dict:
             graphs.append(build_flow_graph(bundle, f, t_res=args.t_res, t_module=args.t_module))
     remove = args.task == "remove"
     specs, seen = [], set()
-    for graph in graphs:  # the union of the seeds' plans; a node shared by two graphs is steered once
+    for graph in graphs:
         for s in plan(graph, args.mode, args.layer, v["r"] if remove else v["strength"], args.schedule, v["alpha"],
                       v["s_end"], mode="rescale" if remove else "add"):
             if s.feature not in seen:
                 seen.add(s.feature)
                 specs.append(s)
+    return graphs, specs
+
+
+def cmd_steer(args) -> dict:
+    from .cli import load_bundle
+    from .steer import schedule_table
+
+    seeds_f, v = check_steer_cli(args)
+    seeds = [v["seed"] + i for i in range(v["samples"])]
+    limits.check_int("--seed + --samples - 1", seeds[-1], 0, limits.MAX_SEED)
+    from .controls import generate_with_controls, parse_controls
+
+    controls = parse_controls(args.controls)
+    theme = limits.clean_text("--theme", args.theme, 300) if args.theme else ""
+    if "prompt" in controls and not theme:
+        raise ValueError("--controls prompt needs --theme (what the prompting baseline asks for)")
+    bundle = load_bundle(args)
+    graphs, specs = steer_plan(bundle, args, seeds_f, v)
     gens = generate_with_controls(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, controls,
                                   theme, args.task, max_new_tokens=v["max_new_tokens"],
                                   temperature=v["temperature"], top_p=v["top_p"], chat=args.chat)
@@ -313,8 +332,9 @@ def cmd_steer(args) -> dict:
     return out
 
 
-def register(sub, common) -> None:
-    p = sub.add_parser("steer", parents=[common], help="generate unsteered vs steered text (paper §5.3)")
+def add_steer_args(p) -> None:
+    """The steer options (feature, condition, strength, schedule, flow thresholds), shared by the
+    ``steer`` and ``export`` subcommands."""
     p.add_argument("feature", help="seed feature id layer/site/index, e.g. 12/res/4111, or a seed set "
                    "separated by commas (their flow graphs are merged, as in the paper's removal)")
     p.add_argument("--task", default="activate", choices=list(TASK_DEFAULTS),
@@ -328,6 +348,15 @@ def register(sub, common) -> None:
     p.add_argument("--alpha", type=float, default=-0.25, help="exp schedule: s'(l) = s * e^(alpha * l)")
     p.add_argument("--s-end", type=float, default=1.0, help="linear schedule: s* at the graph's last layer l_end")
     p.add_argument("--r", type=float, default=0.0, help=f"--task remove: rescale factor (|r| <= {limits.MAX_ABS_R:g})")
+    p.add_argument("--t-res", type=float, default=0.5,
+                   help="flow graph: residual threshold t(R) (default: %(default)s)")
+    p.add_argument("--t-module", type=float, default=0.15,
+                   help="flow graph: MLP/attention threshold (default: %(default)s)")
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("steer", parents=[common], help="generate unsteered vs steered text (paper §5.3)")
+    add_steer_args(p)
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
     p.add_argument("--samples", type=int, default=1, help=f"samples per variant (<= {limits.MAX_SAMPLES})")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -341,8 +370,4 @@ def register(sub, common) -> None:
                    "fallback, labelled)")
     p.add_argument("--controls", default="", help="comma list of controls: prompt (ask the model for the "
                    "theme; needs --theme), random (norm-matched random directions)")
-    p.add_argument("--t-res", type=float, default=0.5,
-                   help="flow graph: residual threshold t(R) (default: %(default)s)")
-    p.add_argument("--t-module", type=float, default=0.15,
-                   help="flow graph: MLP/attention threshold (default: %(default)s)")
     p.set_defaults(fn=cmd_steer)
