@@ -4,11 +4,9 @@
 # through its executable path; `playwright install` (a browser download) is never run.
 set -euo pipefail
 if ! command -v chromium >/dev/null; then
-  if command -v apt-get >/dev/null; then
-    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null
-  else
-    echo "no apt-get: install chromium by hand; the browser tests will be skipped" >&2
-  fi
+  # shellcheck source=scripts/apt.sh
+  . "$(dirname "$0")/apt.sh"
+  apt_install chromium
 fi
 python -m pip install -q "playwright>=1.45"
 echo "browser installed: $(command -v chromium || echo none)"

@@ -16,8 +16,8 @@ if [ ! -f "$dest/alice29.txt" ]; then
 fi
 # GAP manuals (GPL-2+): mathematical text with inline LaTeX.
 if [ ! -d /usr/share/gap/doc/ref ]; then
-  if command -v apt-get >/dev/null; then
-    (apt-get install -y -q gap-doc || (apt-get update -q && apt-get install -y -q gap-doc)) >/dev/null
-  fi
+  # shellcheck source=scripts/apt.sh
+  . "$(dirname "$0")/apt.sh"
+  apt_install gap-doc
 fi
 echo "corpora installed (stories cache: $dest)"
