@@ -382,6 +382,9 @@ def build_app(pg: Playground) -> gr.Blocks:
                             samples = FieldSlider(1, limits.MAX_SAMPLES, value=2, step=1, label="Samples")
                             max_new = FieldSlider(1, limits.MAX_NEW_TOKENS, value=TASK_DEFAULTS["activate"]
                                                   ["max_new_tokens"], step=1, label="Max new tokens")
+                        gr.Markdown(f"<small>Per-request budget: columns (variants and controls) x samples x "
+                                    f"(prompt + new tokens) <= {limits.MAX_COST:,} token-rows, about 30 s on "
+                                    "2 CPU cores, so no run holds the queue for long.</small>")
                         with gr.Row():
                             chat = gr.Checkbox(label="Use the chat template", value=False)
                             compare = gr.Checkbox(label="Third column: the other condition (single vs cumulative)",

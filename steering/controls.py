@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from . import limits
 from .features import FeatureId
 from .generate import Generation, generate_variants
 from .steer import SteerSpec
@@ -83,6 +84,16 @@ def generate_with_controls(bundle, prompt: str, variants: dict[str, list[SteerSp
         from .generate import check_request
 
         check_request(bundle, prompt, kwargs.get("max_new_tokens", 36), len(seeds), False, instruction(theme, task))
+    if kwargs.pop("check_cost", False):  # the app's and the CLI's per-request budget (limits.MAX_COST)
+        from .generate import encode_prompt
+
+        new = kwargs.get("max_new_tokens", 36)
+        n_rows = (len(variants) + ("random" in controls)) * len(seeds)
+        tokens = n_rows * (len(encode_prompt(bundle, prompt, kwargs.get("chat", False))) + new)
+        if "prompt" in controls:
+            n_rows += len(seeds)
+            tokens += len(seeds) * (len(encode_prompt(bundle, prompt, False, instruction(theme, task))) + new)
+        limits.check_cost(n_rows, round(tokens / n_rows) - new, new)
     todo = dict(variants)
     if "random" in controls:
         todo["random"] = random_control(bundle, variants[steered], control_seed)

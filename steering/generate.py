@@ -300,7 +300,7 @@ def cmd_steer(args) -> dict:
     graphs, specs = steer_plan(bundle, args, seeds_f, v)
     gens = generate_with_controls(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, controls,
                                   theme, args.task, max_new_tokens=v["max_new_tokens"],
-                                  temperature=v["temperature"], top_p=v["top_p"], chat=args.chat)
+                                  temperature=v["temperature"], top_p=v["top_p"], chat=args.chat, check_cost=True)
     by = {name: [g for g in gens if g.variant == name] for name in dict.fromkeys(g.variant for g in gens)}
     one = len(seeds) == 1
 

@@ -20,6 +20,11 @@ MAX_ABS_R = 64.0  # theme removal factor r (paper App. B.1 sweeps 0, -1, ..., -6
 MAX_TEMPERATURE = 10.0
 MAX_ROWS = 4 * MAX_SAMPLES  # rows of one batched generation (variants x samples)
 MAX_QUEUE = int(os.environ.get("FFP_MAX_QUEUE", 32))
+# One request's cost in token-rows: rows (variants x samples, controls included) x (prompt tokens
+# as the model sees them + new tokens). The 2-core default runs ~150 token-rows per second
+# (a request of 16 rows x 628 tokens took 62-68 s), so 4,096 keeps one request near 30 s and
+# bounds how long the next user in the queue waits (issue 20; `python -m steering.bench`).
+MAX_COST = int(os.environ.get("FFP_MAX_COST", 4096))
 MAX_SEED = 2**31 - 1
 
 
@@ -92,9 +97,20 @@ def check_steer_args(names: dict[str, str] | None = None, **values) -> dict:
     return out
 
 
+def check_cost(n_rows: int, prompt_tokens: int, max_new_tokens: int) -> int:
+    """The request's cost in token-rows (see MAX_COST); ValueError naming the parts when over."""
+    cost = n_rows * (prompt_tokens + max_new_tokens)
+    if cost > MAX_COST:
+        raise ValueError(
+            f"request too large: {n_rows} rows (variants x samples, controls included) x ({prompt_tokens} prompt "
+            f"+ {max_new_tokens} new tokens) = {cost} token-rows; allowed: at most {MAX_COST}. Use fewer samples, "
+            "fewer new tokens, a shorter prompt or fewer controls")
+    return cost
+
+
 def limits_table() -> dict:
     """The limits as shown in the UI and the README."""
     return {"max_new_tokens": MAX_NEW_TOKENS, "max_samples": MAX_SAMPLES, "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "max_prompt_chars": MAX_PROMPT_CHARS, "max_abs_strength": MAX_ABS_STRENGTH,
             "max_abs_alpha": MAX_ABS_ALPHA, "max_abs_r": MAX_ABS_R, "max_rows": MAX_ROWS,
-            "max_queue": MAX_QUEUE}
+            "max_queue": MAX_QUEUE, "max_cost_token_rows": MAX_COST}

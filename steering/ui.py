@@ -326,7 +326,7 @@ class Playground:
         seeds = [v["seed"] + i for i in range(v["samples"])]
         controls = tuple(c for c in parse_controls(list(controls)) if c != "prompt" or v["theme"])
         gens = generate_with_controls(self.bundle, v["prompt"], variants, seeds, controls, v["theme"], task,
-                                      max_new_tokens=v["max_new_tokens"], chat=bool(chat))
+                                      max_new_tokens=v["max_new_tokens"], chat=bool(chat), check_cost=True)
         variants = {name: None for name in dict.fromkeys(g.variant for g in gens)}
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
         texts = [g.text for g in gens]

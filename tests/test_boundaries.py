@@ -195,3 +195,31 @@ def test_steering_with_arbitrary_specs_leaves_no_hook(tiny_bundle, specs):
     except ValueError as e:
         assert "out of range" in str(e) or "valid indices" in str(e), str(e)
     assert count_hooks(tiny_bundle.model) == 0
+
+
+@FAST
+@given(rows=st.integers(1, 64), prompt=st.integers(0, 600), new=st.integers(1, 200))
+def test_request_cost_is_refused_exactly_above_the_budget(rows, prompt, new):
+    cost = rows * (prompt + new)
+    if cost > limits.MAX_COST:
+        with pytest.raises(ValueError, match=r"request too large.*at most \d+"):
+            limits.check_cost(rows, prompt, new)
+    else:
+        assert limits.check_cost(rows, prompt, new) == cost
+
+
+def test_app_steer_refuses_a_request_over_the_cost_budget_before_generating(tiny_bundle, monkeypatch):
+    """The app's /steer and the CLI pass check_cost: a request over MAX_COST is refused before any
+    generation (the generate call is never reached), one under it runs."""
+    from steering import controls as C
+
+    calls = []
+    monkeypatch.setattr(C, "generate_variants", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr(limits, "MAX_COST", 100)
+    steer = {"baseline": [], "steered": [SteerSpec(parse_feature("1/res/3"), 2.0)]}
+    with pytest.raises(ValueError, match="request too large"):  # 3 variants x 4 samples x (3 + 20) > 100
+        C.generate_with_controls(tiny_bundle, "I think ", steer, [0, 1, 2, 3], ("random",), max_new_tokens=20,
+                                 check_cost=True)
+    assert calls == []
+    C.generate_with_controls(tiny_bundle, "I think ", steer, [0], ("random",), max_new_tokens=20, check_cost=True)
+    assert len(calls) == 1
