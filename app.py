@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from steering import limits
-from steering.bundle import Bundle
+from steering.bundle import Bundle, parse_max_memory
 from steering.generate import TASK_DEFAULTS
 from steering.flow import chance_levels
 from steering.sites import count_hooks
@@ -519,13 +519,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device-map", default=os.environ.get("FFP_DEVICE_MAP"),
+                   help="accelerate device_map for big presets, e.g. auto (env FFP_DEVICE_MAP)")
+    p.add_argument("--max-memory", default=os.environ.get("FFP_MAX_MEMORY"),
+                   help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=64GiB (env FFP_MAX_MEMORY)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # request lines would be noise
     from tqdm import tqdm
 
     log.info("loading preset %s", a.preset)
-    bundle = Bundle.load(a.preset, device=a.device, progress=lambda it: tqdm(it, desc="loading SAEs"))
+    bundle = Bundle.load(a.preset, device=a.device, progress=lambda it: tqdm(it, desc="loading SAEs"),
+                         device_map=a.device_map or None, max_memory=parse_max_memory(a.max_memory))
     pg = Playground.create(bundle)
     log.info("ready: %s on %s, catalog %s, %d demo examples, judge %s", bundle.preset.name, bundle.device,
              "yes" if pg.catalog else "no", len(pg.examples), getattr(pg.judge, "name", "?"))

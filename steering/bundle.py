@@ -206,18 +206,26 @@ AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(out)
 """
 
 
-def load_model(preset: Preset, device: torch.device, dtype: torch.dtype):
-    """Model and tokenizer through transformers ``from_pretrained`` (the real loader)."""
+def load_model(preset: Preset, device: torch.device, dtype: torch.dtype, device_map=None,
+               max_memory: dict | None = None, offload_folder: str | Path | None = None):
+    """Model and tokenizer through transformers ``from_pretrained`` (the real loader).
+
+    ``device_map`` / ``max_memory`` / ``offload_folder`` go to accelerate's big-model loading
+    (e.g. ``device_map="auto", max_memory={0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` splits a
+    large preset's layers over GPUs, then CPU RAM, then ``offload_folder`` on disk)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _gguf_converted(preset) if preset.gguf_package else preset.model
     kwargs: dict = {"dtype": dtype}
     if preset.arch == "gemma2":
         kwargs["attn_implementation"] = "eager"  # soft-capping needs eager (METHOD.md traps)
-    if device.type == "cuda":
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory,
+                      offload_folder=str(offload_folder or cache_dir() / "offload" / preset.name))
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # accelerate places weights directly
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device.type != "cuda":
+    if device_map is None and device.type != "cuda":
         model.to(device)
     model.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
@@ -256,6 +264,34 @@ def load_sae(preset: Preset, layer: int, site: str, device: torch.device, dtype:
     return sae, folder
 
 
+def parse_max_memory(text: str | None) -> dict | None:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` (accelerate's
+    ``max_memory``: GPU indices, ``cpu``, ``disk``); empty -> None."""
+    if not text or not text.strip():
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value or not (key.isdigit() or key in ("cpu", "disk")):
+            raise ValueError(f"max_memory: {part.strip()!r} is not DEVICE=SIZE; e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                             "(DEVICE: a GPU index, cpu or disk)")
+        out[int(key) if key.isdigit() else key] = value
+    return out
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: accelerate's execution device for an offloaded module (its
+    weights on CPU or disk, moved in for each forward), else the device of its parameters."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    p = next(module.parameters(), None)
+    if p is None or p.device.type == "meta":
+        return torch.device("cpu")
+    return p.device
+
+
 @dataclass
 class Bundle:
     """Model + tokenizer + SAEs per (layer, site). Build with `Bundle.load`.
@@ -282,20 +318,35 @@ class Bundle:
     @classmethod
     def load(cls, preset: Preset | str, device: str | None = None,
              progress: Callable[[Iterable], Iterable] | None = None,
-             sites: Iterable[str] | None = None) -> "Bundle":
+             sites: Iterable[str] | None = None, device_map=None, max_memory: dict | None = None,
+             offload_folder: str | Path | None = None) -> "Bundle":
         """Load the model and every SAE of the preset once. ``progress`` wraps the SAE loop
-        (e.g. tqdm) so start-up shows progress."""
+        (e.g. tqdm) so start-up shows progress.
+
+        With ``device_map`` (accelerate's big-model loading: ``"auto"`` or a module -> device
+        dict, with ``max_memory`` and ``offload_folder``; `load_model`) the decoder layers may
+        live on several devices: each layer's SAEs are placed on the device that layer runs on
+        (`layer_device`), and the steering edits follow the activations' device."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         dev = pick_device(device)
         dtype = pick_dtype(dev)
-        log.info("loading model %s on %s (%s)", preset.model, dev, dtype)
-        model, tok = load_model(preset, dev, dtype)
+        log.info("loading model %s on %s (%s)%s", preset.model, dev, dtype,
+                 f", device_map={device_map!r}" if device_map is not None else "")
+        model, tok = load_model(preset, dev, dtype, device_map, max_memory, offload_folder)
+        if device_map is not None:
+            dev = execution_device(model.get_input_embeddings())
         keys = [(l, s) for l in preset.sae_layers for s in (sites or preset.sites)]
         saes, folders = {}, {}
         for key in (progress(keys) if progress else keys):
-            sae, folder = load_sae(preset, *key, dev, dtype)  # bf16 on GPU, fp32 on CPU
+            where = execution_device(S.decoder_layers(model)[key[0]]) if device_map is not None else dev
+            sae, folder = load_sae(preset, *key, where, dtype)  # bf16 on GPU, fp32 on CPU
             saes[key], folders[key] = sae, folder
         return cls(preset, model, tok, saes, dev, dtype, folders)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device decoder layer ``layer`` computes on (with a ``device_map`` it may differ
+        from `device`; offloaded layers compute on accelerate's execution device)."""
+        return execution_device(S.decoder_layers(self.model)[layer])
 
     # ---- shapes and lookups ----------------------------------------------------------------
     @property
@@ -398,7 +449,7 @@ class Bundle:
     def encode(self, layer: int, site: str, h: torch.Tensor) -> torch.Tensor:
         """SAE feature activations of site activations h.  # [..., d_model] -> [..., d_sae]"""
         sae = self.sae(layer, site)
-        return sae.encode(h.to(sae.W_dec.dtype)).float()
+        return sae.encode(h.to(sae.W_dec.device, sae.W_dec.dtype)).float()
 
     # ---- provenance ----------------------------------------------------------------------
     def info(self) -> dict:

@@ -18,9 +18,11 @@ log = logging.getLogger("steering")
 
 
 def load_bundle(args):
-    from .bundle import Bundle
+    from .bundle import Bundle, parse_max_memory
 
-    return Bundle.load(args.preset, device=args.device,
+    dm = getattr(args, "device_map", None) or None
+    return Bundle.load(args.preset, device=args.device, device_map=dm,
+                       max_memory=parse_max_memory(getattr(args, "max_memory", None)),
                        progress=lambda it: tqdm(it, desc="loading SAEs", file=sys.stderr))
 
 
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--preset", default=os.environ.get("FFP_PRESET", "default"),
                         help="preset name or path to a preset.json (default: %(default)s)")
     common.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
+    common.add_argument("--device-map", default=os.environ.get("FFP_DEVICE_MAP"),
+                        help="accelerate device_map for big presets, e.g. auto (splits layers over GPUs, "
+                        "then CPU, then disk); env FFP_DEVICE_MAP")
+    common.add_argument("--max-memory", default=os.environ.get("FFP_MAX_MEMORY"),
+                        help="with --device-map: per-device budget, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     common.add_argument("--json", action="store_true", help="print JSON")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", parents=[common], help="preset, model and SAE sizes").set_defaults(fn=cmd_info)

@@ -243,16 +243,17 @@ def _edit_fn(bundle, key, delta: torch.Tensor | None, factor: torch.Tensor | Non
 
     def edit(h: torch.Tensor) -> torch.Tensor:  # [batch, seq, d_model]
         pos = state["past"] + torch.arange(h.shape[1], device=h.device)  # [seq] absolute positions
-        keep = pos[None, :] != first_real[:, None]  # [batch, seq]: never edit an attention sink
+        keep = pos[None, :] != first_real.to(h.device)[:, None]  # [batch, seq]: never edit an attention sink
         if state["past"] == 0 and state["sinks"].shape[1] == h.shape[1]:  # prefill: sinks found so far
-            keep = keep & ~state["sinks"]
+            keep = keep & ~state["sinks"].to(h.device)  # (a device_map may put layers on other devices)
         if delta is not None:
-            h = h + delta * keep[..., None].to(h.dtype)  # [batch, 1, d_model] broadcast, sinks left alone
+            h = h + delta.to(h.device, h.dtype) * keep[..., None].to(h.dtype)  # [batch, 1, d_model], sinks left alone
         if factor is not None:
             # paper §5.2 / App. B.1: h_t += (r - 1) * a_t * W_dec[f], a_t read now by the encoder
-            z = sae.encode(h.to(sae.W_dec.dtype)).float()  # [batch, seq, d_sae]
-            change = (z * factor[:, None, :]) @ sae.W_dec.float()  # [batch, seq, d_model]
-            h = h + (change * keep[..., None]).to(h.dtype)
+            w = sae.W_dec
+            z = sae.encode(h.to(w.device, w.dtype)).float()  # [batch, seq, d_sae]
+            change = (z * factor.to(w.device)[:, None, :]) @ w.float()  # [batch, seq, d_model]
+            h = h + (change.to(h.device) * keep[..., None]).to(h.dtype)
         return h
 
     return edit
@@ -266,7 +267,7 @@ def _sink_detector(state: dict):
         pm = state["prompt_mask"]
         h = hidden_of(out)
         if state["past"] == 0 and pm is not None and h.shape[1] == pm.shape[1]:
-            state["sinks"] |= sink_mask(h, pm)
+            state["sinks"] |= sink_mask(h, pm.to(h.device)).to(state["sinks"].device)
 
     return hook
 
