@@ -46,19 +46,22 @@ MIN_SPAN = 2
 ALPHA = -0.05  # paper App. B.2
 # Strengths in multiples of each feature's typical activation. A cumulative run adds one aligned
 # direction per layer of a graph that spans ~20 layers, so it needs a far smaller s than one feature.
-GRID = [("baseline", 4.0), ("baseline", 8.0), ("single", 4.0), ("single", 8.0),
-        ("cumulative", 0.5), ("cumulative", 1.0)]
+# The first sweep (s = 4 / 8 alone, 0.5 / 1 cumulative, late-layer candidates) found s = 8 word salad
+# (median perplexity 240-770) and cumulative s <= 1 too weak; this grid sits between.
+GRID = [("baseline", 3.0), ("baseline", 5.0), ("single", 4.0), ("cumulative", 1.0), ("cumulative", 2.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
 
 THEMES = {
     "Weddings": {"query": "wedding", "theme": "weddings and marriage",
                  "probe": "The bride and groom said their vows at the wedding, and the marriage began.",
                  "words": "wedding weddings bride brides groom marriage married marry marrying ceremony "
-                          "honeymoon vows spouse husband wife bridal"},
+                          "honeymoon vows spouse husband wife bridal engaged engagement fiance fiancee"},
     "Food": {"query": "food", "theme": "food and cooking",
              "probe": "We cooked a delicious dinner: soup, bread, cheese and a chocolate cake.",
              "words": "food foods cook cooking cooked recipe recipes meal meals dinner lunch breakfast eat eating "
-                      "ate delicious dish dishes bake baking kitchen flavor taste tasty bread cake soup chocolate"},
+                      "ate delicious dish dishes bake baking kitchen flavor taste tasty bread cake soup chocolate "
+                      "meat beef pork chicken fish rice pasta salad sauce cheese vegetables fruit restaurant chef "
+                      "dessert snack fried roasted grilled"},
     "Anger": {"query": "angry", "theme": "anger and frustration",
               "probe": "I was so angry and furious that I shouted at him in rage.",
               "words": "angry anger furious rage mad frustrated frustration frustrating annoyed hate hated "
@@ -70,11 +73,12 @@ THEMES = {
     "Sport": {"query": "football", "theme": "sports and games",
               "probe": "The football team scored a goal and won the match against the champions.",
               "words": "sport sports football soccer basketball baseball tennis team teams match player players "
-                       "goal goals coach league athlete athletes championship tournament"},
+                       "goal goals coach league athlete athletes championship tournament "
+                       "olympic olympics game games score scored stadium season fans"},
     "Music": {"query": "music", "theme": "music and songs",
               "probe": "The band played a song on guitar and piano at the concert.",
               "words": "music musical song songs sing singing singer guitar piano band concert melody album "
-                       "musician musicians rhythm"},
+                       "musician musicians rhythm jazz rock pop lyrics drums violin orchestra tune"},
     "Animals": {"query": "dog", "theme": "animals and pets",
                 "probe": "My dog and the cat played with the puppy on the farm with the horses.",
                 "words": "animal animals dog dogs cat cats pet pets puppy puppies kitten bird birds horse horses "
@@ -115,11 +119,11 @@ def judge_samples(gens, words: set[str], task: str) -> list[dict]:
     return out
 
 
-def lens_candidates(bundle, words: set[str], n: int = 2) -> list[str]:
+def lens_candidates(bundle, words: set[str], n: int = 2, layers: range | None = None) -> list[str]:
     """Residual features whose decoder direction, read through the unembedding (logit lens: W_U
     (g * d_f), as `catalog.promoted_tokens`), most raises the theme's words: the output side of a
-    feature, which is what steering acts through. One best feature per layer from the middle third
-    on, then the ``n`` best of those."""
+    feature, which is what steering acts through. One best feature per layer of ``layers``
+    (default: the middle third on), then the ``n`` best of those."""
     from ..catalog import unembedding
 
     tok = bundle.tokenizer
@@ -128,7 +132,9 @@ def lens_candidates(bundle, words: set[str], n: int = 2) -> list[str]:
     W_U = W_all[ids]  # [n_words, d_model]
     best = []
     n_layers = bundle.n_layers
-    for layer in (range(n_layers // 3, n_layers - 2) if n_layers >= 8 else range(n_layers)):
+    if layers is None:
+        layers = range(n_layers // 3, n_layers - 2) if n_layers >= 8 else range(n_layers)
+    for layer in layers:
         if (layer, "res") not in bundle.saes:
             continue
         dec = bundle.decoder(layer, "res") * g  # [w, d_model]
@@ -143,7 +149,13 @@ def lens_candidates(bundle, words: set[str], n: int = 2) -> list[str]:
 def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_probe: int = 0, n_lens: int = 2) -> list[str]:
     from ..catalog import features_for_text
 
-    out: list[str] = lens_candidates(bundle, set(spec["words"].split()), n_lens)
+    words = set(spec["words"].split())
+    L = bundle.n_layers
+    if L >= 8:  # the paper steers a middle layer (12 of 26); the logit lens alone picks late ones
+        out: list[str] = lens_candidates(bundle, words, n_lens, range(L // 4, 2 * L // 3))
+        out += lens_candidates(bundle, words, 1, range(2 * L // 3, L - 2))
+    else:
+        out = lens_candidates(bundle, words, n_lens)
     # the first and last layers hold few themes (token identity, next-token form)
     lo, hi = (2, bundle.n_layers - 3) if bundle.n_layers >= 8 else (0, bundle.n_layers - 1)
     if catalog is not None:
