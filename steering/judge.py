@@ -29,6 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
+from .calibration import interval, is_uncertain
 from .presets import ASSETS
 from .prompts import RESPONSE_FORMAT, RESPONSE_FORMAT_FALLBACK, system_prompt
 
@@ -55,6 +56,9 @@ class Score:
     reason: one line. available: False when the judge could not score; then ``error`` reads
     "unavailable: <reason>", the numbers are None, and the generation is shown anyway.
     offline, label: True / a human-readable label for the offline fallback ("" for the LLM judge).
+    behavioral_range: the offline judge's [low, high] range for the theme score (0-5), from its
+        held-out calibration errors (steering/calibration.py); None for the LLM judge.
+    uncertain: True when that range is too wide to call (the UI says "uncertain").
     """
 
     judge: str
@@ -70,6 +74,8 @@ class Score:
     error: str = ""
     offline: bool = False
     label: str = ""
+    behavioral_range: list[float] | None = None
+    uncertain: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -517,9 +523,15 @@ class OfflineJudge:
                 continue
             coh = self.coherence(text, ppl)
             ppl_note = f", perplexity {ppl:.0f}" if ppl else ""
-            reason = f"offline: relative similarity {sims[i]:+.2f} to the theme; local coherence signals{ppl_note}"
-            out.append(make_score(self.name, task, theme, round(self.behavioral(sims[i]), 3), coh, reason,
-                                  offline=True, label=self.label))
+            b = round(self.behavioral(sims[i]), 3)
+            halves = self.calibration.get("behavioral", {}).get("interval_half_widths", [])
+            lo, hi = interval(b, halves)
+            unsure = is_uncertain(b, halves)
+            reason = (f"offline: theme {b:.1f}/5 (range {lo:.1f}-{hi:.1f}{', uncertain' if unsure else ''}), "
+                      f"relative similarity {sims[i]:+.2f}; local coherence signals{ppl_note}")
+            sc = make_score(self.name, task, theme, b, coh, reason, offline=True, label=self.label)
+            sc.behavioral_range, sc.uncertain = [round(lo, 2), round(hi, 2)], unsure
+            out.append(sc)
         return out
 
 
@@ -537,126 +549,25 @@ def make_judge(api_key: str | None = None, model: str | None = None, base_url: s
     return OfflineJudge(perplexity_fn=perplexity_fn)
 
 
-# ---- calibration ------------------------------------------------------------------------------
-
-PHYSICS_PROMPT = "I think that the biggest problem of contemporary theoretical physics is "
-
-
-def _agreement(pred: list[float], gold: list[float]) -> dict:
-    from scipy.stats import spearmanr
-
-    return {"spearman": round(float(spearmanr(pred, gold).statistic), 3),
-            "mae": round(sum(abs(p - g) for p, g in zip(pred, gold)) / len(gold), 3)}
-
-
-def _fit_logistic(x: list[float], y: list[float]) -> tuple[float, float]:
-    import numpy as np
-    from scipy.optimize import curve_fit
-
-    def f(v, a, b):
-        return 5.0 / (1.0 + np.exp(-np.clip(a * (v - b), -60, 60)))
-
-    (a, b), _ = curve_fit(f, np.asarray(x), np.asarray(y, dtype=float), p0=[20.0, float(np.median(x))], maxfev=20000)
-    return float(a), float(b)
-
-
-def _fit_ppl_range(rows: list[dict], ppls: list[float | None]) -> tuple[float, float]:
-    """Grid search of (ppl_lo, ppl_hi) minimising the coherence MAE on the labelled rows. The ramp
-    spans at least a decade of perplexity (ppl_hi >= 10 ppl_lo), so that a hundred hand-labelled
-    texts cannot turn it into a step."""
-    vocab, best = minilm_vocab(), None
-    sigs = [coherence_signals(r["text"], p, vocab) for r, p in zip(rows, ppls)]
-    for lo in (10, 15, 20, 30, 40, 50, 70, 100, 150, 200, 300):
-        for hi in (300, 500, 700, 1000, 1500, 2000, 3000, 5000, 7000, 10000, 20000):
-            if hi < lo * 10:
-                continue
-            mae = sum(abs(coherence_score(s, lo, hi) - r["coherence"]) for s, r in zip(sigs, rows))
-            if best is None or mae < best[0]:
-                best = (mae, lo, hi)
-    return float(best[1]), float(best[2])
-
-
-def calibrate(labelled: Path | None = None, perplexities: list[float | None] | None = None,
-              perplexity_model: str = "") -> dict:
-    """Fit the offline judge on the hand-labelled set and measure its agreement with the labels.
-
-    Theme: logistic fit of the 0-5 label on the relative similarity; agreement in-sample and
-    leave-one-theme-out (fit on the other themes). Coherence: the fixed formula of
-    ``coherence_score``; with ``perplexities`` (one per row, under ``perplexity_model``) the
-    perplexity range is fitted too and agreement is reported with and without it.
-    """
-    rows = [json.loads(line) for line in (labelled or JUDGE_DIR / "labelled.jsonl").read_text().splitlines() if line]
-    judge = OfflineJudge(calibration={})
-    sims = [0.0] * len(rows)
-    for theme in sorted({r["theme"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["theme"] == theme]
-        for i, s in zip(idx, judge.similarity([rows[i]["text"] for i in idx], theme)):
-            sims[i] = s
-    gold_b = [r["behavioral"] for r in rows]
-    a, b = _fit_logistic(sims, gold_b)
-    loto = [0.0] * len(rows)
-    for theme in sorted({r["theme"] for r in rows}):
-        held = [i for i, r in enumerate(rows) if r["theme"] == theme]
-        rest = [i for i in range(len(rows)) if i not in set(held)]
-        a2, b2 = _fit_logistic([sims[i] for i in rest], [gold_b[i] for i in rest])
-        for i in held:
-            loto[i] = logistic(sims[i], a2, b2)
-    gold_c = [r["coherence"] for r in rows]
-    vocab = minilm_vocab()
-    coh_local = [coherence_score(coherence_signals(r["text"], None, vocab)) for r in rows]
-    result = {
-        "similarity_method": SIMILARITY_METHOD,
-        "behavioral": {"a": round(a, 4), "b": round(b, 5), "formula": "5 / (1 + exp(-a (similarity - b)))"},
-        "coherence": {"ppl_lo": PPL_LO, "ppl_hi": PPL_HI, "perplexity_model": "default (not refitted)"},
-        "n_labelled": len(rows), "n_themes": len({r["theme"] for r in rows}),
-        "agreement": {
-            "behavioral_in_sample": _agreement([logistic(s, a, b) for s in sims], gold_b),
-            "behavioral_leave_one_theme_out": _agreement(loto, gold_b),
-            "coherence_local_signals": _agreement(coh_local, gold_c),
-        },
-        "note": "agreement of the offline judge with hand labels (0-5) in assets/judge/labelled.jsonl: "
-                "Spearman rank correlation and mean absolute error. The theme map is also checked leave-one-"
-                "theme-out; the coherence formula is fixed, its perplexity range fitted on the same rows",
-    }
-    if perplexities is not None:
-        lo, hi = _fit_ppl_range(rows, perplexities)
-        result["coherence"] = {"ppl_lo": lo, "ppl_hi": hi, "perplexity_model": perplexity_model}
-        coh = [coherence_score(coherence_signals(r["text"], p, vocab), lo, hi) for r, p in zip(rows, perplexities)]
-        result["agreement"]["coherence_with_perplexity"] = _agreement(coh, gold_c)
-    return result
-
-
-def labelled_perplexities(preset: str, labelled: Path | None = None) -> list[float | None]:
-    """Perplexity of every labelled text under ``preset``'s model (no SAEs), given its prompt."""
-    from .bundle import load_model, pick_device
-    from .presets import get_preset
-
-    p = get_preset(preset)
-    model, tok = load_model(p, pick_device("cpu"), __import__("torch").float32)
-    rows = [json.loads(line) for line in (labelled or JUDGE_DIR / "labelled.jsonl").read_text().splitlines() if line]
-    out: list[float | None] = [None] * len(rows)
-    for prompt in sorted({r.get("prompt", "I think ") for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r.get("prompt", "I think ") == prompt]
-        for i, v in zip(idx, model_perplexity_fn(model, tok, prefix=prompt)([rows[i]["text"] for i in idx])):
-            out[i] = v
-    return out
-
+# ---- calibration: steering/calibration.py -----------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    from .calibration import calibrate
+
     p = argparse.ArgumentParser(prog="python -m steering.judge", description="offline judge calibration")
     p.add_argument("command", choices=["calibrate"])
     p.add_argument("--perplexity-preset", default="",
-                   help="also fit the perplexity range of the coherence score under this preset's model "
-                        "(e.g. 'default'); the model is loaded once, without SAEs")
+                   help="coherence uses perplexity under this preset's model, as in the app (e.g. 'default'); "
+                        "the model is loaded once, without SAEs")
     p.add_argument("--out", type=Path, default=JUDGE_DIR / "calibration.json")
     args = p.parse_args(argv)
-    ppl = labelled_perplexities(args.perplexity_preset) if args.perplexity_preset else None
-    result = calibrate(perplexities=ppl, perplexity_model=args.perplexity_preset)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = calibrate(perplexity_preset=args.perplexity_preset)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["agreement"], indent=2))
-    print(f"wrote {args.out}")
+    log.info("held-out evaluation: %s", json.dumps(result["evaluation"]))
+    log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

@@ -373,8 +373,12 @@ class Playground:
             lines.append(f"**seed {g.seed}**\n\n> {text}\n")
             if s.available:
                 tag = "offline fallback judge" if s.offline else s.judge
-                lines.append(f"theme {s.behavioral:.1f}/5 · coherence {s.coherence:.1f}/5 · metric {s.metric:.2f} "
-                             f"_({tag})_")
+                theme = f"theme {s.behavioral:.1f}/5"
+                if s.behavioral_range:  # the offline judge's calibrated range (steering/calibration.py)
+                    lo, hi = s.behavioral_range
+                    theme = (f"theme **uncertain** ({lo:.1f}-{hi:.1f}/5)" if s.uncertain
+                             else f"theme {s.behavioral:.1f}/5 (range {lo:.1f}-{hi:.1f})")
+                lines.append(f"{theme} · coherence {s.coherence:.1f}/5 · metric {s.metric:.2f} _({tag})_")
             else:
                 lines.append(f"_score {s.error}_")
             m = g.metrics

@@ -367,17 +367,48 @@ def test_offline_empty_text_and_json(offline):
     assert 0 <= d["behavioral_scaled"] <= 1 and d["metric"] == pytest.approx(d["behavioral_scaled"] * d["coherence_scaled"])
 
 
-def test_calibration_is_current_and_reports_agreement():
+def test_calibration_is_current_and_meets_its_held_out_targets():
+    """Issue 17: >= 300 texts over >= 10 themes; on the held-out items off-theme texts score <= 1/5
+    in >= 90% and word salad <= 1/5 coherence in >= 90% (Spearman is reported, target 0.8 not met)."""
     cal = J.load_calibration()
-    assert cal["n_labelled"] >= 60 and cal["n_themes"] >= 8
-    ag = cal["agreement"]
-    assert ag["behavioral_leave_one_theme_out"]["spearman"] > 0.5 and ag["coherence_local_signals"]["spearman"] > 0.5
     n_rows = sum(1 for line in (J.JUDGE_DIR / "labelled.jsonl").read_text().splitlines() if line)
-    assert n_rows == cal["n_labelled"]
+    assert n_rows == cal["n_labelled"] and cal["n_themes"] >= 10 and cal["n_texts"] >= 300
+    ev = cal["evaluation"]
+    assert ev["off_theme_scored_le_1"] >= 0.9 and ev["n_off_theme"] >= 100
+    assert ev["word_salad_coherence_le_1"] >= 0.9 and ev["fluent_coherence_ge_4"] >= 0.9
+    assert ev["spearman_behavioral"] > 0.5 and ev["spearman_coherence"] > 0.8
     # the logistic map is monotone and stays within 0-5
     xs = [-0.5, -0.1, 0.0, 0.1, 0.5]
     ys = [J.logistic(x, cal["behavioral"]["a"], cal["behavioral"]["b"]) for x in xs]
     assert ys == sorted(ys) and 0 <= ys[0] and ys[-1] <= 5
+
+
+def test_calibration_items_follow_their_rules():
+    from steering.calibration import RELATED, build_items, held_out, load_rows
+
+    rows = load_rows()
+    items = build_items(rows)
+    for it in items:
+        src = rows[it["text_id"]]
+        if it["kind"] == "other theme":
+            assert it["theme"] != src["theme"] and frozenset({it["theme"], src["theme"]}) not in RELATED
+            assert src["behavioral"] >= 4 and it["behavioral"] == 0 and it["text"] == src["text"]
+        elif it["kind"] in ("word salad", "repetition"):
+            assert it["behavioral"] is None and it["coherence"] == 0 and it["text"] != src["text"]
+            assert sorted(it["text"].split()) != sorted(src["text"].split()) or it["kind"] == "word salad"
+    # a text and everything built from it are on the same side of the split
+    sides = {}
+    for it in items:
+        assert sides.setdefault(it["text_id"], held_out(it)) == held_out(it)
+
+
+def test_offline_scores_carry_a_range_and_say_when_uncertain(offline):
+    s = offline.score(["We baked bread and cooked a big pot of soup for dinner.",
+                       "The train to the city leaves at nine every morning."], "food and cooking", "activate")
+    for x in s:
+        lo, hi = x.behavioral_range
+        assert 0 <= lo <= x.behavioral <= hi <= 5 and ("uncertain" in x.reason) == x.uncertain
+    assert s[1].behavioral <= 1.0 < s[0].behavioral
 
 
 def test_stale_calibration_fails_loudly(tmp_path):
