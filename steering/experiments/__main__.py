@@ -34,6 +34,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                         help="tiny counts for CI (options given explicitly still win)")
     parent.add_argument("--quiet", action="store_true", help="no progress bars")
     parent.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parent.add_argument("--workers", type=int, default=0,
+                        help="groups: fan the units out to this many Ray workers (0: serial, here; Ray is an "
+                        "optional extra)")
+    parent.add_argument("--ray-address", default=None,
+                        help="with --workers: an existing Ray cluster (e.g. auto); default: a local Ray")
     sub = p.add_subparsers(dest="command", required=True)
     for module in (groups, deactivation, steering_curves):
         module.register(sub, parent)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                              progress=lambda it: tqdm(it, desc="loading SAEs", file=sys.stderr, leave=False,
                                                       disable=args.quiet))
         summary = args.run(args, bundle)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"command": args.command_line, "wall_seconds": common.elapsed(args),

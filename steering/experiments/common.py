@@ -82,24 +82,36 @@ class Units:
     def path(self, name: str) -> Path:
         return self.folder / (re.sub(r"[^A-Za-z0-9=._+-]+", "_", name) + ".json")
 
-    def get(self, name: str, settings: dict, compute: Callable[[], dict]) -> dict:
-        settings = _plain({**settings, "saes": self.saes} if self.saes else settings)
+    def _settings(self, settings: dict) -> dict:
+        return _plain({**settings, "saes": self.saes} if self.saes else settings)
+
+    def cached(self, name: str, settings: dict) -> dict | None:
+        """The stored result of a unit computed with these settings, or None (counted as reused)."""
         path = self.path(name)
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                log.warning("unit file %s is unreadable (%s); recomputing it", path, e)
-                data = {}
-            if data.get("settings") == settings and "result" in data:
-                self.reused.append(name)
-                return data["result"]
-            if data:
-                log.info("unit %s was computed with other settings; recomputing", name)
-        result = _plain(compute())
-        write_json(path, {"unit": name, "command": self.command, "settings": settings, "result": result})
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            log.warning("unit file %s is unreadable (%s); recomputing it", path, e)
+            return None
+        if data.get("settings") == self._settings(settings) and "result" in data:
+            self.reused.append(name)
+            return data["result"]
+        log.info("unit %s was computed with other settings; recomputing", name)
+        return None
+
+    def put(self, name: str, settings: dict, result: dict) -> dict:
+        """Store a computed unit (atomically) and return its result as JSON would."""
+        result = _plain(result)
+        write_json(self.path(name), {"unit": name, "command": self.command, "settings": self._settings(settings),
+                                     "result": result})
         self.computed.append(name)
         return result
+
+    def get(self, name: str, settings: dict, compute: Callable[[], dict]) -> dict:
+        hit = self.cached(name, settings)
+        return hit if hit is not None else self.put(name, settings, compute())
 
     def report(self) -> dict:
         return {"computed": len(self.computed), "reused": len(self.reused), "folder": str(self.folder)}

@@ -19,6 +19,7 @@ import numpy as np
 from ..groups import GROUPS, group_scores, predecessor_groups
 from ..training.corpus import DOMAINS
 from . import common
+from .fanout import Job, run_jobs
 
 PAPER_DOMAINS = ("prose", "stories", "math", "code")  # FineWeb, TinyStories, AutoMathText, Python code
 
@@ -156,7 +157,7 @@ def run(args, bundle) -> dict:
     domains = check(args)
     folder = common.out_dir(args.out, bundle, "groups")
     units = common.Units(folder / "units", args.command_line, common.sae_fingerprint(bundle))
-    results = {}
+    jobs = []
     for domain in domains:
         texts = common.domain_texts(domain, args.texts, args.seed, args.passage_chars)
         if not texts:
@@ -164,8 +165,12 @@ def run(args, bundle) -> dict:
         settings = {"domain": domain, "texts": args.texts, "n_texts": len(texts), "tokens": args.tokens,
                     "seed": args.seed, "max_length": args.max_length, "passage_chars": args.passage_chars,
                     "sample_cap": args.sample_cap, "method": "top1_cosine", "preset": bundle.preset.name}
-        results[domain] = units.get(f"domain={domain}", settings, lambda d=domain, t=texts: run_domain(
-            bundle, d, t, args.tokens, args.seed, args.max_length, args.sample_cap, not args.quiet))
+        jobs.append(Job(f"domain={domain}", settings, run_domain,
+                        {"domain": domain, "texts": texts, "tokens": args.tokens, "seed": args.seed,
+                         "max_length": args.max_length, "sample_cap": args.sample_cap,
+                         "show": not args.quiet and not args.workers}))
+    done = run_jobs(units, jobs, bundle, args.workers, args.preset, args.device, args.ray_address)
+    results = {d: done[f"domain={d}"] for d in domains}
     counts = add_counts([u["counts"] for u in results.values()])
     shares = shares_from_counts(counts)
     summary = {
