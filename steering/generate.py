@@ -176,6 +176,9 @@ def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]],
     return result
 
 
+METRIC_ROWS = 4  # rows per log-softmax over the vocabulary in add_local_metrics (bounds its memory)
+
+
 def distinct_n(ids: list, n: int) -> float:
     """Share of distinct n-grams among all n-grams (1.0 = no repetition)."""
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
@@ -208,9 +211,16 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
         mask[i, : n_p + len(g.token_ids)] = 1
     ids, mask = ids.to(bundle.device), mask.to(bundle.device)
     store: dict = {}
+    n_new_max = width - n_p
     with bundle.lock, capture_sites({k: bundle.module(*k) for k in keys}, store):
-        logits = bundle.model(input_ids=ids, attention_mask=mask).logits.float()  # [b, seq, vocab]
-    lp = logits[:, n_p - 1:-1].log_softmax(-1).gather(-1, ids[:, n_p:, None])[..., 0]  # [b, seq - n_p]
+        # logits only where generated tokens are predicted (positions n_p - 1 .. width - 2): the full
+        # [b, seq, vocab] float logits of a 32-row, 640-token batch are 4 GB, and log_softmax doubles it
+        logits = bundle.model(input_ids=ids, attention_mask=mask,
+                              logits_to_keep=n_new_max + 1).logits[:, :n_new_max]  # [b, seq - n_p, vocab]
+    target = ids[:, n_p:, None]  # [b, seq - n_p, 1]
+    lp = torch.cat([logits[i:i + METRIC_ROWS].float().log_softmax(-1).gather(-1, target[i:i + METRIC_ROWS])[..., 0]
+                    for i in range(0, len(todo), METRIC_ROWS)])  # [b, seq - n_p], a few rows at a time
+    del logits
     new_mask = mask[:, n_p:].float()  # [b, seq - n_p]: 1 on generated tokens
     n_new = new_mask.sum(1)  # [b]
     ppl = (-(lp * new_mask).sum(1) / n_new).exp()  # [b]
