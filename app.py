@@ -33,7 +33,8 @@ from steering.ui import VARIANT_TITLES, DemoExample, Playground
 
 log = logging.getLogger("app")
 NODE_HEADERS = ["feature", "layer", "site", "role", "score", "s(R)", "s(M)", "s(A)", "in span", "label"]
-MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # events that run the model
+MODEL = {"concurrency_id": "model", "concurrency_limit": limits.MODEL_CONCURRENCY}  # events that run the model
+# (several at once, so that concurrent /steer requests can be batched; each forward holds the model lock)
 LIGHT = {"concurrency_id": "light", "concurrency_limit": 4}  # catalog / decoder look-ups only
 
 EXPLAIN = {

@@ -70,12 +70,14 @@ def random_control(bundle, specs: list[SteerSpec], seed: int = 0) -> list[SteerS
 
 def generate_with_controls(bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                            controls: tuple[str, ...] = (), theme: str = "", task: str = "activate",
-                           steered: str = "steered", control_seed: int = 0, **kwargs) -> list[Generation]:
+                           steered: str = "steered", control_seed: int = 0, generate=generate_variants,
+                           **kwargs) -> list[Generation]:
     """`generate_variants` plus the requested controls for the variant named ``steered``.
 
     The random control runs in the same batch as the other variants (same prompt, paired seeds);
     the prompted control is a second call with the instruction. Returns every generation;
-    control rows have variant ``"random"`` / ``"prompted"``.
+    control rows have variant ``"random"`` / ``"prompted"``. ``generate``: `generate_variants` or
+    a drop-in such as the app's request batcher (`steering.batching`).
     """
     controls = parse_controls(list(controls))
     if controls and steered not in variants:
@@ -97,8 +99,8 @@ def generate_with_controls(bundle, prompt: str, variants: dict[str, list[SteerSp
     todo = dict(variants)
     if "random" in controls:
         todo["random"] = random_control(bundle, variants[steered], control_seed)
-    gens = generate_variants(bundle, prompt, todo, seeds, **kwargs)
+    gens = generate(bundle, prompt, todo, seeds, **kwargs)
     if "prompt" in controls:
         kw = {k: v for k, v in kwargs.items() if k != "chat"}
-        gens += generate_variants(bundle, prompt, {"prompted": []}, seeds, instruction=instruction(theme, task), **kw)
+        gens += generate(bundle, prompt, {"prompted": []}, seeds, instruction=instruction(theme, task), **kw)
     return gens

@@ -146,32 +146,42 @@ def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]],
         raise ValueError("no variants to generate")
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")
-    for s in seeds:
+    rows = [(name, seed, variants[name]) for name in variants for seed in seeds]
+    return generate_rows(bundle, prompt, rows, max_new_tokens, temperature, top_p, chat, metrics, instruction)
+
+
+@torch.no_grad()
+def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec]]], max_new_tokens: int = 36,
+                  temperature: float = TEMPERATURE, top_p: float = TOP_P, chat: bool = False, metrics: bool = True,
+                  instruction: str | None = None) -> list[Generation]:
+    """One batched generation of arbitrary rows (variant name, seed, specs), in row order; what
+    `generate_variants` and the request batcher (`steering.batching`) run. Every row has its own
+    sampler seed and steering, so a row's text does not depend on its batch mates."""
+    for _, s, _ in rows:
         limits.check_int("seed", s, 0, limits.MAX_SEED)
     limits.check_steer_args(temperature=temperature, top_p=top_p)
-    rows = [(name, seed) for name in variants for seed in seeds]
     prompt, ids = check_request(bundle, prompt, max_new_tokens, len(rows), chat, instruction)
     tok = bundle.tokenizer
     input_ids = torch.tensor([ids] * len(rows), device=bundle.device)  # same prompt in every row: no padding
     enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    specs = [variants[name] for name, _ in rows]
+    specs = [r[2] for r in rows]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                   top_p=None, top_k=None, temperature=None)
     if temperature > 0:
-        gens = [torch.Generator().manual_seed(seed) for _, seed in rows]
+        gens = [torch.Generator().manual_seed(seed) for _, seed, _ in rows]
         kwargs["logits_processor"] = LogitsProcessorList([PerRowSampler(gens, temperature, top_p)])
     with bundle.lock:
         with steering(bundle, specs, enc["attention_mask"]):
             out = bundle.model.generate(**enc, **kwargs)  # [rows, prompt + new]
         new = out[:, enc["input_ids"].shape[1]:]  # [rows, <= max_new_tokens]
         result = []
-        for (name, seed), ids in zip(rows, new.tolist()):
+        for (name, seed, _), ids in zip(rows, new.tolist()):
             if tok.eos_token_id in ids:
                 ids = ids[: ids.index(tok.eos_token_id)]
             result.append(Generation(name, seed, tok.decode(ids, skip_special_tokens=True), ids))
         if metrics:
-            feats = sorted({s.feature for v in variants.values() for s in v})
+            feats = sorted({s.feature for r in rows for s in r[2]})
             add_local_metrics(bundle, enc["input_ids"][0].tolist(), result, feats)
     return result
 

@@ -25,6 +25,9 @@ MAX_QUEUE = int(os.environ.get("FFP_MAX_QUEUE", 32))
 # (a request of 16 rows x 628 tokens took 62-68 s), so 4,096 keeps one request near 30 s and
 # bounds how long the next user in the queue waits (issue 20; `python -m steering.bench`).
 MAX_COST = int(os.environ.get("FFP_MAX_COST", 4096))
+# Model requests the app runs at once: concurrent /steer requests with the same prompt and
+# settings are merged into one batch (`steering.batching`); others take turns on the model lock.
+MODEL_CONCURRENCY = int(os.environ.get("FFP_MODEL_CONCURRENCY", 4))
 MAX_SEED = 2**31 - 1
 
 
@@ -113,4 +116,5 @@ def limits_table() -> dict:
     return {"max_new_tokens": MAX_NEW_TOKENS, "max_samples": MAX_SAMPLES, "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "max_prompt_chars": MAX_PROMPT_CHARS, "max_abs_strength": MAX_ABS_STRENGTH,
             "max_abs_alpha": MAX_ABS_ALPHA, "max_abs_r": MAX_ABS_R, "max_rows": MAX_ROWS,
-            "max_queue": MAX_QUEUE, "max_cost_token_rows": MAX_COST}
+            "max_queue": MAX_QUEUE, "max_cost_token_rows": MAX_COST,
+            "model_concurrency": MODEL_CONCURRENCY}

@@ -23,6 +23,7 @@ from .bundle import Bundle, file_sha256, package_dir
 from .catalog import Catalog, features_for_text, theme_words
 from .features import parse_feature
 from .flow import build_flow_graph
+from .batching import GenerationBatcher
 from .controls import generate_with_controls, parse_controls
 from .generate import TASK_DEFAULTS
 from .graph import FlowGraph
@@ -184,6 +185,8 @@ class Playground:
         hashes: model and SAE file hashes for run records (computed at start-up).
         versions: library versions for run records.
         examples: curated demo examples of this preset.
+        batcher: merges concurrent users' generation requests into one batched call
+            (`steering.batching`); None generates each request alone.
     """
 
     bundle: Bundle
@@ -192,6 +195,7 @@ class Playground:
     hashes: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     examples: list[DemoExample] = field(default_factory=list)
+    batcher: GenerationBatcher | None = None
 
     @classmethod
     def create(cls, bundle: Bundle, judge=None) -> "Playground":
@@ -203,7 +207,8 @@ class Playground:
         hashes = {"model": model_hash(bundle),
                   "saes": {f"{l}/{s}": sae_hash(bundle.sae_folders.get((l, s))) for l, s in sorted(bundle.saes)}}
         demo = Path(os.environ.get("FFP_DEMO_FILE", DEMO_FILE))
-        return cls(bundle, catalog, judge or make_judge(), hashes, library_versions(), load_demo_examples(bundle, demo))
+        return cls(bundle, catalog, judge or make_judge(), hashes, library_versions(), load_demo_examples(bundle, demo),
+                   GenerationBatcher(bundle) if limits.MODEL_CONCURRENCY > 1 else None)
 
     # ---- picking a feature ---------------------------------------------------------------------
     def search(self, query: str, k: int = 20) -> list[list]:
@@ -326,7 +331,8 @@ class Playground:
         seeds = [v["seed"] + i for i in range(v["samples"])]
         controls = tuple(c for c in parse_controls(list(controls)) if c != "prompt" or v["theme"])
         gens = generate_with_controls(self.bundle, v["prompt"], variants, seeds, controls, v["theme"], task,
-                                      max_new_tokens=v["max_new_tokens"], chat=bool(chat), check_cost=True)
+                                      max_new_tokens=v["max_new_tokens"], chat=bool(chat), check_cost=True,
+                                      **({"generate": self.batcher.generate_variants} if self.batcher else {}))
         variants = {name: None for name in dict.fromkeys(g.variant for g in gens)}
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
         texts = [g.text for g in gens]
