@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from . import limits
 from .generate import TEMPERATURE, TOP_P, Generation, check_request, generate_rows
-from .steer import SteerSpec
+from .steer import SteerSpec, _check_steerable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class GenerationBatcher:
             limits.check_int("seed", s, 0, limits.MAX_SEED)
         limits.check_steer_args(temperature=temperature, top_p=top_p)
         check_request(self.bundle, prompt, max_new_tokens, len(mine), chat, instruction)
+        for specs in variants.values():
+            for spec in specs:
+                _check_steerable(self.bundle, spec.feature)
         key = (prompt, max_new_tokens, float(temperature), float(top_p), bool(chat), metrics, instruction)
         feats = sorted({str(s.feature) for specs in variants.values() for s in specs})
         with self._lock:

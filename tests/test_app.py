@@ -279,3 +279,24 @@ def test_steer_controls_columns_and_record(client):
     assert {"unsteered", "steered", "prompted", "random"} <= variants
     assert len(record["scores"]) == len(record["generations"])
     assert record["settings"]["controls"] == ["prompt", "random"]
+
+
+def test_concurrent_clients_are_batched_and_get_what_they_get_alone(live_app):
+    """Issue 21: 4 gradio clients steering at once (same prompt and settings, different features,
+    strengths and seeds) are merged into one batch by the app, and each gets the texts it gets
+    alone."""
+    from gradio_client import Client
+
+    asks = [steer_args(seed=s, strength=st, controls=["random"]) for s, st in ((1, 4.0), (2, -3.0), (3, 6.0), (4, 1.0))]
+    log_before = live_app["server"].log_path.read_text().count("batched ")
+
+    def ask(args):
+        return Client(live_app["url"], verbose=False).predict(*args, api_name="/steer")[5]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(ask, asks))
+    alone = [ask(a) for a in asks]
+    for t, a in zip(together, alone):
+        assert [(g["variant"], g["seed"], g["text"]) for g in t["generations"]] == \
+            [(g["variant"], g["seed"], g["text"]) for g in a["generations"]]
+    assert live_app["server"].log_path.read_text().count("batched ") > log_before  # some requests were merged

@@ -76,6 +76,17 @@ def test_one_users_bad_request_fails_alone(tiny_bundle):
                                             G.generate_variants(tiny_bundle, "I think ", v, s, max_new_tokens=6)]
 
 
+def test_one_users_invalid_feature_fails_alone(tiny_bundle):
+    from steering.features import FeatureId
+
+    b = GenerationBatcher(tiny_bundle, window_s=0.3)
+    v, s = REQUESTS[1]
+    bad = {"steered": [SteerSpec(FeatureId(1, "res", 10_000), 1.0)]}
+    got, errors = _concurrently([lambda: b.generate_variants(tiny_bundle, "I think ", v, s, max_new_tokens=6),
+                                 lambda: b.generate_variants(tiny_bundle, "I think ", bad, s, max_new_tokens=6)])
+    assert len(errors) == 1 and "valid indices" in str(errors[0]) and got[0] is not None
+
+
 def test_rows_over_the_batch_limit_start_a_new_batch(tiny_bundle):
     b = GenerationBatcher(tiny_bundle, window_s=0.3, max_rows=4)
     v, s = REQUESTS[0]  # 4 rows each
