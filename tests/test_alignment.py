@@ -51,6 +51,11 @@ def test_demo_hit_rules():
                           "7/res/2": {"span": [7, 7], "runs": {"baseline:8": {"hits": 7}}}}}
     # the wider span wins over one more hit on a one-layer graph; ties go to the weaker push
     assert D.choose(rec)[:2] == ("5/res/1", "single:8")
+    # a feature whose label names the theme wins over one that hit more often by chance
+    rec["words"] = sorted(words)
+    rec["candidates"]["9/res/4"] = {"span": [2, 9], "label": "bride, cake · ctx: vows", "runs": {"single:4": {"hits": 2}}}
+    assert D.choose(rec)[:2] == ("9/res/4", "single:4")
+    assert D.on_theme("Bride, the, 9", words) and not D.on_theme("file, command", words)
 
 
 def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path, capsys):
