@@ -90,16 +90,22 @@ def test_steering_smoke_resume_and_partial_recompute(tiny_llama_preset, out, cap
     assert s["judge"]["name"].startswith(("offline", "openai"))
     act, rem = s["activate"], s["remove"]
     assert [t["feature"] for t in act["themes"].values()] == ["1/res/5", "2/res/7"]
-    assert {p["condition"] for p in act["points"]} == {"baseline", "single", "constant", "exp", "linear"}
-    assert {p["condition"] for p in rem["points"]} == {"baseline", "single", "cumulative"}
+    assert {p["condition"] for p in act["points"]} == {"baseline", "single", "constant", "exp", "linear", "random"}
+    assert {p["condition"] for p in rem["points"]} == {"baseline", "single", "cumulative", "random"}
     assert {p["strength"] for p in rem["points"]} == {0.0, -4.0}
     for p in act["points"] + rem["points"]:
         assert 0 <= p["metric"] <= 1 and 0 <= p["coherence"] <= 1
     for theme in act["best"].values():
-        assert {"baseline", "single", "constant", "exp", "linear", "unsteered"} == set(theme)
+        assert {"baseline", "single", "constant", "exp", "linear", "random", "unsteered", "prompted"} == set(theme)
     units = sorted((folder / "units").glob("*.json"))
-    # 2 themes x (unsteered + 5 conditions x 1 s) + removal (unsteered + 3 conditions x 2 r)
-    assert len(units) == 2 * 6 + 7
+    # 2 themes x (unsteered + prompted + (5 conditions + random control) x 1 s)
+    # + removal (unsteered + prompted + (3 conditions + random control) x 2 r)
+    assert len(units) == 2 * 8 + 10
+    s = json.loads((folder / "summary.json").read_text())
+    assert set(s["activate"]["prompted"]) == set(s["activate"]["unsteered"])  # one prompting control per theme
+    rnd = json.loads((folder / "units" / "activate__anger-and-frustration__random__s=4.json").read_text())
+    assert rnd["settings"]["control_of"] == "exp" and len(rnd["result"]["rows"]) == 2
+    assert any(p["condition"] == "random" for p in s["activate"]["points"])
     unit = json.loads((folder / "units" / "activate__anger-and-frustration__single__s=4.json").read_text())
     assert unit["command"].startswith("python -m steering.experiments steering")
     assert unit["settings"]["layers"] == [0, 1]  # span 0..2 at stride 6, plus the seed layer
@@ -119,10 +125,10 @@ def test_steering_smoke_resume_and_partial_recompute(tiny_llama_preset, out, cap
     assert run(capsys, *argv)["units"]["computed"] == 0
     assert unit_state(folder / "units") == before
     monkeypatch.undo()
-    # a new strength computes only its own units (5 conditions x 2 themes); the old ones are reused
+    # a new strength computes only its own units ((5 conditions + random) x 2 themes); the old ones are reused
     more = run(capsys, *argv, "--strengths", "4,8",
                "--tasks", "activate")
-    assert more["units"]["computed"] == 10 and more["units"]["reused"] == 12
+    assert more["units"]["computed"] == 12 and more["units"]["reused"] == 16
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,6 +8,10 @@
   swept over the graph's layers. Metric: behavioral x coherence.
 - Removal (App. B.1): the physics prompt, 96 new tokens, rescaling r in {0, -1, ..., -64} on
   every token; baseline (seed only) / single / cumulative. Metric: (1 - behavioral) x coherence.
+- Controls (issue 18): the model asked for the theme ("prompted", through the same prompt plus a
+  plain request) and random directions of the same norms on the same layers with the same
+  schedule ("random", for the main cumulative condition at every strength and layer); every
+  configuration's metric carries a seed-level 95% interval.
 - Scores from `steering.judge.make_judge` (gpt-4o-mini with OPENAI_API_KEY, else the labelled
   offline judge).
 
@@ -50,17 +54,23 @@ ACTIVATION_THEMES = (  # paper App. B.2 (Gemma 2 2B 12/res/4111, 16226, 4230, 54
     Theme("religion and God", "religion church God", "religion, church and God"),
 )
 REMOVAL_THEME = Theme("Scientific concepts and entities", "physics science", "physics and scientific concepts")
-# Features picked by hand from the catalog search of the default preset (docs/results.md says why):
-# the catalog has no anger or mental-health feature; these are the nearest it supports.
+# Features picked by hand from the catalog search of the default preset's aligned SAEs (the
+# catalog's top hit for the theme query at a middle layer, as the paper steers layer 12 of 26;
+# docs/results.md lists the hits). The catalog has no anger or mental-health feature: these are
+# the nearest it supports.
 PRESET_FEATURES = {"default": {
-    "anger and frustration": ("7/res/1334", "nearest: emotional reactions (pleased / offended / fear); "
-                              "no anger feature in the catalog"),
-    "mental health issues": ("16/res/765", "nearest: 'health' (no mental-health feature in the catalog)"),
-    "wedding and marriage": ("8/res/697", "marriage (the app's curated 'Weddings' example)"),
-    "religion and God": ("5/res/271", "Church / Christian (the app's curated 'Religion' example)"),
-    "Scientific concepts and entities": ("14/res/1458", "physics / chemistry / science (the app's curated "
-                                         "'Physics (remove it)' example)"),
+    "anger and frustration": ("13/res/92", "nearest: 'emotional' (no anger feature in the catalog)"),
+    "mental health issues": ("6/res/978", "nearest: 'health' (no mental-health feature in the catalog)"),
+    "wedding and marriage": ("8/res/893", "'wedding' (catalog hit for 'wedding marriage' at a middle layer)"),
+    "religion and God": ("9/res/824", "'religious, religion, God' (the index 824 recurs at layers 8-17)"),
+    "Scientific concepts and entities": ("2/res/634", "'science, physics, engineer' (catalog hit for "
+                                         "'physics science')"),
 }}
+# Controls (issue 18): the model asked for the theme (prompted: one unit per theme, like unsteered)
+# and, for the main cumulative condition, the same plans with random directions of the same norms
+# (random: every direction rotated by one seeded rotation; removal: random features of the same
+# sites), at every strength and layer.
+CONTROL_OF = {"activate": "exp", "remove": "cumulative"}
 
 
 def slug(text: str) -> str:
@@ -126,9 +136,17 @@ def score_texts(judge, texts: list[str], theme: str, task: str, perplexities: li
 def run_unit(bundle, judge, graph, theme: dict, task: str, condition: str, strength: float | None,
              layers: list[int], seeds: list[int], max_new_tokens: int, alpha: float, s_end: float) -> dict:
     """Generate and judge every layer x seed of one condition; returns rows with texts and scores."""
+    from ..controls import instruction, random_control
+
     prompt = ACTIVATION_PROMPT if task == "activate" else REMOVAL_PROMPT
-    if condition == "unsteered":
+    ask = None
+    if condition in ("unsteered", "prompted"):
         variants = {"none": []}
+        ask = instruction(theme["judge_theme"], task) if condition == "prompted" else None
+    elif condition == "random":
+        main = CONTROL_OF[task]
+        variants = {l: random_control(bundle, specs_for(graph, main, l, strength, task, alpha, s_end))
+                    for l in layers}
     elif condition == "baseline":
         variants = {graph.seed.layer: specs_for(graph, "baseline", graph.seed.layer, strength, task, alpha, s_end)}
     else:
@@ -139,7 +157,7 @@ def run_unit(bundle, judge, graph, theme: dict, task: str, condition: str, stren
     gens, keys = [], []
     for i in range(0, len(names), per_call):
         chunk = {str(n): variants[n] for n in names[i:i + per_call]}
-        gens += generate_variants(bundle, prompt, chunk, seeds, max_new_tokens)
+        gens += generate_variants(bundle, prompt, chunk, seeds, max_new_tokens, instruction=ask)
         keys += [n for n in names[i:i + per_call] for _ in seeds]
     scores = score_texts(judge, [g.text for g in gens], theme["judge_theme"], task,
                          [g.metrics.get("perplexity") for g in gens])
@@ -158,6 +176,24 @@ def _mean(xs):
     return round(statistics.fmean(xs), 4) if xs else None
 
 
+def reference(results: dict[tuple, dict], cond: str) -> dict[str, dict]:
+    """Per theme: mean scores (and the seed-level interval of the metric) of a theme-level unit
+    (``unsteered`` or ``prompted``)."""
+    return {t: {**{k: _mean(r[k] for r in v["rows"]) for k in ("behavioral", "coherence", "metric")},
+                "metric_ci95": ci95([r["metric"] for r in v["rows"]])}
+            for (t, c, _), v in results.items() if c == cond}
+
+
+def ci95(xs: list) -> list[float] | None:
+    """Seed-level 95% interval of a mean (normal approximation, mean +- 1.96 sd / sqrt(n)); None
+    below 2 scored samples."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    m, half = statistics.fmean(xs), 1.96 * statistics.stdev(xs) / len(xs) ** 0.5
+    return [round(m - half, 4), round(m + half, 4)]
+
+
 def config_points(results: dict[tuple, dict]) -> list[dict]:
     """Mean behavioral / coherence / metric per (theme, condition, strength, layer) over samples."""
     out = []
@@ -170,6 +206,7 @@ def config_points(results: dict[tuple, dict]) -> list[dict]:
                         "behavioral": _mean(r["behavioral"] for r in rows),
                         "coherence": _mean(r["coherence"] for r in rows),
                         "metric": _mean(r["metric"] for r in rows),
+                        "metric_ci95": ci95([r["metric"] for r in rows]),
                         "config": f"{theme} · {cond} · strength {strength} · layer {layer}"})
     return out
 
@@ -279,29 +316,32 @@ def run(args, bundle) -> dict:
             layers = sweep_layers(g, args.layer_stride, opts["layers"])
             graphs[th["paper_theme"]] = {**th, "l_start": g.l_start, "l_end": g.l_end, "layers": layers,
                                          "n_nodes_in_span": sum(n.in_span for n in g.nodes)}
-            plan_units.append((th, g, layers, "unsteered", None))
-            plan_units += [(th, g, layers, c, s) for s in strengths for c in conditions]
+            plan_units += [(th, g, layers, "unsteered", None), (th, g, layers, "prompted", None)]
+            plan_units += [(th, g, layers, c, s) for s in strengths for c in (*conditions, "random")]
         bar = common.progress(f"steering {task}", total=len(plan_units), disable=not show)
         for th, g, layers, cond, s in bar(plan_units):
             letter = "r" if task == "remove" else "s"
             name = f"{task}/{slug(th['paper_theme'])}/{cond}" + ("" if s is None else f"/{letter}={s:g}")
             settings = {"preset": bundle.preset.name, "task": task, "feature": th["feature"],
                         "judge": judge.name, "judge_theme": th["judge_theme"], "condition": cond, "strength": s,
-                        "layers": [g.seed.layer] if cond in ("baseline", "unsteered") else layers,
+                        "layers": [g.seed.layer] if cond in ("baseline", "unsteered", "prompted") else layers,
+                        "control_of": CONTROL_OF[task] if cond == "random" else None,
                         "seeds": seeds, "max_new_tokens": n_tok, "t_res": args.t_res,
                         "alpha": args.alpha if cond == "exp" else None,
                         "s_end": args.s_end if cond == "linear" else None}
             job = (bundle, judge, g, th, task, cond, s, layers, seeds, n_tok, args.alpha, args.s_end)
             results[(th["paper_theme"], cond, s)] = units.get(name.replace("/", "__"), settings,
                                                               lambda job=job: run_unit(*job))
-        points = config_points({k: v for k, v in results.items() if k[1] != "unsteered"})
-        unsteered = {t: {k: _mean(r[k] for r in v["rows"]) for k in ("behavioral", "coherence", "metric")}
-                     for (t, c, _), v in results.items() if c == "unsteered"}
+        points = config_points({k: v for k, v in results.items() if k[1] not in ("unsteered", "prompted")})
+
+        unsteered, prompted = reference(results, "unsteered"), reference(results, "prompted")
         best = best_per_condition(points)
         for t, u in unsteered.items():
             best.setdefault(t, {})["unsteered"] = {**u, "config": "no steering", "strength": None, "layer": None}
+        for t, u in prompted.items():
+            best.setdefault(t, {})["prompted"] = {**u, "config": "asking the model", "strength": None, "layer": None}
         x = "strength"
-        summary[task] = {"themes": graphs, "unsteered": unsteered, "best": best,
+        summary[task] = {"themes": graphs, "unsteered": unsteered, "prompted": prompted, "best": best,
                          "conditions": condition_table(points, best), "points": points}
         summary["figures"] += common.save_figure(
             figures.curve_figure(_best_over(points, "strength"), "layer", "theme",
@@ -321,6 +361,7 @@ def run(args, bundle) -> dict:
                                                  folder / f"{task}_pareto.html")
     summary["units"] = units.report()
     summary["headline"] = {task: {"conditions": summary[task]["conditions"], "unsteered": summary[task]["unsteered"],
+                                  "prompted": summary[task]["prompted"],
                                   "themes": {t: {k: v[k] for k in ("feature", "label", "l_start", "l_end", "layers")}
                                              for t, v in summary[task]["themes"].items()}}
                            for task in opts["tasks"]}
