@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -127,6 +128,27 @@ def safe(fn):
     """Bad input -> a short gr.Error naming the field; anything else is logged with context
     (secrets masked) and shown as one line, never a stack trace."""
 
+    def refuse(e, args, kwargs):
+        if isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+            msg = str(e.args[0] if e.args else e)
+            log.info("%s refused: %s", fn.__name__, _redact(msg, args, kwargs)[:300])
+            return gr.Error(html.escape(_redact(msg, args, kwargs)[:400], quote=False), print_exception=False)
+        log.exception("handler %s failed (%s)", fn.__name__, _context(fn, args, kwargs))
+        return gr.Error("Something went wrong on the server (it was logged). Try again or change the inputs.",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):  # a streaming handler: the same rules for whatever it raises
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - the app must keep serving; the error is logged
+                raise refuse(e, args, kwargs) from None
+
+        return streaming
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -215,8 +237,38 @@ def build_app(pg: Playground) -> gr.Blocks:
             variants[other] = pg.plan(graph, task, other, *_plan_args(args))
         progress(0.15, desc=f"generating {len(variants)} variants x {int(samples)} samples in one batch")
         theme = (theme or "").strip() or pg.default_theme(str(graph.seed))
-        result = pg.steer(variants, task, prompt, seed, samples, max_new_tokens, theme, api_key or "", chat,
-                          tuple(controls or ()))
+        live: dict = {}  # (variant, seed) -> new token ids so far: the texts stream while they are written
+
+        def on_tokens(names, rows):
+            for name, row in zip(names, rows):
+                live[name] = list(row)
+
+        box: dict = {}
+
+        def work():
+            try:
+                box["result"] = pg.steer(variants, task, prompt, seed, samples, max_new_tokens, theme, api_key or "",
+                                         chat, tuple(controls or ()), on_tokens=on_tokens)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the handler
+                box["error"] = e
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.4)
+            if live and worker.is_alive():
+                step = max(len(r) for r in live.values())
+                progress(0.15 + 0.8 * min(1.0, step / max(1, int(max_new_tokens))),
+                         desc=f"writing: token {step} of {int(max_new_tokens)}")
+                ctrl_now = "\n\n".join(pg.partial_markdown(live, c) for c in ("prompted", "random")
+                                        if any(n == c for n, _ in live))
+                yield (pg.partial_markdown(live, "unsteered"), pg.partial_markdown(live, "steered"),
+                       gr.update(value=pg.partial_markdown(live, other), visible=bool(compare)) if compare
+                       else gr.update(), gr.update(), gr.update(), gr.update(),
+                       gr.update(value=ctrl_now, visible=bool(ctrl_now)) if ctrl_now else gr.update())
+        if "error" in box:
+            raise box["error"]
+        result = box["result"]
         settings = {"task": task, "condition": condition, "layer": layer, "strength": strength, "schedule": sched,
                     "alpha": alpha, "s_end": s_end, "r": r, "exclude": exclude, "include": include, "seed": seed,
                     "samples": samples, "max_new_tokens": max_new_tokens, "chat": chat, "compare": compare,
@@ -228,9 +280,9 @@ def build_app(pg: Playground) -> gr.Blocks:
         third = pg.column_markdown(result, other, focus) if compare else ""
         ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
                             if c in result["variants"])
-        return (pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
-                gr.update(value=third, visible=bool(compare)), scores_figure(pg.summary(result), VARIANT_TITLES),
-                str(path), record, gr.update(value=ctrl, visible=bool(ctrl)))
+        yield (pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
+               gr.update(value=third, visible=bool(compare)), scores_figure(pg.summary(result), VARIANT_TITLES),
+               str(path), record, gr.update(value=ctrl, visible=bool(ctrl)))
 
     @safe
     def run_demo(title: str, progress=gr.Progress()):

@@ -35,6 +35,12 @@ class _Group:
     done: threading.Event = field(default_factory=threading.Event)
     result: list | None = None
     error: BaseException | None = None
+    streams: dict = field(default_factory=dict)  # request id -> (its on_tokens, its row indices)
+
+    def dispatch(self, names: list, rows: list) -> None:
+        """One merged decoding step, passed on to every streaming request as its own rows."""
+        for cb, idx in self.streams.values():
+            cb([(names[i][0].split("\x00", 1)[1], names[i][1]) for i in idx], [rows[i] for i in idx])
 
 
 class GenerationBatcher:
@@ -55,8 +61,8 @@ class GenerationBatcher:
 
     def generate_variants(self, bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                           max_new_tokens: int = 36, temperature: float = TEMPERATURE, top_p: float = TOP_P,
-                          chat: bool = False, metrics: bool = True, instruction: str | None = None
-                          ) -> list[Generation]:
+                          chat: bool = False, metrics: bool = True, instruction: str | None = None,
+                          on_tokens=None) -> list[Generation]:
         """Same signature and result as `generate.generate_variants` (``bundle`` must be this
         batcher's bundle)."""
         if bundle is not self.bundle:
@@ -81,8 +87,11 @@ class GenerationBatcher:
             if leader:
                 group = _Group(key)
                 self._open.append(group)
+            first = len(group.rows)
             group.rows += [(rid, *r) for r in mine]
             group.features[rid] = feats
+            if on_tokens is not None:
+                group.streams[rid] = (on_tokens, range(first, first + len(mine)))
         if leader:
             time.sleep(self.window_s)  # let the requests arriving now join this batch
             with self._lock:
@@ -91,7 +100,7 @@ class GenerationBatcher:
             try:
                 rows = [(f"{r[0]}\x00{r[1]}", r[2], r[3]) for r in group.rows]  # request id + variant
                 group.result = generate_rows(self.bundle, prompt, rows, max_new_tokens, temperature, top_p, chat,
-                                             metrics, instruction)
+                                             metrics, instruction, group.dispatch if group.streams else None)
                 self.calls += 1
                 if len(group.features) > 1:
                     log.info("batched %d requests into one call of %d rows", len(group.features), len(group.rows))

@@ -14,9 +14,11 @@ generated tokens, all from one extra batched forward pass.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 from . import limits
 from .sites import capture_sites
@@ -51,6 +53,29 @@ class PerRowSampler(LogitsProcessor):
             j = int(torch.multinomial(probs[i], 1, generator=gen))
             out[i, order[i, j]] = 0.0
         return out
+
+
+class RowStreamer(BaseStreamer):
+    """Streams a batched generation (issue 17): after every decoding step, ``callback(names,
+    rows)`` gets each row's (variant, seed) and its new token ids so far (rows go on past EOS with
+    padding; the reader cuts at EOS). The first ``put`` is the prompt and is skipped."""
+
+    def __init__(self, names: list[tuple[str, int]], callback: Callable):
+        self.names, self.callback = names, callback
+        self.rows: list[list[int]] = [[] for _ in names]
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        new = value.reshape(len(self.rows), -1)[:, -1].tolist()  # [rows]: this step's token of every row
+        for row, t in zip(self.rows, new):
+            row.append(int(t))
+        self.callback(self.names, self.rows)
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -133,13 +158,15 @@ def check_request(bundle, prompt: str, max_new_tokens: int, n_rows: int, chat: b
 @torch.no_grad()
 def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                       max_new_tokens: int = 36, temperature: float = TEMPERATURE, top_p: float = TOP_P,
-                      chat: bool = False, metrics: bool = True, instruction: str | None = None) -> list[Generation]:
+                      chat: bool = False, metrics: bool = True, instruction: str | None = None,
+                      on_tokens: Callable | None = None) -> list[Generation]:
     """Generate every variant for every seed in one batch (paper App. B sampling settings).
 
     ``variants`` maps a name to its specs (an empty list is the unsteered baseline). Row order:
     variant-major, seeds inner; sample j of every variant uses seed ``seeds[j]`` (paired draws:
     a zero-strength variant reproduces the baseline token for token). ``temperature=0`` decodes
     greedily. ``instruction`` makes every row the prompting baseline (`encode_prompt`).
+    ``on_tokens`` streams the rows while they are generated (`RowStreamer`).
     ``bundle.lock`` is held for the whole call.
     """
     if not variants:
@@ -147,13 +174,14 @@ def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]],
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")
     rows = [(name, seed, variants[name]) for name in variants for seed in seeds]
-    return generate_rows(bundle, prompt, rows, max_new_tokens, temperature, top_p, chat, metrics, instruction)
+    return generate_rows(bundle, prompt, rows, max_new_tokens, temperature, top_p, chat, metrics, instruction,
+                         on_tokens)
 
 
 @torch.no_grad()
 def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec]]], max_new_tokens: int = 36,
                   temperature: float = TEMPERATURE, top_p: float = TOP_P, chat: bool = False, metrics: bool = True,
-                  instruction: str | None = None) -> list[Generation]:
+                  instruction: str | None = None, on_tokens: Callable | None = None) -> list[Generation]:
     """One batched generation of arbitrary rows (variant name, seed, specs), in row order; what
     `generate_variants` and the request batcher (`steering.batching`) run. Every row has its own
     sampler seed and steering, so a row's text does not depend on its batch mates."""
@@ -171,6 +199,8 @@ def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec
     if temperature > 0:
         gens = [torch.Generator().manual_seed(seed) for _, seed, _ in rows]
         kwargs["logits_processor"] = LogitsProcessorList([PerRowSampler(gens, temperature, top_p)])
+    if on_tokens is not None:
+        kwargs["streamer"] = RowStreamer([(name, seed) for name, seed, _ in rows], on_tokens)
     with bundle.lock:
         with steering(bundle, specs, enc["attention_mask"]):
             out = bundle.model.generate(**enc, **kwargs)  # [rows, prompt + new]

@@ -319,19 +319,21 @@ class Playground:
 
     def steer(self, variants: dict[str, list], task: str, prompt: str, seed: int, samples: int,
               max_new_tokens: int, theme: str, api_key: str = "", chat: bool = False,
-              controls: tuple[str, ...] = ()) -> dict:
+              controls: tuple[str, ...] = (), on_tokens=None) -> dict:
         """Generate every variant for seeds seed..seed+samples-1 in one batch, then score all texts
         (left unscored when ``theme`` is empty). ``controls`` (``prompt``, ``random``:
         `steering.controls`) add the control variants ``prompted`` / ``random`` for the variant
         named ``steered``; the prompting control needs a theme and is skipped without one.
 
         ``api_key`` (optional, per request) selects an OpenAI judge for this request only; it is
-        never stored, logged or returned."""
+        never stored, logged or returned. ``on_tokens(names, rows)`` streams every decoding step
+        (`generate.RowStreamer`; `partial_markdown` renders it)."""
         v = self.check_generation(prompt, seed, samples, max_new_tokens, theme)
         seeds = [v["seed"] + i for i in range(v["samples"])]
         controls = tuple(c for c in parse_controls(list(controls)) if c != "prompt" or v["theme"])
         gens = generate_with_controls(self.bundle, v["prompt"], variants, seeds, controls, v["theme"], task,
                                       max_new_tokens=v["max_new_tokens"], chat=bool(chat), check_cost=True,
+                                      on_tokens=on_tokens,
                                       **({"generate": self.batcher.generate_variants} if self.batcher else {}))
         variants = {name: None for name in dict.fromkeys(g.variant for g in gens)}
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
@@ -357,6 +359,21 @@ class Playground:
                              "coherence": sum(s.coherence_scaled for s in sc) / len(sc),
                              "metric": sum(s.metric for s in sc) / len(sc)}
         return out
+
+    def partial_markdown(self, live: dict, variant: str) -> str:
+        """A column while it is being generated: each seed's text so far (``live`` maps
+        (variant, seed) to the new token ids so far, as `generate.RowStreamer` sends them)."""
+        tok = self.bundle.tokenizer
+        lines = [f"### {VARIANT_TITLES.get(variant, variant)}", "<small>writing…</small>\n"]
+        for (name, seed), ids in sorted(live.items(), key=lambda kv: kv[0][1]):
+            if name != variant:
+                continue
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            text = _escape(tok.decode(ids, skip_special_tokens=True).strip()).replace("⏎", " ⏎ ") or "…"
+            text = re.sub(r"^([-+])", r"\\\1", re.sub(r"^(\d+)\.", r"\1\\.", text))  # text, not Markdown
+            lines.append(f"**seed {seed}**\n\n> {text}\n")
+        return "\n".join(lines)
 
     @staticmethod
     def column_markdown(result: dict, variant: str, focus: str | None = None) -> str:

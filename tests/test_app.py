@@ -218,15 +218,40 @@ def test_handlers_leave_no_hooks_even_on_errors(app_fns):
 
     fns, bundle = app_fns
     before = count_hooks(bundle.model)
-    out = fns["steer"](*steer_args(max_new_tokens=4))
+    out = last(fns["steer"](*steer_args(max_new_tokens=4)))
     assert "Steered" in out[1]
-    loose = fns["steer"](*steer_args(max_new_tokens=4, layer=None, exclude="", include=""))  # API callers' spellings
+    loose = last(fns["steer"](*steer_args(max_new_tokens=4, layer=None, exclude="", include="")))  # API spellings
     assert loose[5]["schedules"] == out[5]["schedules"]
     with pytest.raises(gr.Error, match="theme is too long"):
-        fns["steer"](*steer_args(theme="t" * 400))
+        last(fns["steer"](*steer_args(theme="t" * 400)))
     with pytest.raises(gr.Error, match="cannot include"):
-        fns["steer"](*steer_args(include=["0/res/0"]))
+        last(fns["steer"](*steer_args(include=["0/res/0"])))
     assert count_hooks(bundle.model) == before == 0
+
+
+def last(out):
+    """The final output of a handler (the steer handler streams: it is a generator)."""
+    import inspect
+
+    return list(out)[-1] if inspect.isgenerator(out) else out
+
+
+def test_steer_streams_the_texts_while_they_are_written(app_fns, monkeypatch):
+    """Issue 17: the columns fill token by token; the last update is the finished run."""
+    import time
+
+    from steering import generate as G
+
+    put = G.RowStreamer.put
+    monkeypatch.setattr(G.RowStreamer, "put", lambda self, v: (put(self, v), time.sleep(0.15)))
+    fns, _ = app_fns
+    updates = list(fns["steer"](*steer_args(max_new_tokens=8, controls=["random"])))
+    partial, final = updates[:-1], updates[-1]
+    assert len(partial) >= 2 and all("writing" in u[1] for u in partial)
+    assert "writing" not in final[1] and final[5]["generations"]  # the run record comes with the end
+    grown = [len(u[1]) for u in partial]
+    assert grown == sorted(grown) and grown[-1] > grown[0]  # the steered column grows as tokens arrive
+    assert any(isinstance(u[6], dict) and "random directions" in str(u[6].get("value", "")) for u in partial)
 
 
 def test_schedule_preview_follows_the_schedule(app_fns):

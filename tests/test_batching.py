@@ -92,3 +92,35 @@ def test_rows_over_the_batch_limit_start_a_new_batch(tiny_bundle):
     v, s = REQUESTS[0]  # 4 rows each
     got, errors = _concurrently([lambda: b.generate_variants(tiny_bundle, "I think ", v, s, max_new_tokens=4)] * 2)
     assert not errors and b.calls == 2 and got[0] == got[1]
+
+
+def _cut(ids, eos):
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def test_streamed_rows_end_as_the_generated_texts(tiny_bundle):
+    """Issue 17: on_tokens gets every row after every step; the last call holds each row's tokens."""
+    seen = []
+    v, s = REQUESTS[0]
+    gens = G.generate_variants(tiny_bundle, "I think ", v, s, max_new_tokens=8,
+                               on_tokens=lambda names, rows: seen.append((list(names), [list(r) for r in rows])))
+    assert 1 <= len(seen) <= 8 and [len(r) for r in seen[0][1]] == [1] * len(gens)
+    names, rows = seen[-1]
+    eos = tiny_bundle.tokenizer.eos_token_id
+    assert names == [(g.variant, g.seed) for g in gens]
+    assert [_cut(r, eos) for r in rows] == [g.token_ids for g in gens]
+
+
+def test_batched_requests_stream_their_own_rows(tiny_bundle):
+    b = GenerationBatcher(tiny_bundle, window_s=0.5)
+    streams = [[], []]
+    fns = [lambda i=i, v=v, s=s: b.generate_variants(tiny_bundle, "I think ", v, s, max_new_tokens=6,
+                                                     on_tokens=lambda n, r, i=i: streams[i].append((n, r)))
+           for i, (v, s) in enumerate(REQUESTS[:2])]
+    got, errors = _concurrently(fns)
+    assert not errors and b.calls == 1
+    eos = tiny_bundle.tokenizer.eos_token_id
+    for stream, gens in zip(streams, got):
+        names, rows = stream[-1]
+        assert names == [(g.variant, g.seed) for g in gens]
+        assert [_cut(list(r), eos) for r in rows] == [g.token_ids for g in gens]
