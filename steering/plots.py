@@ -73,7 +73,12 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
 def schedule_figure(rows: list[dict], title: str | None = None) -> go.Figure:
     """Bars of s'(l) (or r for removal) per layer and site: the preview of a steering plan."""
     removal = any(r.get("mode") == "rescale" for r in rows)
-    title = title or ("Rescale factor r per layer" if removal else "Steering strength s'(l) per layer")
+    if title is None:
+        title = "Rescale factor r per layer" if removal else "Steering strength s'(l) per layer"
+        pcts = [r for r in rows if r.get("pct_of_residual") is not None]
+        if pcts:  # what s means in the model's own units
+            top = max(pcts, key=lambda r: r["pct_of_residual"])
+            title += f" · largest push {top['pct_of_residual']:.0f}% of the residual norm (layer {top['layer']})"
     fig = go.Figure()
     for site, colour in SITE_COLORS.items():
         sub = [r for r in rows if r["site"] == site]

@@ -164,8 +164,9 @@ def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = No
 
 def schedule_table(specs: list[SteerSpec], bundle=None) -> list[dict]:
     """Per-layer, per-feature coefficients (s'(l) for ``add``, r for ``rescale``), for previews
-    and run records. With a bundle, ``add`` rows also show c_f (``scale``) and the norm s'*c_f
-    actually added (METHOD.md "Units": show users both)."""
+    and run records. With a bundle, ``add`` rows also show c_f (``scale``), the norm s'*c_f
+    actually added (METHOD.md "Units": show users both) and that norm as a percentage of the
+    median residual-stream norm at the layer (``pct_of_residual``, `Bundle.residual_norms`)."""
     rows = []
     for s in sorted(specs, key=lambda s: (s.feature.layer, SITES.index(s.feature.site), s.feature.index)):
         row = {"layer": s.feature.layer, "feature": str(s.feature), "site": s.feature.site,
@@ -175,7 +176,9 @@ def schedule_table(specs: list[SteerSpec], bundle=None) -> list[dict]:
         if bundle is not None and s.mode == "add":
             f = s.feature
             c = float(bundle.ref_scale(f.layer, f.site)[f.index]) if s.units == "folded" else 1.0
-            row.update(scale=round(c, 6), norm=round(s.strength * c, 6))
+            added = abs(s.strength) * c * float(bundle.decoder(f.layer, f.site)[f.index].norm())
+            row.update(scale=round(c, 6), norm=round(s.strength * c, 6),
+                       pct_of_residual=round(100 * added / max(bundle.residual_norms()[f.layer], 1e-6), 2))
         rows.append(row)
     return rows
 

@@ -267,3 +267,25 @@ def test_rescale_inside_model_generate_every_step(tiny_bundle, cache):
     z = b.encode(1, "res", torch.cat(calls, 1))[0, :, f]  # [seq + 5]
     assert float(z[1:].abs().max()) < 1e-3
     assert count_hooks(b.model) == 0
+
+
+def test_schedule_shows_each_push_relative_to_the_residual_norm(tiny_bundle):
+    """Issue 18: the added norm |s| c_f ||d_f|| as a percentage of the median residual norm at the
+    layer, recomputed here from hidden states the model returns."""
+    import torch
+
+    from steering.bundle import REFERENCE_TEXT
+    from steering.features import parse_feature
+    from steering.sinks import sink_mask
+    from steering.steer import SteerSpec, schedule_table
+
+    enc = tiny_bundle.tokenizer(REFERENCE_TEXT, return_tensors="pt")
+    with torch.no_grad():
+        hs = tiny_bundle.model(**enc, output_hidden_states=True).hidden_states  # [L + 1] x [1, seq, d]
+    f = parse_feature("1/res/3")
+    h = hs[f.layer + 1].float()  # the output of block 1 (the last hidden state is post-norm; layer 1 is not last)
+    keep = enc["attention_mask"].bool() & ~sink_mask(h, enc["attention_mask"])
+    median = float(h[keep].norm(dim=-1).median())
+    row = schedule_table([SteerSpec(f, -4.0)], tiny_bundle)[0]
+    added = 4.0 * row["scale"] * float(tiny_bundle.decoder(1, "res")[3].norm())
+    assert row["pct_of_residual"] == pytest.approx(100 * added / median, rel=1e-3)
