@@ -8,12 +8,18 @@ metrics are filtered back to the features of that user's own request. Requests t
 merged run as their own batch. Used by the app (`steering.ui.Playground`); the library and the
 CLI call `generate_variants` directly.
 
+Batches take turns on the model shortest first (cost = rows x (prompt + new tokens)), so a short
+request waits at most for the batch already running, not for the long ones queued before it
+(a steady stream of short requests could hold a long one back; the per-request budget
+`limits.MAX_COST` bounds each wait).
+
 On the 2-core CPU a batch of r rows costs less than r separate calls (the weights are read once
 per decoding step for all rows); docs/performance.md has the load test before and after.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -58,6 +64,21 @@ class GenerationBatcher:
         self._open: list[_Group] = []
         self._next_id = 0
         self.calls = 0
+        # Turn-taking between batches: the cheapest waiting batch runs next (shortest job first),
+        # so a short request is not stuck behind long ones queued before it (issue 20).
+        self._turn = threading.Condition()
+        self._waiting: list[tuple[int, int]] = []  # heap of (cost in token-rows, arrival order)
+        self._running = False
+
+    def _wait_turn(self, cost: int, order: int) -> None:
+        """Block until no batch runs and this one is the cheapest waiting (ties: first come)."""
+        entry = (cost, order)
+        with self._turn:
+            heapq.heappush(self._waiting, entry)
+            while self._running or self._waiting[0] != entry:
+                self._turn.wait()
+            heapq.heappop(self._waiting)
+            self._running = True
 
     def generate_variants(self, bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                           max_new_tokens: int = 36, temperature: float = TEMPERATURE, top_p: float = TOP_P,
@@ -73,7 +94,7 @@ class GenerationBatcher:
         for s in seeds:  # this request's own errors are raised here, before it joins a batch
             limits.check_int("seed", s, 0, limits.MAX_SEED)
         limits.check_steer_args(temperature=temperature, top_p=top_p)
-        check_request(self.bundle, prompt, max_new_tokens, len(mine), chat, instruction)
+        _, prompt_ids = check_request(self.bundle, prompt, max_new_tokens, len(mine), chat, instruction)
         for specs in variants.values():
             for spec in specs:
                 _check_steerable(self.bundle, spec.feature)
@@ -98,9 +119,16 @@ class GenerationBatcher:
                 group.open = False
                 self._open.remove(group)
             try:
-                rows = [(f"{r[0]}\x00{r[1]}", r[2], r[3]) for r in group.rows]  # request id + variant
-                group.result = generate_rows(self.bundle, prompt, rows, max_new_tokens, temperature, top_p, chat,
-                                             metrics, instruction, group.dispatch if group.streams else None)
+                self._wait_turn(len(group.rows) * (len(prompt_ids) + max_new_tokens), rid)
+                try:
+                    rows = [(f"{r[0]}\x00{r[1]}", r[2], r[3]) for r in group.rows]  # request id + variant
+                    group.result = generate_rows(self.bundle, prompt, rows, max_new_tokens, temperature, top_p,
+                                                 chat, metrics, instruction,
+                                                 group.dispatch if group.streams else None)
+                finally:
+                    with self._turn:
+                        self._running = False
+                        self._turn.notify_all()
                 self.calls += 1
                 if len(group.features) > 1:
                     log.info("batched %d requests into one call of %d rows", len(group.features), len(group.rows))

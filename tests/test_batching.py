@@ -124,3 +124,31 @@ def test_batched_requests_stream_their_own_rows(tiny_bundle):
         names, rows = stream[-1]
         assert names == [(g.variant, g.seed) for g in gens]
         assert [_cut(list(r), eos) for r in rows] == [g.token_ids for g in gens]
+
+
+def test_the_cheapest_waiting_batch_runs_next(tiny_bundle, monkeypatch):
+    """Issue 20: while a long batch runs, a long and then a short request arrive; the short one
+    runs before the long one that queued first."""
+    import time
+
+    from steering import batching as B
+
+    order, real = [], B.generate_rows
+
+    def slow(bundle, prompt, rows, *a, **k):
+        order.append(len(rows))
+        time.sleep(0.6)
+        return real(bundle, prompt, rows, *a, **k)
+
+    monkeypatch.setattr(B, "generate_rows", slow)
+    b = GenerationBatcher(tiny_bundle, window_s=0.01)
+    long_v = {"a": [], "b": [SteerSpec(parse_feature("1/res/3"), 2.0)]}
+
+    def req(variants, seeds, tokens, delay):
+        time.sleep(delay)
+        return b.generate_variants(tiny_bundle, "I think ", variants, seeds, max_new_tokens=tokens)
+
+    got, errors = _concurrently([lambda: req(long_v, [0, 1, 2, 3], 6, 0.0),   # 8 rows, runs first
+                                 lambda: req(long_v, [4, 5, 6, 7], 5, 0.2),   # 8 rows, queues
+                                 lambda: req({"c": []}, [9], 4, 0.4)])        # 1 row, queues later
+    assert not errors and order == [8, 1, 8]
