@@ -11,6 +11,7 @@ every event that runs the model, plus the bundle's lock), since steering hooks a
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import html
 import inspect
@@ -33,6 +34,21 @@ from steering.steer import CONDITIONS, SCHEDULES
 from steering.ui import VARIANT_TITLES, DemoExample, Playground
 
 log = logging.getLogger("app")
+
+
+def _bounded_malloc():
+    """glibc only: at most 2 malloc arenas (otherwise every worker thread that allocates gets its
+    own, and the app's RSS grows with the number of concurrent requests), and a function that
+    hands freed memory back to the OS (called after each generation). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+_trim = lambda: None  # noqa: E731 - set by main()
 NODE_HEADERS = ["feature", "layer", "site", "role", "score", "s(R)", "s(M)", "s(A)", "in span", "label"]
 MODEL = {"concurrency_id": "model", "concurrency_limit": limits.MODEL_CONCURRENCY}  # events that run the model
 # (several at once, so that concurrent /steer requests can be batched; each forward holds the model lock)
@@ -225,7 +241,7 @@ def build_app(pg: Playground) -> gr.Blocks:
 
     @safe
     def steer(feature, t_res, t_module, task, condition, layer, strength, sched, alpha, s_end, r, exclude, include,
-              seed, samples, max_new_tokens, prompt, chat, theme, compare, api_key, controls=(),
+              seed, samples, max_new_tokens, prompt, chat, theme, compare, api_key, controls=(), scope="all",
               progress=gr.Progress()):
         pg.check_generation(prompt, seed, samples, max_new_tokens, theme)  # refuse before any compute
         progress(0.05, desc="flow graph")
@@ -248,7 +264,7 @@ def build_app(pg: Playground) -> gr.Blocks:
         def work():
             try:
                 box["result"] = pg.steer(variants, task, prompt, seed, samples, max_new_tokens, theme, api_key or "",
-                                         chat, tuple(controls or ()), on_tokens=on_tokens)
+                                         chat, tuple(controls or ()), on_tokens=on_tokens, scope=scope or "all")
             except BaseException as e:  # noqa: BLE001 - re-raised below, in the handler
                 box["error"] = e
 
@@ -272,7 +288,8 @@ def build_app(pg: Playground) -> gr.Blocks:
         settings = {"task": task, "condition": condition, "layer": layer, "strength": strength, "schedule": sched,
                     "alpha": alpha, "s_end": s_end, "r": r, "exclude": exclude, "include": include, "seed": seed,
                     "samples": samples, "max_new_tokens": max_new_tokens, "chat": chat, "compare": compare,
-                    "t_res": t_res, "t_module": t_module, "controls": list(controls or ()), "theme": theme}
+                    "t_res": t_res, "t_module": t_module, "controls": list(controls or ()), "theme": theme,
+                    "scope": scope or "all"}
         schedules = {k: pg.schedule_rows(v) for k, v in variants.items() if v}
         record = pg.run_record(feature.strip(), settings, schedules, result)
         path = _write_record(record_dir, f"run_{graph.seed.layer}_{graph.seed.site}_{graph.seed.index}", record)
@@ -280,6 +297,7 @@ def build_app(pg: Playground) -> gr.Blocks:
         third = pg.column_markdown(result, other, focus) if compare else ""
         ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
                             if c in result["variants"])
+        _trim()  # the batch's tensors are freed: give the memory back
         yield (pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
                gr.update(value=third, visible=bool(compare)), scores_figure(pg.summary(result), VARIANT_TITLES),
                str(path), record, gr.update(value=ctrl, visible=bool(ctrl)))
@@ -442,6 +460,10 @@ def build_app(pg: Playground) -> gr.Blocks:
                             chat = gr.Checkbox(label="Use the chat template", value=False)
                             compare = gr.Checkbox(label="Third column: the other condition (single vs cumulative)",
                                                   value=False)
+                        scope = gr.Radio([("prompt and generated tokens (the paper)", "all"),
+                                          ("prompt only", "prompt"), ("generated tokens only", "generated")],
+                                         value="all", label="Steer which tokens (attention sinks never)",
+                                         elem_id="scope")
                         controls = gr.CheckboxGroup([("ask the model for the theme", "prompt"),
                                                      ("random directions, same layers and norms", "random")],
                                                     value=["prompt", "random"], elem_id="controls",
@@ -473,7 +495,7 @@ def build_app(pg: Playground) -> gr.Blocks:
             named(comp)
         plan_inputs = [feature, t_res, t_module, task, condition, layer, strength, sched, alpha, s_end, r, exclude,
                        include]
-        steer_inputs = plan_inputs + [seed, samples, max_new, prompt, chat, theme, compare, api_key, controls]
+        steer_inputs = plan_inputs + [seed, samples, max_new, prompt, chat, theme, compare, api_key, controls, scope]
         search_btn.click(search, query, hits, api_name="search", **LIGHT)
         query.submit(search, query, hits, api_name=False, **LIGHT)
         probe_btn.click(features_for_text, probe, [probe_tokens, probe_rows], api_name="features_for_text", **MODEL)
@@ -577,6 +599,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-memory", default=os.environ.get("FFP_MAX_MEMORY"),
                    help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=64GiB (env FFP_MAX_MEMORY)")
     a = p.parse_args(argv)
+    global _trim
+    _trim = _bounded_malloc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # request lines would be noise
     from tqdm import tqdm

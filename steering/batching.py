@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import limits
 from .generate import TEMPERATURE, TOP_P, Generation, check_request, generate_rows
-from .steer import SteerSpec, _check_steerable
+from .steer import SCOPES, SteerSpec, _check_steerable
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class GenerationBatcher:
     def generate_variants(self, bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                           max_new_tokens: int = 36, temperature: float = TEMPERATURE, top_p: float = TOP_P,
                           chat: bool = False, metrics: bool = True, instruction: str | None = None,
-                          on_tokens=None) -> list[Generation]:
+                          on_tokens=None, scope: str = "all") -> list[Generation]:
         """Same signature and result as `generate.generate_variants` (``bundle`` must be this
         batcher's bundle)."""
         if bundle is not self.bundle:
@@ -98,7 +98,9 @@ class GenerationBatcher:
         for specs in variants.values():
             for spec in specs:
                 _check_steerable(self.bundle, spec.feature)
-        key = (prompt, max_new_tokens, float(temperature), float(top_p), bool(chat), metrics, instruction)
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+        key = (prompt, max_new_tokens, float(temperature), float(top_p), bool(chat), metrics, instruction, scope)
         feats = sorted({str(s.feature) for specs in variants.values() for s in specs})
         with self._lock:
             rid = self._next_id
@@ -124,7 +126,7 @@ class GenerationBatcher:
                     rows = [(f"{r[0]}\x00{r[1]}", r[2], r[3]) for r in group.rows]  # request id + variant
                     group.result = generate_rows(self.bundle, prompt, rows, max_new_tokens, temperature, top_p,
                                                  chat, metrics, instruction,
-                                                 group.dispatch if group.streams else None)
+                                                 group.dispatch if group.streams else None, scope)
                 finally:
                     with self._turn:
                         self._running = False

@@ -159,14 +159,15 @@ def check_request(bundle, prompt: str, max_new_tokens: int, n_rows: int, chat: b
 def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]], seeds: list[int],
                       max_new_tokens: int = 36, temperature: float = TEMPERATURE, top_p: float = TOP_P,
                       chat: bool = False, metrics: bool = True, instruction: str | None = None,
-                      on_tokens: Callable | None = None) -> list[Generation]:
+                      on_tokens: Callable | None = None, scope: str = "all") -> list[Generation]:
     """Generate every variant for every seed in one batch (paper App. B sampling settings).
 
     ``variants`` maps a name to its specs (an empty list is the unsteered baseline). Row order:
     variant-major, seeds inner; sample j of every variant uses seed ``seeds[j]`` (paired draws:
     a zero-strength variant reproduces the baseline token for token). ``temperature=0`` decodes
     greedily. ``instruction`` makes every row the prompting baseline (`encode_prompt`).
-    ``on_tokens`` streams the rows while they are generated (`RowStreamer`).
+    ``on_tokens`` streams the rows while they are generated (`RowStreamer`). ``scope``: which
+    token positions are steered (`steer.steering`: all, prompt or generated).
     ``bundle.lock`` is held for the whole call.
     """
     if not variants:
@@ -175,13 +176,14 @@ def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]],
         raise ValueError("seeds is empty; give at least one seed")
     rows = [(name, seed, variants[name]) for name in variants for seed in seeds]
     return generate_rows(bundle, prompt, rows, max_new_tokens, temperature, top_p, chat, metrics, instruction,
-                         on_tokens)
+                         on_tokens, scope)
 
 
 @torch.no_grad()
 def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec]]], max_new_tokens: int = 36,
                   temperature: float = TEMPERATURE, top_p: float = TOP_P, chat: bool = False, metrics: bool = True,
-                  instruction: str | None = None, on_tokens: Callable | None = None) -> list[Generation]:
+                  instruction: str | None = None, on_tokens: Callable | None = None,
+                  scope: str = "all") -> list[Generation]:
     """One batched generation of arbitrary rows (variant name, seed, specs), in row order; what
     `generate_variants` and the request batcher (`steering.batching`) run. Every row has its own
     sampler seed and steering, so a row's text does not depend on its batch mates."""
@@ -202,7 +204,7 @@ def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec
     if on_tokens is not None:
         kwargs["streamer"] = RowStreamer([(name, seed) for name, seed, _ in rows], on_tokens)
     with bundle.lock:
-        with steering(bundle, specs, enc["attention_mask"]):
+        with steering(bundle, specs, enc["attention_mask"], scope):
             out = bundle.model.generate(**enc, **kwargs)  # [rows, prompt + new]
         new = out[:, enc["input_ids"].shape[1]:]  # [rows, <= max_new_tokens]
         result = []
@@ -350,14 +352,15 @@ def cmd_steer(args) -> dict:
     graphs, specs = steer_plan(bundle, args, seeds_f, v)
     gens = generate_with_controls(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, controls,
                                   theme, args.task, max_new_tokens=v["max_new_tokens"],
-                                  temperature=v["temperature"], top_p=v["top_p"], chat=args.chat, check_cost=True)
+                                  temperature=v["temperature"], top_p=v["top_p"], chat=args.chat, check_cost=True,
+                                  scope=args.scope)
     by = {name: [g for g in gens if g.variant == name] for name in dict.fromkeys(g.variant for g in gens)}
     one = len(seeds) == 1
 
     def texts(name):
         return by[name][0].text if one else [g.text for g in by[name]]
 
-    out = {"prompt": v["prompt"], "feature": args.feature, "task": args.task, "mode": args.mode,
+    out = {"prompt": v["prompt"], "feature": args.feature, "task": args.task, "mode": args.mode, "scope": args.scope,
            "baseline": texts("baseline"), "steered": texts("steered"),
            "schedule": schedule_table(specs, bundle), "seeds": seeds,
            "metrics": {name: [g.metrics for g in gs] for name, gs in by.items()},
@@ -420,4 +423,7 @@ def register(sub, common) -> None:
                    "fallback, labelled)")
     p.add_argument("--controls", default="", help="comma list of controls: prompt (ask the model for the "
                    "theme; needs --theme), random (norm-matched random directions)")
+    p.add_argument("--scope", default="all", choices=["all", "prompt", "generated"],
+                   help="which tokens are steered: all (the paper's setting), the prompt's, or the generated "
+                   "ones (attention sinks never; default: %(default)s)")
     p.set_defaults(fn=cmd_steer)

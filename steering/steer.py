@@ -48,6 +48,7 @@ from .sites import edit_sites, hidden_of
 
 CONDITIONS = ("baseline", "single", "cumulative")
 SCHEDULES = ("exp", "linear", "constant")
+SCOPES = ("all", "prompt", "generated")  # token scope of an edit (`steering`)
 MODES = ("add", "rescale")
 UNITS = ("folded", "raw")
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -249,6 +250,10 @@ def _edit_fn(bundle, key, delta: torch.Tensor | None, factor: torch.Tensor | Non
         keep = pos[None, :] != first_real.to(h.device)[:, None]  # [batch, seq]: never edit an attention sink
         if state["past"] == 0 and state["sinks"].shape[1] == h.shape[1]:  # prefill: sinks found so far
             keep = keep & ~state["sinks"].to(h.device)  # (a device_map may put layers on other devices)
+        if state["scope"] != "all":
+            n_prompt = state["prompt_len"] if state["prompt_len"] is not None else h.shape[1]
+            in_prompt = (pos < n_prompt)[None, :]  # [1, seq]
+            keep = keep & (in_prompt if state["scope"] == "prompt" else ~in_prompt)
         if delta is not None:
             h = h + delta.to(h.device, h.dtype) * keep[..., None].to(h.dtype)  # [batch, 1, d_model], sinks left alone
         if factor is not None:
@@ -287,14 +292,21 @@ def _past_length(state: dict):
 
 
 @contextmanager
-def steering(bundle, rows: list[list[SteerSpec]], attention_mask: torch.Tensor | None = None) -> Iterator[None]:
+def steering(bundle, rows: list[list[SteerSpec]], attention_mask: torch.Tensor | None = None,
+             scope: str = "all") -> Iterator[None]:
     """Apply per-row steering to every forward pass inside the block; hooks are removed in
     ``finally`` (also on errors) and ``bundle.lock`` is held throughout.
 
     ``rows[i]`` are the specs of batch row i (empty list: unsteered). ``attention_mask``
     [batch, seq] of the prompt locates each row's first real token under left padding
-    (default: position 0 of every row).
+    (default: position 0 of every row). ``scope`` (`SCOPES`): which positions are edited:
+    ``all`` (prompt and generated tokens, the default and the paper's setting, App. B),
+    ``prompt`` (the prompt's positions only: generation then reads a steered context) or
+    ``generated`` (the positions of generated tokens only: the first new token is still
+    predicted from the unsteered prompt). Attention sinks are never edited, in any scope.
     """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
     deltas, factors = _deltas(bundle, rows), _rescales(bundle, rows)
     if attention_mask is None:
         first_real = torch.zeros(len(rows), dtype=torch.long, device=bundle.device)
@@ -302,7 +314,8 @@ def steering(bundle, rows: list[list[SteerSpec]], attention_mask: torch.Tensor |
         if attention_mask.shape[0] != len(rows):
             raise ValueError(f"attention_mask has {attention_mask.shape[0]} rows but {len(rows)} spec rows were given")
         first_real = attention_mask.long().argmax(dim=1).to(bundle.device)  # [batch]
-    state = {"past": 0, "prompt_mask": attention_mask.to(bundle.device) if attention_mask is not None else None,
+    state = {"past": 0, "scope": scope, "prompt_len": attention_mask.shape[1] if attention_mask is not None else None,
+             "prompt_mask": attention_mask.to(bundle.device) if attention_mask is not None else None,
              "sinks": torch.zeros(len(rows), 0, dtype=torch.bool, device=bundle.device)}
     if attention_mask is not None:
         state["sinks"] = torch.zeros(attention_mask.shape, dtype=torch.bool, device=bundle.device)

@@ -319,7 +319,7 @@ class Playground:
 
     def steer(self, variants: dict[str, list], task: str, prompt: str, seed: int, samples: int,
               max_new_tokens: int, theme: str, api_key: str = "", chat: bool = False,
-              controls: tuple[str, ...] = (), on_tokens=None) -> dict:
+              controls: tuple[str, ...] = (), on_tokens=None, scope: str = "all") -> dict:
         """Generate every variant for seeds seed..seed+samples-1 in one batch, then score all texts
         (left unscored when ``theme`` is empty). ``controls`` (``prompt``, ``random``:
         `steering.controls`) add the control variants ``prompted`` / ``random`` for the variant
@@ -333,7 +333,7 @@ class Playground:
         controls = tuple(c for c in parse_controls(list(controls)) if c != "prompt" or v["theme"])
         gens = generate_with_controls(self.bundle, v["prompt"], variants, seeds, controls, v["theme"], task,
                                       max_new_tokens=v["max_new_tokens"], chat=bool(chat), check_cost=True,
-                                      on_tokens=on_tokens,
+                                      on_tokens=on_tokens, scope=scope,
                                       **({"generate": self.batcher.generate_variants} if self.batcher else {}))
         variants = {name: None for name in dict.fromkeys(g.variant for g in gens)}
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
@@ -443,6 +443,8 @@ def reproduce_command(preset: str, feature: str, settings: dict, prompt: str) ->
         args += ["--controls", ",".join(settings["controls"])]
     if settings.get("theme"):
         args += ["--theme", str(settings["theme"])]
+    if settings.get("scope", "all") != "all":
+        args += ["--scope", str(settings["scope"])]
     args += ["--prompt", prompt] + (["--chat"] if settings.get("chat") else [])
     cmd = " ".join(shlex.quote(a) for a in args)
     if settings.get("exclude") or settings.get("include"):

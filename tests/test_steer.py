@@ -289,3 +289,49 @@ def test_schedule_shows_each_push_relative_to_the_residual_norm(tiny_bundle):
     row = schedule_table([SteerSpec(f, -4.0)], tiny_bundle)[0]
     added = 4.0 * row["scale"] * float(tiny_bundle.decoder(1, "res")[3].norm())
     assert row["pct_of_residual"] == pytest.approx(100 * added / median, rel=1e-3)
+
+
+@pytest.mark.parametrize("scope", ["prompt", "generated"])
+def test_token_scope_edits_only_its_positions(tiny_bundle, scope):
+    """Issue 18: scope "prompt" edits the prompt's positions only, "generated" the new tokens' only.
+    Read downstream (layer 2) of the edit (layer 1): with causal attention, positions before the
+    first generated one see only prompt positions."""
+    import torch
+
+    from steering.features import parse_feature
+    from steering.sites import capture_sites
+    from steering.steer import SteerSpec, steering
+
+    ids = tiny_bundle.tokenizer("the cat sat on the mat", return_tensors="pt")["input_ids"]
+    n_prompt = ids.shape[1] - 2  # the last two positions play the generated tokens
+    mask = torch.ones(1, n_prompt, dtype=torch.long)
+    key = (2, "res")
+    spec = [[SteerSpec(parse_feature("1/res/3"), 8.0)]]
+
+    def resid(how: str | None) -> torch.Tensor:
+        store: dict = {}
+        with torch.no_grad(), capture_sites({key: tiny_bundle.module(*key)}, store):
+            if how is None:
+                tiny_bundle.model(input_ids=ids)
+            else:
+                with steering(tiny_bundle, spec, mask, scope=how):
+                    tiny_bundle.model(input_ids=ids)
+        return store[key][0]  # [seq, d_model]
+
+    plain, every, scoped = resid(None), resid("all"), resid(scope)
+    p, g = slice(1, n_prompt), slice(n_prompt, None)  # position 0 (the sink) is never edited
+    if scope == "prompt":
+        assert torch.equal(scoped[:n_prompt], every[:n_prompt])  # the prompt is steered as with "all"
+        assert (scoped[g] - every[g]).norm(dim=-1).min() > 1e-4  # the new tokens themselves are not
+        assert (scoped[p] - plain[p]).norm(dim=-1).min() > 1e-4
+    else:
+        assert torch.equal(scoped[:n_prompt], plain[:n_prompt])  # the prompt is left alone
+        assert (scoped[g] - plain[g]).norm(dim=-1).min() > 1e-4
+
+
+def test_unknown_scope_is_refused(tiny_bundle):
+    from steering.steer import steering
+
+    with pytest.raises(ValueError, match="unknown scope"):
+        with steering(tiny_bundle, [[]], None, scope="everything"):
+            pass
