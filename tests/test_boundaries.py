@@ -214,12 +214,17 @@ def test_app_steer_refuses_a_request_over_the_cost_budget_before_generating(tiny
     from steering import controls as C
 
     calls = []
-    monkeypatch.setattr(C, "generate_variants", lambda *a, **k: calls.append(a) or [])
+
+    def fake(*a, **k):
+        calls.append(a)
+        return []
+
     monkeypatch.setattr(limits, "MAX_COST", 100)
     steer = {"baseline": [], "steered": [SteerSpec(parse_feature("1/res/3"), 2.0)]}
     with pytest.raises(ValueError, match="request too large"):  # 3 variants x 4 samples x (3 + 20) > 100
         C.generate_with_controls(tiny_bundle, "I think ", steer, [0, 1, 2, 3], ("random",), max_new_tokens=20,
-                                 check_cost=True)
+                                 check_cost=True, generate=fake)
     assert calls == []
-    C.generate_with_controls(tiny_bundle, "I think ", steer, [0], ("random",), max_new_tokens=20, check_cost=True)
+    C.generate_with_controls(tiny_bundle, "I think ", steer, [0], ("random",), max_new_tokens=20, check_cost=True,
+                             generate=fake)
     assert len(calls) == 1
