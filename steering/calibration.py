@@ -105,7 +105,7 @@ def score_bin(score: float) -> int:
 
 def interval(score: float, halves: list[float]) -> tuple[float, float]:
     """The reported range of a theme score: score +- its bin's half-width, within 0-5."""
-    h = halves[score_bin(score)] if halves else 0.0
+    h = halves[score_bin(score)] if halves else 5.0  # no calibrated range: the whole scale
     return max(0.0, score - h), min(5.0, score + h)
 
 
@@ -125,7 +125,8 @@ def evaluate(items: list[dict], sims: list[float], cohs: list[float], a: float, 
     off = [i for i in theme_idx if items[i]["behavioral"] <= 1]
     on = [i for i in theme_idx if items[i]["behavioral"] >= 4]
     salad = [i for i in idx if items[i]["kind"] in ("word salad", "repetition")]
-    fluent = [i for i in idx if items[i]["coherence"] >= 4]
+    fluent = [i for i in idx if items[i]["coherence"] >= 4 and items[i]["kind"] == "labelled"]
+    coh_idx = [i for i in idx if items[i]["kind"] != "other theme"]  # each text once
     inside = [i for i in theme_idx if interval(pred[i], halves)[0] <= items[i]["behavioral"]
               <= interval(pred[i], halves)[1]]
     uncertain = [i for i in theme_idx if is_uncertain(pred[i], halves)]
@@ -138,7 +139,7 @@ def evaluate(items: list[dict], sims: list[float], cohs: list[float], a: float, 
         "n_word_salad": len(salad),
         "fluent_coherence_ge_4": round(sum(cohs[i] >= 4 for i in fluent) / max(1, len(fluent)), 3),
         "spearman_behavioral": _spearman([pred[i] for i in theme_idx], [items[i]["behavioral"] for i in theme_idx]),
-        "spearman_coherence": _spearman([cohs[i] for i in idx], [items[i]["coherence"] for i in idx]),
+        "spearman_coherence": _spearman([cohs[i] for i in coh_idx], [items[i]["coherence"] for i in coh_idx]),
         "interval_holds_label": round(len(inside) / max(1, len(theme_idx)), 3),
         "share_uncertain": round(len(uncertain) / max(1, len(theme_idx)), 3),
         "off_theme_confident_and_le_1": round(sum(pred[i] <= 1 for i in confident_off) / max(1, len(confident_off)), 3),
@@ -167,6 +168,7 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict
     a, b = _fit_logistic([sims[i] for i in fit_b], [items[i]["behavioral"] for i in fit_b])
     errs = [(logistic(sims[i], a, b), abs(logistic(sims[i], a, b) - items[i]["behavioral"])) for i in fit_b]
     halves = [round(_quantile([e for p, e in errs if score_bin(p) == k], INTERVAL_QUANTILE), 3)
+              if any(score_bin(p) == k for p, _ in errs) else 5.0  # a bin never seen: as unsure as can be
               for k in range(len(BINS) + 1)]
     vocab = minilm_vocab()
     sigs = [coherence_signals(it["text"], p, vocab) for it, p in zip(items, ppl)]
@@ -183,7 +185,7 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict
         "n_labelled": len(rows), "n_themes": len({r["theme"] for r in rows}), "n_items": len(items),
         "n_items_by_kind": {k: sum(it["kind"] == k for it in items)
                             for k in ("labelled", "other theme", "word salad", "repetition")},
-        "n_texts": len({it["text"] for it in items}),
+        "n_texts": len({it["text"] for it in items}), "n_hand_labelled_texts": len(rows),
         "held_out": f"every {HELD_OUT_EVERY}th labelled text with all of its items",
         "evaluation": evaluate(items, sims, cohs, a, b, halves),
         "note": "figures of `evaluation` are on held-out items only (steering/calibration.py says how items are "

@@ -269,7 +269,8 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
     acts = {}
     for f in features:
         z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][:, n_p:])[..., f.index]  # [b, seq - n_p]
-        acts[str(f)] = ((z * new_mask).sum(1) / n_new).tolist()  # [b]
+        m = new_mask.to(z.device)  # the SAE may sit on another device (device_map)
+        acts[str(f)] = ((z * m).sum(1) / m.sum(1)).tolist()  # [b]
     for i, g in enumerate(todo):
         g.metrics.update(perplexity=round(float(ppl[i]), 3),
                          distinct_1=round(distinct_n(g.token_ids, 1), 3),

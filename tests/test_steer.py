@@ -279,11 +279,20 @@ def test_schedule_shows_each_push_relative_to_the_residual_norm(tiny_bundle):
     from steering.sinks import sink_mask
     from steering.steer import SteerSpec, schedule_table
 
+    from steering.sites import decoder_layers
+
     enc = tiny_bundle.tokenizer(REFERENCE_TEXT, return_tensors="pt")
-    with torch.no_grad():
-        hs = tiny_bundle.model(**enc, output_hidden_states=True).hidden_states  # [L + 1] x [1, seq, d]
     f = parse_feature("1/res/3")
-    h = hs[f.layer + 1].float()  # the output of block 1 (the last hidden state is post-norm; layer 1 is not last)
+    seen = {}
+    # a plain hook on block 1 (not output_hidden_states: transformers 5 leaves its recording hooks installed)
+    handle = decoder_layers(tiny_bundle.model)[f.layer].register_forward_hook(
+        lambda _m, _i, out: seen.setdefault("h", (out[0] if isinstance(out, tuple) else out).detach()))
+    try:
+        with torch.no_grad():
+            tiny_bundle.model(**enc)
+    finally:
+        handle.remove()
+    h = seen["h"].float()  # [1, seq, d_model]: the output of block 1
     keep = enc["attention_mask"].bool() & ~sink_mask(h, enc["attention_mask"])
     median = float(h[keep].norm(dim=-1).median())
     row = schedule_table([SteerSpec(f, -4.0)], tiny_bundle)[0]

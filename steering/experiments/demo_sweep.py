@@ -263,9 +263,11 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
         if n_hits > max(rec["baseline_hits"], rec["controls"]["random"]["hits"]):
             ask = "asking the model" + (" not to" if rec["task"] == "remove" else "")
             goal = "the theme is in" if rec["task"] == "activate" else "physics is kept out of"
-            expl = (f"Honest result: steering beat the unsteered model and random directions here, but {ask} "
-                    f"{'worked better' if prompted > n_hits else 'did as well'}, and {goal} "
-                    "fewer than six of the eight samples. ") + expl
+            vs = "worked better" if prompted > n_hits else "did as well" if prompted == n_hits else "did worse"
+            why = (f"{goal} fewer than six of the eight samples" if n_hits < MIN_HITS
+                   else "the flow graph spans a single layer")
+            expl = (f"Honest result: steering beat the unsteered model and random directions here ({ask} {vs}), "
+                    f"but {why}. ") + expl
         else:
             expl = "Honest result: here steering did not beat the controls. " + expl
     ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
@@ -287,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--themes", default="", help="comma list of theme titles (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=36)
     p.add_argument("--rewrite-examples", action="store_true",
-                   help="no generation: rebuild the examples file from the recorded sweep.json")
+                   help="rebuild the examples file from the recorded sweep.json (generates only the controls "
+                   "of a theme whose choice the current rules change)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from ..bundle import Bundle

@@ -94,7 +94,9 @@ def run_jobs(units: Units, jobs: list[Job], bundle=None, workers: int = 0, prese
                  log_to_driver=False, runtime_env={"env_vars": env})
     try:
         actor = ray.remote(num_cpus=1)(_Worker)
-        pool = ActorPool([actor.remote(str(preset), device) for _ in range(min(workers, len(todo)))])
+        where = Path(preset)  # a preset.json path must resolve in the workers too
+        name = str(where.resolve()) if where.suffix == ".json" or where.is_dir() else str(preset)
+        pool = ActorPool([actor.remote(name, device) for _ in range(min(workers, len(todo)))])
         log.info("fanning %d units out to %d Ray workers", len(todo), min(workers, len(todo)))
         results = pool.map(lambda a, j: a.run.remote(j.fn, j.kwargs), todo)
         for j, result in zip(todo, results):
