@@ -38,7 +38,6 @@ class _Group:
     key: tuple
     rows: list = field(default_factory=list)  # (request id, variant, seed, specs)
     features: dict = field(default_factory=dict)  # request id -> its features (str)
-    open: bool = True
     done: threading.Event = field(default_factory=threading.Event)
     result: list | None = None
     error: BaseException | None = None
@@ -132,8 +131,7 @@ class GenerationBatcher:
                 group.streams[rid] = (on_tokens, range(first, first + len(mine)))
         if leader:
             time.sleep(self.window_s)  # let the requests arriving now join this batch
-            with self._lock:
-                group.open = False
+            with self._lock:  # closed: later requests start a batch of their own
                 self._open.remove(group)
             try:
                 self._wait_turn(group.cost, rid)

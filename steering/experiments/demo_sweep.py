@@ -280,6 +280,23 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
     return ex
 
 
+def grade(bundle, rec: dict, n_tok: int) -> list[tuple[int, dict]]:
+    """Mark a swept theme with a chosen setting and its controls ``shipped`` (convincing) and
+    ``in_demo``; returns [(margin, example)] for the examples file, or [] when it stays out. The
+    demo shows a theme when its feature is visibly about it and steering beat the unsteered model
+    and random directions; the explanation says how it compares with asking the model."""
+    from ..flow import build_flow_graph
+
+    fid, hits = rec["chosen"]["feature"], rec["chosen"]["hits"]
+    graph = build_flow_graph(bundle, fid)
+    margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
+    rec["shipped"] = hits >= MIN_HITS and graph.l_end - graph.l_start + 1 >= MIN_SPAN and margin > 0
+    rec["in_demo"] = margin > 0 and on_theme(rec["candidates"][fid].get("label", ""), rec["words"])
+    if not rec["in_demo"]:
+        return []
+    return [(margin, example_json(rec, fid, rec["chosen"]["setting"], graph, n_tok, bundle.preset.name))]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="default")
@@ -295,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from ..bundle import Bundle
     from ..catalog import Catalog
-    from ..flow import build_flow_graph, build_tables
+    from ..flow import build_tables
     from ..generate import TASK_DEFAULTS
     from ..presets import ASSETS
 
@@ -325,15 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             rec["chosen"] = {"feature": pick[0], "setting": pick[1], "hits": pick[2]}
             rec["controls"] = controls_for(bundle, rec, pick[0], pick[1], n_tok)
         if rec.get("chosen"):
-            fid = rec["chosen"]["feature"]
-            graph = build_flow_graph(bundle, fid)
-            margin = rec["chosen"]["hits"] - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
-            rec["shipped"] = (rec["chosen"]["hits"] >= MIN_HITS and graph.l_end - graph.l_start + 1 >= MIN_SPAN
-                              and margin > 0)
-            rec["in_demo"] = margin > 0 and on_theme(rec["candidates"][fid].get("label", ""), rec["words"])
-            if rec["in_demo"]:
-                examples.append((margin, example_json(rec, fid, rec["chosen"]["setting"], graph, n_tok,
-                                                      bundle.preset.name)))
+            examples += grade(bundle, rec, n_tok)
     if a.rewrite_examples:
         data = json.loads((out / "sweep.json").read_text())
         (out / "sweep.json").write_text(json.dumps({**data, "themes": records}, indent=1))
@@ -347,15 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             fid, setting, hits = pick
             rec["chosen"] = {"feature": fid, "setting": setting, "hits": hits}
             rec["controls"] = controls_for(bundle, rec, fid, setting, n_tok)
-            graph = build_flow_graph(bundle, fid)
-            span = graph.l_end - graph.l_start + 1
-            margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
-            rec["shipped"] = hits >= MIN_HITS and span >= MIN_SPAN and margin > 0
-            # the demo shows a theme when its feature is visibly about it and steering beat the unsteered
-            # model and random directions; the explanation says how it compares with asking the model
-            rec["in_demo"] = margin > 0 and on_theme(rec["candidates"][fid].get("label", ""), rec["words"])
-            if rec["in_demo"]:
-                examples.append((margin, example_json(rec, fid, setting, graph, n_tok, bundle.preset.name)))
+            examples += grade(bundle, rec, n_tok)
         records.append(rec)
         rules = {"max_perplexity": MAX_PPL, "min_distinct_2": MIN_DISTINCT2, "min_hits": MIN_HITS, "min_span": MIN_SPAN}
         (out / "sweep.json").write_text(json.dumps({"preset": bundle.preset.name, "seeds": SEEDS, "rules": rules,
