@@ -6,7 +6,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from steering.training.train import StackedTopK, save_sae
+from steering.training.train import BACKENDS, StackedTopK, load_stacked, save_sae
 
 warnings.filterwarnings("ignore", message="Sparse")
 
@@ -20,7 +20,7 @@ def _dense_reference(m: StackedTopK, x: torch.Tensor):
     return x_hat, ((x_hat - x).pow(2).sum((1, 2)) / var).sum()
 
 
-@pytest.mark.parametrize("seed,backend", [(0, "sparse"), (1, "sparse"), (0, "dense"), (1, "dense")])
+@pytest.mark.parametrize("seed,backend", [(s, b) for b in BACKENDS for s in (0, 1)])
 def test_grad_step_equals_dense_autograd(seed, backend):
     torch.manual_seed(seed)
     m = StackedTopK(n=3, d=12, w=40, k=4)
@@ -42,6 +42,59 @@ def test_grad_step_equals_dense_autograd(seed, backend):
     assert (vals >= 0).all() and idx.shape == (3, 50, 4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inv_scale_equals_prescaled_input(backend):
+    """The training loop passes raw activations and 1/c; the SAEs must see x / c."""
+    torch.manual_seed(0)
+    m = StackedTopK(n=2, d=12, w=40, k=4)
+    x = torch.randn(2, 50, 12) * 5
+    c = torch.tensor([2.0, 7.0])[:, None, None]
+    m.init_from(x / c, torch.Generator().manual_seed(0))
+    ref = [t.clone() for t in m.grad_step(x / c, torch.float32, backend)] + [p.grad.clone() for p in m.parameters()]
+    got = list(m.grad_step(x, torch.float32, backend, inv_scale=1 / c)) + [p.grad.clone() for p in m.parameters()]
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.float(), r.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_fused_step_equals_eager():
+    """torch.compile of the fused step (the CPU run's default) gives the eager gradients, bf16 inputs
+    and a token count that changes between calls (sinks dropped) included."""
+    torch.manual_seed(0)
+    m = StackedTopK(n=3, d=16, w=64, k=6)
+    m.init_from(torch.randn(3, 40, 16), torch.Generator().manual_seed(0))
+    inv = torch.tensor([0.5, 1.0, 2.0])[:, None, None]
+    for N in (40, 37):
+        x = torch.randn(3, N, 16).bfloat16()
+        eager = list(m.grad_step(x, torch.float32, "fused", inv_scale=inv)) + [p.grad.clone() for p in m.parameters()]
+        comp = list(m.grad_step(x, torch.float32, "fused", inv_scale=inv, compile=True)) + [p.grad.clone() for p in m.parameters()]
+        for e, c in zip(eager, comp):
+            torch.testing.assert_close(c.float(), e.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_warm_start_reads_saved_weights(tmp_path):
+    """`load_stacked` undoes the save's input-scale folding: a saved-then-loaded stack steps
+    exactly like the original (fp16 storage aside)."""
+    torch.manual_seed(0)
+    m = StackedTopK(n=2, d=8, w=16, k=3)
+    x = torch.randn(2, 30, 8)
+    m.init_from(x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m.b_enc.normal_()
+    c = [3.0, 0.5]
+    for l in range(2):
+        save_sae(tmp_path / "res" / f"layer_{l}", l, "res", m.W_enc[l], m.b_enc[l, 0] * c[l], m.W_dec[l],
+                 m.b_dec[l, 0] * c[l], k=3, ref_scale=torch.ones(16), extra={"input_scale": c[l]})
+    m2 = StackedTopK(n=2, d=8, w=16, k=3)
+    scale = load_stacked(m2, tmp_path, "res")
+    assert scale.flatten().tolist() == c
+    for a, b in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=2e-3)
+    with pytest.raises(ValueError, match="init_from"):
+        load_stacked(StackedTopK(n=2, d=8, w=32, k=3), tmp_path, "res")
+    with pytest.raises(ValueError, match="not an SAE"):
+        load_stacked(m2, tmp_path, "mlp")
+
+
 def test_bf16_dense_step_close_to_float32():
     """The bf16 path the CPU run uses stays within bf16 rounding of the exact step."""
     torch.manual_seed(0)
@@ -49,9 +102,10 @@ def test_bf16_dense_step_close_to_float32():
     x = torch.randn(2, 80, 16)
     m.init_from(x, torch.Generator().manual_seed(0))
     exact = [t.clone() for t in m.grad_step(x)[:1]] + [p.grad.clone() for p in m.parameters()]
-    approx = [m.grad_step(x, torch.bfloat16, "dense")[0]] + [p.grad.clone() for p in m.parameters()]
-    for e, a in zip(exact, approx):
-        assert float((e - a).norm() / e.norm()) < 0.1  # bf16 rounding; near-ties may pick other latents
+    for backend in ("dense", "fused"):
+        approx = [m.grad_step(x, torch.bfloat16, backend)[0]] + [p.grad.clone() for p in m.parameters()]
+        for e, a in zip(exact, approx):
+            assert float((e - a).norm() / e.norm()) < 0.1  # bf16 rounding; near-ties may pick other latents
 
 
 def test_shared_init_gives_one_dictionary():
