@@ -197,3 +197,20 @@ def test_negative_workers_are_refused(tiny_llama_preset, tmp_path, capsys):
     argv = ["groups", "--preset", str(tiny_llama_preset), "--smoke", "--quiet", "--out", str(tmp_path),
             "--workers", "-1"]
     assert main(argv) == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_deactivation_on_ray_workers_equals_the_serial_run(tiny_llama_preset, tmp_path, capsys):
+    """Issue 21: Table 1 units (one per r) fanned out to 2 Ray workers, each fitting its own
+    top1_pearson tables, give the serial run's results unit for unit."""
+    base = ["deactivation", "--preset", str(tiny_llama_preset), "--smoke", "--quiet"]
+    run(capsys, *base, "--out", str(tmp_path / "serial"))
+    fanned = run(capsys, *base, "--out", str(tmp_path / "ray"), "--workers", "2")
+    assert fanned["units"]["computed"] == 2
+
+    def results(root):
+        return {p.name: json.loads(p.read_text())["result"]
+                for p in sorted((root / "deactivation" / "units").glob("*.json"))}
+
+    serial = results(tmp_path / "serial")
+    assert results(tmp_path / "ray") == serial and len(serial) == 2
+    assert all(u["summary"]["top1_pearson"]["n_cases"] > 0 for u in serial.values())

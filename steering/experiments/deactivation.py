@@ -16,6 +16,7 @@ import logging
 from ..groups import DEACTIVATION_METHODS, SINGLE_GROUPS, summarize
 from ..training.corpus import DOMAINS
 from . import common
+from .fanout import Job, run_jobs
 
 log = logging.getLogger(__name__)
 PAPER_LAYERS, PAPER_N_LAYERS = (6, 12, 18), 26  # Gemma 2 2B (App. A.2)
@@ -41,12 +42,20 @@ def _summaries(cases, methods: list[str], key) -> dict[str, dict[str, dict]]:
     return out
 
 
-def run_r(bundle, texts: list[str], layers: list[int], methods: list[str], r: float, args, show: bool) -> dict:
+def run_r(bundle, texts: list[str], layers: list[int], methods: list[str], r: float, tokens: int,
+          max_targets: int, seed: int, loss: bool, max_length: int, show: bool,
+          pearson_fit: list[str] | None = None, pearson_tokens: int = 0) -> dict:
+    """One unit (one r): Table 1 cases on ``texts``. A module-level function of the bundle, so a
+    Ray worker can run it (`fanout.Job`); ``pearson_fit``: training passages that the
+    top1_pearson tables are fitted on first (each worker fits its own, the same way)."""
+    from ..flow import pearson_tables
     from ..groups import deactivation_check
 
-    rep = deactivation_check(bundle, texts, layers=layers, tokens_per_text=args.tokens,
-                             max_targets=args.max_targets, methods=methods, r=r, seed=args.seed,
-                             single_only=True, compute_loss=args.loss, max_length=args.max_length,
+    if pearson_fit:
+        pearson_tables(bundle, pearson_fit, layers=layers, max_tokens=pearson_tokens, max_length=max_length)
+    rep = deactivation_check(bundle, texts, layers=layers, tokens_per_text=tokens,
+                             max_targets=max_targets, methods=methods, r=r, seed=seed,
+                             single_only=True, compute_loss=loss, max_length=max_length,
                              progress=common.progress(f"deactivation r={r:g}", disable=not show))
     changes = sorted(c.activation_change for c in rep.cases if c.method == methods[0])
     return {"settings": rep.settings, "summary": {m: s._asdict() for m, s in rep.summary.items()},
@@ -90,30 +99,27 @@ def run(args, bundle) -> dict:
     texts = common.domain_texts(args.domain, args.texts, args.seed, args.passage_chars)
     if not texts:
         raise ValueError(f"domain {args.domain!r} has no held-out passages")
-    pearson = {}
+    pearson, fit = {}, None
     if "top1_pearson" in methods:  # data-based matching, fitted on training-split text (not the evaluated texts)
         fit = common.domain_texts(args.domain, args.pearson_texts, args.seed, args.passage_chars, split="train")
         pearson = {"texts": len(fit), "split": "train", "max_tokens": args.pearson_tokens}
-
-    def prepared():
-        if pearson and not pearson.get("done"):
-            pearson_tables(bundle, fit, layers=layers, max_tokens=args.pearson_tokens, max_length=args.max_length)
-            pearson["done"] = True
-
     base = {"preset": bundle.preset.name, "domain": args.domain, "tokens": args.tokens, "layers": layers,
             "max_targets": args.max_targets, "methods": methods, "seed": args.seed, "loss": args.loss,
-            "max_length": args.max_length, "passage_chars": args.passage_chars,
-            "pearson": {k: v for k, v in pearson.items() if k != "done"}}
-    by_r = {}
+            "max_length": args.max_length, "passage_chars": args.passage_chars, "pearson": pearson}
+    jobs = []
     for r in dict.fromkeys([args.r, *opts["r_sweep"]]):
         sub = texts if r == args.r else texts[:args.sweep_texts]
-        settings = {**base, "r": r, "n_texts": len(sub)}
+        jobs.append(Job(f"r={r:g}", {**base, "r": r, "n_texts": len(sub)}, run_r, {
+            "texts": sub, "layers": layers, "methods": methods, "r": r, "tokens": args.tokens,
+            "max_targets": args.max_targets, "seed": args.seed, "loss": args.loss,
+            "max_length": args.max_length, "show": not args.quiet and not args.workers,
+            "pearson_fit": fit if args.workers else None, "pearson_tokens": args.pearson_tokens}))
+    def fit_once() -> None:  # serially the tables are fitted once and kept on the bundle
+        if fit:
+            pearson_tables(bundle, fit, layers=layers, max_tokens=args.pearson_tokens, max_length=args.max_length)
 
-        def compute(sub=sub, r=r):
-            prepared()
-            return run_r(bundle, sub, layers, methods, r, args, not args.quiet)
-
-        by_r[f"{r:g}"] = units.get(f"r={r:g}", settings, compute)
+    done = run_jobs(units, jobs, bundle, args.workers, args.preset, args.device, args.ray_address, prepare=fit_once)
+    by_r = {j.name[2:]: done[j.name] for j in jobs}
     main = by_r[f"{args.r:g}"]
     summary = {
         "command": args.command_line, "preset": bundle.preset.name, "model": bundle.preset.model,

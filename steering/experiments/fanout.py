@@ -58,10 +58,13 @@ class _Worker:
 
 
 def run_jobs(units: Units, jobs: list[Job], bundle=None, workers: int = 0, preset: str | None = None,
-             device: str | None = None, address: str | None = None) -> dict[str, dict]:
+             device: str | None = None, address: str | None = None,
+             prepare: Callable[[], None] | None = None) -> dict[str, dict]:
     """Results of every job by name: cached units read, the rest computed serially on ``bundle``
     (``workers=0``) or on ``workers`` Ray actors loading ``preset`` (``address``: an existing
-    cluster, e.g. ``auto``; default a local Ray started here and shut down after).
+    cluster, e.g. ``auto``; default a local Ray started here and shut down after). ``prepare``:
+    called once before the first job that runs serially (state the jobs share on ``bundle``, e.g.
+    fitted match tables; a Ray job prepares its own worker's bundle through its kwargs).
 
     Raises:
         ValueError: ``workers`` < 0, or > 0 without ``preset``.
@@ -74,6 +77,8 @@ def run_jobs(units: Units, jobs: list[Job], bundle=None, workers: int = 0, prese
     if not todo:
         return out
     if workers == 0:
+        if prepare is not None:
+            prepare()
         for j in todo:
             out[j.name] = units.put(j.name, j.settings, j.fn(bundle, **j.kwargs))
         return out
