@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", parents=[common], help="preset, model and SAE sizes").set_defaults(fn=cmd_info)
     for register in _REGISTER:
         register(sub, common)
+    _add_catalog(sub.add_parser("catalog", help="feature catalog: build, search, show, refresh"), common)
     return p
 
 
@@ -67,18 +69,80 @@ def _register_steer(sub, common):
     register(sub, common)
 
 
-def _register_catalog(sub, common):
-    from .catalog import register
-    register(sub, common)
-
-
 def _register_export(sub, common):
     from .export import register
     register(sub, common)
 
 
 # Subcommands defined beside the code they drive register themselves here.
-_REGISTER: list = [_register_flow, _register_steer, _register_catalog, _register_export]
+_REGISTER: list = [_register_flow, _register_steer, _register_export]
+
+
+# ---- catalog ------------------------------------------------------------------------------------
+
+def _llm_client(mode: str):
+    if mode == "off" or (mode == "auto" and not os.environ.get("OPENAI_API_KEY")):
+        return None
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise ValueError("--llm on needs OPENAI_API_KEY in the environment")
+    import openai
+
+    return openai.OpenAI(timeout=60, max_retries=3)
+
+
+def _add_catalog(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """``catalog {build,search,show,refresh}``."""
+    from .catalog.build import CTX
+
+    sub = p.add_subparsers(dest="catalog_command", required=True)
+    b = sub.add_parser("build", parents=[common], help="build the catalog of a preset")
+    b.add_argument("--out", type=Path, default=None, help="folder (default: the preset's assets/catalog)")
+    b.add_argument("--tokens", type=int, default=150_000, help="token budget (default: %(default)s)")
+    b.add_argument("--ctx", type=int, default=CTX)
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--sites", default=None, help="comma-separated sites (default: all)")
+    b.add_argument("--llm", choices=["auto", "on", "off"], default="auto",
+                   help="LLM labels (auto: when OPENAI_API_KEY is set)")
+    b.add_argument("--llm-sites", default="res", help="sites that get LLM labels (default: %(default)s)")
+    s = sub.add_parser("search", parents=[common], help="search features by keyword")
+    s.add_argument("query")
+    s.add_argument("-k", type=int, default=20)
+    s.add_argument("--sites", default="res")
+    s.add_argument("--out", type=Path, default=None, help="catalog folder")
+    r = sub.add_parser("refresh", parents=[common], help="recompute offline labels and related words of a built "
+                       "catalog (no model needed)")
+    r.add_argument("--out", type=Path, default=None, help="catalog folder")
+    c = sub.add_parser("show", parents=[common], help="print a feature's card")
+    c.add_argument("feature")
+    c.add_argument("--out", type=Path, default=None, help="catalog folder")
+    p.set_defaults(fn=cmd_catalog)
+
+
+def cmd_catalog(args) -> dict:
+    """Run a parsed ``catalog`` command; returns a JSON-able result."""
+    from .catalog import Catalog, build_catalog
+    from .presets import get_preset
+
+    root = args.out or get_preset(args.preset).assets_root / "catalog"
+    if args.catalog_command == "search":
+        hits = Catalog.load(root).search(args.query, args.k, tuple(args.sites.split(",")))
+        return {"query": args.query, "hits": [h.to_json() for h in hits]}
+    if args.catalog_command == "show":
+        return Catalog.load(root).card(args.feature).to_json()
+    if args.catalog_command == "refresh":
+        cat = Catalog.load(root)
+        cat.derive()
+        sizes = cat.save(root)
+        return {"out": str(root), "total_bytes": sum(sizes.values()), "related_words": cat.meta["related_words"]}
+    client = _llm_client(args.llm)
+    bundle = load_bundle(args)
+    sites = tuple(args.sites.split(",")) if args.sites else None
+    cat = build_catalog(bundle, args.tokens, args.ctx, args.batch, args.seed, sites, llm_client=client,
+                        llm_sites=tuple(args.llm_sites.split(",")), progress=True)
+    sizes = cat.save(root)
+    return {"out": str(root), "total_bytes": sum(sizes.values()), "largest_file": max(sizes.values()),
+            **{k: cat.meta[k] for k in ("tokens", "tokens_per_domain", "label_source", "build_seconds")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import limits
 from .bundle import Bundle, file_sha256, package_dir
-from .catalog import Catalog, features_for_text, theme_words
+from .catalog import Catalog, theme_words
 from .features import parse_feature
 from .flow import build_flow_graph
 from .batching import GenerationBatcher
@@ -30,6 +30,7 @@ from .graph import FlowGraph
 from .groups import live_activations
 from .judge import OfflineJudge, make_judge, unavailable
 from .presets import ASSETS, SITES
+from .probe import features_for_text
 from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
 
 log = logging.getLogger(__name__)
