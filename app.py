@@ -191,7 +191,7 @@ def build_app(pg: Playground) -> gr.Blocks:
     n_layers = bundle.n_layers
     record_dir = Path(tempfile.mkdtemp(prefix="ffp-records-"))
     default_feature = examples[0].feature if examples else f"{bundle.layers[len(bundle.layers) // 2]}/res/0"
-    judge_name = "OpenAI judge (server key)" if not getattr(pg.judge, "name", "").startswith("offline") \
+    judge_name = "OpenAI judge (server key)" if not pg.judge.offline \
         else "offline fallback judge (local, no key)"
 
     # ---- handlers: thin calls into the playground -------------------------------------------------
@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
                          device_map=a.device_map or None, max_memory=parse_max_memory(a.max_memory))
     pg = Playground.create(bundle)
     log.info("ready: %s on %s, catalog %s, %d demo examples, judge %s", bundle.preset.name, bundle.device,
-             "yes" if pg.catalog else "no", len(pg.examples), getattr(pg.judge, "name", "?"))
+             "yes" if pg.catalog else "no", len(pg.examples), pg.judge.name)
     demo = build_app(pg)
     demo.queue(default_concurrency_limit=1, max_size=limits.MAX_QUEUE)
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     for register in _REGISTER:
         register(sub, common)
     _add_catalog(sub.add_parser("catalog", help="feature catalog: build, search, show, refresh"), common)
+    _add_judge(sub.add_parser("judge", help="offline judge: calibrate"))
     return p
 
 
@@ -143,6 +144,30 @@ def cmd_catalog(args) -> dict:
     sizes = cat.save(root)
     return {"out": str(root), "total_bytes": sum(sizes.values()), "largest_file": max(sizes.values()),
             **{k: cat.meta[k] for k in ("tokens", "tokens_per_domain", "label_source", "build_seconds")}}
+
+
+# ---- judge --------------------------------------------------------------------------------------
+
+def _add_judge(p: argparse.ArgumentParser) -> None:
+    """``judge calibrate``: refit the offline judge on assets/judge/labelled.jsonl."""
+    from .judging.base import JUDGE_DIR
+
+    sub = p.add_subparsers(dest="judge_command", required=True)
+    c = sub.add_parser("calibrate", help="refit the offline judge's calibration (assets/judge/calibration.json)")
+    c.add_argument("--perplexity-preset", default="",
+                   help="coherence uses perplexity under this preset's model, as in the app (e.g. 'default'); "
+                        "the model is loaded once, without SAEs")
+    c.add_argument("--out", type=Path, default=JUDGE_DIR / "calibration.json")
+    p.set_defaults(fn=cmd_judge)
+
+
+def cmd_judge(args) -> dict:
+    from .judging.calibration import calibrate
+
+    result = calibrate(perplexity_preset=args.perplexity_preset)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s", args.out)
+    return {"out": str(args.out), "evaluation": result["evaluation"]}
 
 
 def main(argv: list[str] | None = None) -> int:

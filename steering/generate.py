@@ -21,6 +21,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from . import limits
+from .metrics import distinct_n, sequence_perplexity
 from .sites import capture_sites
 from .steer import SteerSpec, steering
 
@@ -218,15 +219,6 @@ def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec
     return result
 
 
-METRIC_ROWS = 4  # rows per log-softmax over the vocabulary in add_local_metrics (bounds its memory)
-
-
-def distinct_n(ids: list, n: int) -> float:
-    """Share of distinct n-grams among all n-grams (1.0 = no repetition)."""
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
 @torch.no_grad()
 def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], features: list) -> None:
     """Fill ``g.metrics`` for every generation, from one unsteered forward pass over
@@ -259,13 +251,9 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
         # [b, seq, vocab] float logits of a 32-row, 640-token batch are 4 GB, and log_softmax doubles it
         logits = bundle.model(input_ids=ids, attention_mask=mask,
                               logits_to_keep=n_new_max + 1).logits[:, :n_new_max]  # [b, seq - n_p, vocab]
-    target = ids[:, n_p:, None]  # [b, seq - n_p, 1]
-    lp = torch.cat([logits[i:i + METRIC_ROWS].float().log_softmax(-1).gather(-1, target[i:i + METRIC_ROWS])[..., 0]
-                    for i in range(0, len(todo), METRIC_ROWS)])  # [b, seq - n_p], a few rows at a time
-    del logits
     new_mask = mask[:, n_p:].float()  # [b, seq - n_p]: 1 on generated tokens
-    n_new = new_mask.sum(1)  # [b]
-    ppl = (-(lp * new_mask).sum(1) / n_new).exp()  # [b]
+    ppl = sequence_perplexity(logits, ids[:, n_p:], new_mask)  # [b]
+    del logits
     acts = {}
     for f in features:
         z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][:, n_p:])[..., f.index]  # [b, seq - n_p]
@@ -371,17 +359,14 @@ def cmd_steer(args) -> dict:
     if controls:
         out["controls"] = {name: texts(name) for name in ("prompted", "random") if name in by}  # like baseline
     if theme:
-        from .judge import OfflineJudge, make_judge
+        from .judging import make_judge
 
         judge = make_judge()
-        out["theme"], out["judge"] = theme, getattr(judge, "name", type(judge).__name__)
+        out["theme"], out["judge"] = theme, judge.name
         out["scores"] = {}
         for name, gs in by.items():
-            if isinstance(judge, OfflineJudge):
-                sc = judge.score([g.text for g in gs], theme, args.task,
-                                 perplexities=[g.metrics.get("perplexity") for g in gs])
-            else:
-                sc = judge.score([g.text for g in gs], theme, args.task)
+            sc = judge.score([g.text for g in gs], theme, args.task,
+                             perplexities=[g.metrics.get("perplexity") for g in gs])
             out["scores"][name] = [x.to_json() for x in sc]
     return out
 

@@ -28,7 +28,7 @@ from .controls import generate_with_controls, parse_controls
 from .generate import TASK_DEFAULTS
 from .graph import FlowGraph
 from .groups import live_activations
-from .judge import OfflineJudge, make_judge, unavailable
+from .judging import Judge, OfflineJudge, make_judge, unavailable
 from .presets import ASSETS, SITES
 from .probe import features_for_text
 from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
@@ -192,7 +192,7 @@ class Playground:
 
     bundle: Bundle
     catalog: Catalog | None = None
-    judge: object = field(default_factory=OfflineJudge)
+    judge: Judge = field(default_factory=OfflineJudge)
     hashes: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     examples: list[DemoExample] = field(default_factory=list)
@@ -340,13 +340,11 @@ class Playground:
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
         texts = [g.text for g in gens]
         if not v["theme"]:  # nothing to judge against: show the texts unscored
-            scores = [unavailable(getattr(judge, "name", "judge"), task, "", "no theme given") for _ in texts]
-        elif isinstance(judge, OfflineJudge):  # coherence also uses perplexity under the unsteered model
+            scores = [unavailable(judge.name, task, "", "no theme given") for _ in texts]
+        else:  # the offline judge's coherence also uses perplexity under the unsteered model
             scores = judge.score(texts, v["theme"], task, perplexities=[g.metrics.get("perplexity") for g in gens])
-        else:
-            scores = judge.score(texts, v["theme"], task)
         return {"generations": gens, "scores": scores, "variants": list(variants), "seeds": seeds,
-                "judge": getattr(judge, "name", type(judge).__name__), "theme": v["theme"], "prompt": v["prompt"],
+                "judge": judge.name, "theme": v["theme"], "prompt": v["prompt"],
                 "max_new_tokens": v["max_new_tokens"]}
 
     @staticmethod
@@ -398,7 +396,7 @@ class Playground:
             if s.available:
                 tag = "offline fallback judge" if s.offline else s.judge
                 theme = f"theme {s.behavioral:.1f}/5"
-                if s.behavioral_range:  # the offline judge's calibrated range (steering/calibration.py)
+                if s.behavioral_range:  # the offline judge's calibrated range (steering/judging/calibration.py)
                     lo, hi = s.behavioral_range
                     theme = (f"theme **uncertain** ({lo:.1f}-{hi:.1f}/5)" if s.uncertain
                              else f"theme {s.behavioral:.1f}/5 (range {lo:.1f}-{hi:.1f})")

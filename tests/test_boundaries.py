@@ -19,7 +19,7 @@ from steering.features import FeatureId, parse_feature
 from steering.flow import build_flow_graph
 from steering.generate import check_request, generate_variants
 from steering.graph import FlowGraph
-from steering.judge import check_args
+from steering.judging.base import check_args
 from steering.presets import SITES
 from steering.sites import count_hooks
 from steering.steer import CONDITIONS, SCHEDULES, SteerSpec, plan, schedule_strength

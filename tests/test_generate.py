@@ -11,7 +11,8 @@ import torch
 from steering import generate as G
 from steering.cli import main
 from steering.features import FeatureId
-from steering.generate import PerRowSampler, distinct_n, generate_variants
+from steering.generate import PerRowSampler, generate_variants
+from steering.metrics import distinct_n
 from steering.sites import capture_sites, count_hooks
 from steering.steer import SteerSpec
 

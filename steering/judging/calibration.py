@@ -1,6 +1,6 @@
 """Calibration and evaluation of the offline fallback judge (issue 17; paper §4.2 scores 0-5).
 
-    python -m steering.judge calibrate --perplexity-preset default
+    python -m steering judge calibrate --perplexity-preset default
 
 The labelled set (``assets/judge/labelled.jsonl``) holds hand-written texts, each with a theme and
 hand labels 0-5 for theme presence ("behavioral") and coherence. Evaluation items are built from
@@ -31,6 +31,8 @@ import random
 import re
 from pathlib import Path
 
+from .base import JUDGE_DIR
+
 RELATED = (frozenset({"anger and frustration", "mental health issues"}),
            frozenset({"scientific concepts and entities", "programming and code"}))
 HELD_OUT_EVERY = 4
@@ -39,8 +41,6 @@ UNCERTAIN_WIDTH = 2.5
 
 
 def load_rows(path: Path | None = None) -> list[dict]:
-    from .judge import JUDGE_DIR
-
     path = path or JUDGE_DIR / "labelled.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -117,7 +117,7 @@ def is_uncertain(score: float, halves: list[float]) -> bool:
 def evaluate(items: list[dict], sims: list[float], cohs: list[float], a: float, b: float,
              halves: list[float]) -> dict:
     """Figures of the held-out items for a theme map (a, b) and per-bin interval half-widths."""
-    from .judge import logistic
+    from .offline import logistic
 
     idx = [i for i, it in enumerate(items) if held_out(it)]
     theme_idx = [i for i in idx if items[i]["behavioral"] is not None]
@@ -151,8 +151,9 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict
     part (module docstring); also evaluates the calibration in use before the fit, when there
     is one. With ``perplexity_preset`` every text's perplexity under that preset's model (no
     SAEs) feeds the coherence score, as in the app."""
-    from .judge import (JUDGE_DIR, PPL_HI, PPL_LO, SIMILARITY_METHOD, OfflineJudge, coherence_score,
-                        coherence_signals, load_calibration, logistic, minilm_vocab)
+    from ..embeddings import minilm_vocab
+    from .offline import (PPL_HI, PPL_LO, SIMILARITY_METHOD, OfflineJudge, coherence_score, coherence_signals,
+                          load_calibration, logistic)
 
     rows = load_rows(labelled)
     items = build_items(rows)
@@ -188,8 +189,8 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict
         "n_texts": len({it["text"] for it in items}), "n_hand_labelled_texts": len(rows),
         "held_out": f"every {HELD_OUT_EVERY}th labelled text with all of its items",
         "evaluation": evaluate(items, sims, cohs, a, b, halves),
-        "note": "figures of `evaluation` are on held-out items only (steering/calibration.py says how items are "
-                "built from the hand-labelled texts)",
+        "note": "figures of `evaluation` are on held-out items only (steering/judging/calibration.py says how items "
+                "are built from the hand-labelled texts)",
     }
     try:
         old = load_calibration(JUDGE_DIR / "calibration.json")
@@ -218,7 +219,7 @@ def _fit_logistic(x: list[float], y: list[float]) -> tuple[float, float]:
 def _fit_ppl_range(sigs: list[dict], gold: list[float]) -> tuple[float, float]:
     """Grid search of (ppl_lo, ppl_hi) minimising the coherence MAE. The ramp spans at least a
     decade of perplexity (ppl_hi >= 10 ppl_lo), so that a few labels cannot turn it into a step."""
-    from .judge import coherence_score
+    from .offline import coherence_score
 
     best = None
     for lo in (10, 15, 20, 30, 40, 50, 70, 100, 150, 200, 300):
@@ -235,9 +236,9 @@ def text_perplexities(items: list[dict], preset: str) -> list[float | None]:
     """Perplexity of every item's text under ``preset``'s model (no SAEs), after its prompt."""
     import torch
 
-    from .bundle import load_model, pick_device
-    from .judge import model_perplexity_fn
-    from .presets import get_preset
+    from ..bundle import load_model, pick_device
+    from ..metrics import model_perplexity_fn
+    from ..presets import get_preset
 
     model, tok = load_model(get_preset(preset), pick_device("cpu"), torch.float32)
     out: list[float | None] = [None] * len(items)
