@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass, field
 
 from . import limits
-from .generate import TEMPERATURE, TOP_P, Generation, check_request, generate_rows
-from .steer import SCOPES, SteerSpec, _check_steerable
+from .generate import Generation, check_request, generate_rows
+from .settings import SCOPES, TEMPERATURE, TOP_P
+from .steer import SteerSpec, _check_steerable
 
 log = logging.getLogger(__name__)
 AGING = 150.0  # token-rows per second of waiting: about what the 2-core default generates per second

@@ -195,8 +195,7 @@ def flow_latency(bundle, n: int = 200, seed: int = 0) -> dict:
 
     from .flow import build_flow_graph, build_tables
 
-    for key in [k for k in bundle._cache if k[0] == "match"]:
-        del bundle._cache[key]
+    bundle.drop_cached(lambda k: k[0] != "match")
     t = time.perf_counter()
     n_tables = build_tables(bundle)
     tables_s = time.perf_counter() - t
@@ -223,8 +222,7 @@ def flow_uncached(bundle, n: int = 5, seed: int = 1) -> dict:
     rng = random.Random(seed)
     times = []
     for _ in range(n):
-        for key in [k for k in bundle._cache if k[0] == "match"]:
-            del bundle._cache[key]
+        bundle.drop_cached(lambda k: k[0] != "match")
         l = rng.choice(bundle.layers)
         t = time.perf_counter()
         build_flow_graph(bundle, f"{l}/res/{rng.randrange(bundle.width(l, 'res'))}")

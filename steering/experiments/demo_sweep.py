@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..bundle import Bundle
     from ..catalog import Catalog
     from ..flow import build_tables
-    from ..generate import TASK_DEFAULTS
+    from ..settings import TASK_DEFAULTS
     from ..presets import ASSETS
 
     t0 = time.time()

@@ -27,7 +27,8 @@ import re
 import statistics
 from typing import NamedTuple
 
-from ..generate import ACTIVATION_PROMPT, REMOVAL_PROMPT, TEMPERATURE, TOP_P, generate_variants
+from ..generate import generate_variants
+from ..settings import ACTIVATION_PROMPT, REMOVAL_PROMPT, TEMPERATURE, TOP_P
 from ..limits import MAX_ROWS
 from ..steer import plan
 from . import common
