@@ -154,11 +154,11 @@ def steering_overhead(bundle, graph, max_new_tokens: int = 32, batch: int = 4, r
 
 
 def side_by_side_cost(bundle, graph, max_new_tokens: int = 32, repeat: int = 3) -> dict:
-    """Wall time of baseline + 3 steered variants in ONE batched call / one plain generation."""
+    """Wall time of unsteered + 3 steered variants in ONE batched call / one plain generation."""
     from .generate import generate_variants
     from .steer import plan
 
-    variants = {"baseline": [], "initial": plan(graph, "baseline", strength=3.0),
+    variants = {"unsteered": [], "seed-only": plan(graph, "seed-only", strength=3.0),
                 "single": plan(graph, "single", strength=3.0),
                 "cumulative": plan(graph, "cumulative", layer=graph.l_end, strength=3.0, alpha=-0.25)}
     enc = bundle.tokenize(["I think "])

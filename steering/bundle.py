@@ -1,7 +1,7 @@
 """Bundle: the model, its tokenizer and the SAE of every (layer, site), loaded once.
 
 Everything else in the library takes a Bundle. Model access is serialized by ``bundle.lock``
-because hooks are global to the model (METHOD.md "Traps").
+because hooks are global to the model.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on GPU (Gemma 2 must never run in fp16, METHOD.md traps); fp32 on CPU.
+    # bf16 on GPU (Gemma 2 must never run in fp16: it overflows); fp32 on CPU.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -225,7 +225,7 @@ def load_model(preset: Preset, device: torch.device, dtype: torch.dtype, device_
     path = _gguf_converted(preset) if preset.gguf_package else preset.model
     kwargs: dict = {"dtype": dtype}
     if preset.arch == "gemma2":
-        kwargs["attn_implementation"] = "eager"  # soft-capping needs eager (METHOD.md traps)
+        kwargs["attn_implementation"] = "eager"  # Gemma 2 logit soft-capping needs eager attention
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory,
                       offload_folder=str(offload_folder or cache_dir() / "offload" / preset.name))

@@ -40,6 +40,7 @@ TASK_DEFAULTS = {
 TASKS = tuple(TASK_DEFAULTS)
 CONDITIONS = ("seed-only", "single", "cumulative")
 DEPRECATED_CONDITIONS = {"baseline": "seed-only"}  # old name, accepted with a warning for one release
+_warned: set[str] = set()
 SCHEDULES = ("exp", "linear", "constant")
 SCOPES = ("all", "prompt", "generated")  # token scope of an edit (`steer.steering`)
 EDIT_MODES = ("add", "rescale")
@@ -57,7 +58,9 @@ def check_condition(condition, name: str = "condition") -> str:
     """A condition name; the old name ``baseline`` (the seed-only condition) still works, with a warning."""
     if condition in DEPRECATED_CONDITIONS:
         new = DEPRECATED_CONDITIONS[condition]
-        log.warning("condition %r is deprecated; use %r (the old name goes in the next release)", condition, new)
+        if condition not in _warned:  # once per process: callers in loops would repeat it
+            _warned.add(condition)
+            log.warning("condition %r is deprecated; use %r (the old name goes in the next release)", condition, new)
         return new
     return check_choice(name, condition, CONDITIONS)
 

@@ -229,10 +229,13 @@ def test_cli_steer_controls_and_theme(tiny_llama_preset, capsys, monkeypatch):
     assert out["judge"].startswith("offline") and out["flow"]["t_res"] == 0.2
 
 
-def test_cli_old_names_still_work_for_a_release(tiny_llama_preset, capsys, caplog):
+def test_cli_old_names_still_work_for_a_release(tiny_llama_preset, capsys, caplog, monkeypatch):
     """--mode (now --condition), the condition "baseline" (now "seed-only") and the output keys
     "baseline" (now "unsteered") and "mode" (now "condition") work for one more release, with a
-    warning for the inputs."""
+    warning for the inputs (the condition's once per process: start afresh)."""
+    from steering import settings
+
+    monkeypatch.setattr(settings, "_warned", set())
     code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--mode", "baseline",
                  "--max-new-tokens", "3", "--json"])
     assert code == 0

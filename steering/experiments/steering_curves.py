@@ -1,5 +1,5 @@
 """``python -m steering.experiments steering``: theme activation and theme removal with flow graphs
-(paper §5.3, App. B, C.3, Figs. 10-11; METHOD.md "Steering", "Judging").
+(paper §4.2, §5.3, App. B, C.3, Figs. 10-11).
 
 - Activation (App. B.2): prompt "I think ", 36 new tokens, top_p 0.7, T 1.27. Conditions:
   baseline (the seed feature alone), single (flow-graph features at layer l), cumulative
