@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steering.catalog import Catalog, context_windows, corpus_sequences, offline_label
+from steering.catalog import Catalog, build_catalog, context_windows, corpus_sequences, offline_label
 from steering.catalog import build as C
 from steering.catalog import words as W
 from steering.presets import SITES
@@ -61,8 +61,8 @@ def fake_embed(words):
 @pytest.fixture(scope="module")
 def built(tiny_bundle, tmp_path_factory):
     llm = FakeLLM({"2/res/7": "wedding bells and vows", "1/res/2": "cake, flour, push, self, bake and butter"})
-    cat = Catalog.build(tiny_bundle, n_tokens=N_TOKENS, ctx=CTX, batch=BATCH, seed=3, texts=TEXTS,
-                        llm_client=llm, llm_sites=("res",), embed=fake_embed, query_vocab=["nuptials", "zzz"])
+    cat = build_catalog(tiny_bundle, n_tokens=N_TOKENS, ctx=CTX, batch=BATCH, seed=3, texts=TEXTS,
+                      llm_client=llm, llm_sites=("res",), embed=fake_embed, query_vocab=["nuptials", "zzz"])
     root = tmp_path_factory.mktemp("catalog")
     sizes = cat.save(root)
     return cat, Catalog.load(root), root, sizes, llm

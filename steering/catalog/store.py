@@ -81,9 +81,11 @@ DETAIL = ("top", "out", "cw", "tags", "nctx")  # details_{site}.json.gz, read on
 
 
 class Catalog:
-    """The catalog of one preset. ``summary[(layer, site)]`` holds columns indexed by feature:
-    ``BASIC`` ones always, ``DETAIL`` ones once that site's details are read; contexts are read
-    lazily from ``root``. Lazy reads are serialized by a lock (the app calls from many threads)."""
+    """The catalog of one preset (made by `steering.catalog.build.build_catalog`, or `load`ed).
+
+    ``summary[(layer, site)]`` holds columns indexed by feature: ``BASIC`` ones always, ``DETAIL``
+    ones once that site's details are read; contexts are read lazily from ``root``. Lazy reads
+    are serialized by a lock (the app calls from many threads)."""
 
     def __init__(self, summary: dict[tuple[int, str], dict], meta: dict, root: Path | None = None,
                  contexts: dict[tuple[int, str], list] | None = None):
@@ -93,14 +95,7 @@ class Catalog:
         self._related: dict[str, list] | None = None
         self._lock = threading.RLock()
 
-    # ---- building / loading / saving -----------------------------------------------------
-    @classmethod
-    def build(cls, bundle, **kwargs) -> "Catalog":
-        """See `steering.catalog.build.build_catalog`."""
-        from .build import build_catalog
-
-        return build_catalog(bundle, **kwargs)
-
+    # ---- loading / saving --------------------------------------------------------------
     @classmethod
     def load(cls, source) -> "Catalog":
         """From a folder, or from a bundle (its preset's ``assets/catalog``; widths are checked

@@ -17,7 +17,6 @@ from .. import embeddings
 from ..embeddings import minilm_vocab
 from ..metrics import PerplexityFn, distinct_n
 from .base import JUDGE_DIR, Score, Task, check_args, make_score
-from .calibration import interval, is_uncertain
 
 # Perplexity ramp of the offline coherence score, fitted for the default model (SmolLM2-135M) on
 # assets/judge/labelled.jsonl by `python -m steering judge calibrate --perplexity-preset default`.
@@ -116,6 +115,27 @@ def logistic(x: float, a: float, b: float) -> float:
     """0-5 theme score from the relative similarity x: 5 / (1 + exp(-a (x - b)))."""
     z = max(-60.0, min(60.0, a * (x - b)))
     return 5.0 / (1.0 + math.exp(-z))
+
+
+# ---- the reported range of a theme score (fitted by `steering.judging.calibration`) -----------
+
+BINS = (1.5, 3.5)  # predicted theme scores below / between / above: the interval is per bin
+UNCERTAIN_WIDTH = 2.5  # a range wider than this is reported as "uncertain"
+
+
+def score_bin(score: float) -> int:
+    return sum(score >= edge for edge in BINS)
+
+
+def interval(score: float, halves: list[float]) -> tuple[float, float]:
+    """The reported range of a theme score: score +- its bin's half-width, within 0-5."""
+    h = halves[score_bin(score)] if halves else 5.0  # no calibrated range: the whole scale
+    return max(0.0, score - h), min(5.0, score + h)
+
+
+def is_uncertain(score: float, halves: list[float]) -> bool:
+    lo, hi = interval(score, halves)
+    return hi - lo > UNCERTAIN_WIDTH
 
 
 class OfflineJudge:

@@ -150,18 +150,15 @@ class OpenAIJudge:
         """A fixed phrase per failure kind: never the server's message (it may echo the key)."""
         import openai
 
-        if isinstance(e, openai.AuthenticationError):
-            return "the API key was rejected (401)"
-        if isinstance(e, openai.PermissionDeniedError):
-            return "the API key may not use this model (403)"
-        if isinstance(e, openai.NotFoundError):
-            return "unknown model or endpoint (404)"
-        if isinstance(e, openai.RateLimitError):
-            return "rate limited (429) after retries"
-        if isinstance(e, openai.APITimeoutError):
-            return "the judge timed out after retries"
-        if isinstance(e, openai.APIConnectionError):
-            return "could not reach the judge server"
+        phrases = ((openai.AuthenticationError, "the API key was rejected (401)"),
+                   (openai.PermissionDeniedError, "the API key may not use this model (403)"),
+                   (openai.NotFoundError, "unknown model or endpoint (404)"),
+                   (openai.RateLimitError, "rate limited (429) after retries"),
+                   (openai.APITimeoutError, "the judge timed out after retries"),  # before its base class
+                   (openai.APIConnectionError, "could not reach the judge server"))
+        for kind, phrase in phrases:
+            if isinstance(e, kind):
+                return phrase
         if isinstance(e, openai.APIStatusError):
             return f"the judge server answered {e.status_code}"
         return f"judge error ({type(e).__name__})"
