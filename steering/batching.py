@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import limits
 from .generate import Generation, check_request, generate_rows
-from .settings import SCOPES, TEMPERATURE, TOP_P
+from .settings import SCOPES, TEMPERATURE, TOP_P, check_choice
 from .steer import SteerSpec, _check_steerable
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ class GenerationBatcher:
         for specs in variants.values():
             for spec in specs:
                 _check_steerable(self.bundle, spec.feature)
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+        check_choice("scope", scope, SCOPES)
         key = (prompt, max_new_tokens, float(temperature), float(top_p), bool(chat), metrics, instruction, scope)
         feats = sorted({str(s.feature) for specs in variants.values() for s in specs})
         with self._lock:

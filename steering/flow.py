@@ -31,7 +31,7 @@ import torch
 
 from .features import FeatureId, parse_feature
 from .graph import FlowEdge, FlowGraph, FlowNode
-from .settings import T_MODULE, T_RES
+from .settings import T_MODULE, T_RES, check_choice
 
 log = logging.getLogger(__name__)
 METHODS = ("top1_cosine", "top5_cosine", "random_top5", "permutation", "top1_pearson")
@@ -179,18 +179,17 @@ def match(src: torch.Tensor, dst: torch.Tensor, method: str = "top1_cosine", see
     top1_cosine (default) -> [n]; top5_cosine -> [n, 5]; random_top5 -> [n] (seeded);
     permutation -> [n], one-to-one. ``top1_pearson`` needs activations: see `pearson_match`.
     """
+    check_choice("matching method", method, METHODS)
+    if method == "top1_pearson":
+        raise ValueError("top1_pearson is data-based: compute it with pearson_tables(bundle, texts) "
+                         "(or pearson_match on activations), not from decoders")
     if method == "top1_cosine":
         return match_top1(src, dst)
     if method == "top5_cosine":
         return match_topk(src, dst, min(5, dst.shape[0]))
     if method == "random_top5":
         return random_top5(src, dst, seed)
-    if method == "permutation":
-        return permutation_match(src, dst)
-    if method == "top1_pearson":
-        raise ValueError("top1_pearson is data-based: compute it with pearson_tables(bundle, texts) "
-                         "(or pearson_match on activations), not from decoders")
-    raise ValueError(f"unknown matching method {method!r}; valid: {', '.join(METHODS)}")
+    return permutation_match(src, dst)
 
 
 # ---- all-features tables -------------------------------------------------------------------
@@ -389,10 +388,8 @@ def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = T_RES, t_modu
     ``catalog_labels`` (``{"layer/site/index": label}``) fills node labels. ``method`` is one of
     GRAPH_METHODS (one match per feature).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
-    if method not in GRAPH_METHODS:
-        raise ValueError(f"unknown graph matching method {method!r}; valid: {', '.join(GRAPH_METHODS)}")
+    check_choice("direction", direction, DIRECTIONS)
+    check_choice("graph matching method", method, GRAPH_METHODS)
     _check_threshold("t_res", t_res)
     _check_threshold("t_module", t_module)
     labels = catalog_labels or {}

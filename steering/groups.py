@@ -35,6 +35,7 @@ from . import sites as S
 from .features import FeatureId, parse_feature
 from .flow import table
 from .graph import FlowGraph
+from .settings import check_choice
 
 log = logging.getLogger(__name__)
 Key = tuple[int, str]
@@ -123,8 +124,7 @@ def predecessor_groups(bundle, texts: list[str], tokens_per_text: int = 5, seed:
     by default)."""
     from .flow import GRAPH_METHODS
 
-    if method not in GRAPH_METHODS:
-        raise ValueError(f"unknown group matching method {method!r}; valid: {', '.join(GRAPH_METHODS)}")
+    check_choice("group matching method", method, GRAPH_METHODS)
     rng = random.Random(seed)
     layers = [l for l in (bundle.layers if layers is None else layers) if (l, "res") in bundle.saes]
     out: list[GroupRecord] = []

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Protocol
 
 from ..presets import ASSETS
+from ..settings import TASKS, check_choice
 
-TASKS = ("activate", "remove")
 Task = Literal["activate", "remove"]
 JUDGE_DIR = ASSETS / "judge"
 MAX_THEME_CHARS = 300
@@ -81,8 +81,7 @@ def one_line(text: str, limit: int = 240) -> str:
 
 def check_args(texts: list[str], theme: str, task: str) -> str:
     """Validate a scoring request; returns the stripped theme."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    check_choice("task", task, TASKS)
     if not isinstance(theme, str) or not theme.strip():
         raise ValueError("theme is empty; give the feature's label or your own words")
     if len(theme.strip()) > MAX_THEME_CHARS:
