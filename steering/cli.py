@@ -1,5 +1,5 @@
-"""Command line: ``python -m steering {info,flow,steer,export,catalog,judge} ...``; every subcommand is
-defined here (the library modules have no argument parsers).
+"""Command line: ``python -m steering {info,flow,steer,export,catalog,judge,bench} ...``; every subcommand
+is defined here (the library modules have no argument parsers).
 
 Every subcommand takes ``--preset`` (a name or a preset.json path; default from
 ``FFP_PRESET`` or ``default``) and ``--json``. Errors exit with status 2 and one clear line.
@@ -38,9 +38,13 @@ def cmd_info(args) -> dict:
     return load_bundle(args).info()
 
 
-def _print(result: dict, as_json: bool) -> None:
+def _print(result: dict, as_json: bool, text=None) -> None:
+    """JSON, or ``text(result)`` where the command has a readable form, else one line per key."""
     if as_json:
         print(json.dumps(result, indent=2, default=str))
+        return
+    if text is not None:
+        print(text(result))
         return
     for key, value in result.items():
         print(f"{key}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "vector (GGUF, the repeng format)"))
     _add_catalog(sub.add_parser("catalog", help="feature catalog: build, search, show, refresh"), common)
     _add_judge(sub.add_parser("judge", help="offline judge: calibrate"))
+    _add_bench(sub.add_parser("bench", parents=[common], help="performance benchmark (ratios measured in one run)"))
     return p
 
 
@@ -343,6 +348,36 @@ def cmd_judge(args) -> dict:
     return {"out": str(args.out), "evaluation": result["evaluation"]}
 
 
+# ---- bench --------------------------------------------------------------------------------------
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    """``bench``: steering overhead, side-by-side cost, flow latency, cold start (`steering.bench`)."""
+    p.add_argument("--feature", default=None, help="seed feature for steering timings")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--skip-cold-start", action="store_true")
+    g = p.add_argument_group("Gemma scale (random weights; meant for a GPU)")
+    g.add_argument("--gemma-scale", action="store_true", help="benchmark a random Gemma-2-2B-sized bundle")
+    g.add_argument("--layers", type=int, default=26)
+    g.add_argument("--d-model", type=int, default=2304)
+    g.add_argument("--width", type=int, default=16384)
+    g.add_argument("--vocab", type=int, default=256000)
+    g.add_argument("--compile", action="store_true", help="also time a static KV cache + torch.compile")
+    g.add_argument("--hbm-gbps", type=float, default=3350.0, help="memory bandwidth (H100 SXM: 3350 GB/s)")
+    p.set_defaults(fn=cmd_bench, text=_bench_table)
+
+
+def cmd_bench(args) -> dict:
+    from . import bench
+
+    return bench.run(args)
+
+
+def _bench_table(result: dict) -> str:
+    from .bench import targets_table
+
+    return targets_table(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -352,5 +387,5 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    _print(result, args.json)
+    _print(result, getattr(args, "json", False), getattr(args, "text", None))
     return 0
