@@ -1,5 +1,6 @@
-"""Command line: ``python -m steering {info,flow,steer,export,catalog,judge,bench} ...``; every subcommand
-is defined here (the library modules have no argument parsers).
+"""Command line: every ``python -m steering`` subcommand (info, flow, steer, export, catalog, judge, bench).
+
+Every subcommand is defined here; the library modules have no argument parsers and never print.
 
 Every subcommand takes ``--preset`` (a name or a preset.json path; default from
 ``FFP_PRESET`` or ``default``) and ``--json``. Errors exit with status 2 and one clear line.
