@@ -42,7 +42,7 @@ case "$phase" in
   bench)
     site
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt" || true
-    "$PY" -m steering.bench --gemma-scale --compile --hbm-gbps 4800 --json >"$OUT/bench_gemma.json"
+    "$PY" -m steering bench --gemma-scale --compile --hbm-gbps 4800 --json >"$OUT/bench_gemma.json"
     cat "$OUT/bench_gemma.json" ;;
   stash)
     stash; ls -la "$STATE/gpu" ;;

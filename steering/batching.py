@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass, field
 
 from . import limits
-from .generate import TEMPERATURE, TOP_P, Generation, check_request, generate_rows
-from .steer import SCOPES, SteerSpec, _check_steerable
+from .generate import Generation, check_request, generate_rows
+from .settings import SCOPES, TEMPERATURE, TOP_P, check_choice
+from .steer import SteerSpec, _check_steerable
 
 log = logging.getLogger(__name__)
 AGING = 150.0  # token-rows per second of waiting: about what the 2-core default generates per second
@@ -109,8 +110,7 @@ class GenerationBatcher:
         for specs in variants.values():
             for spec in specs:
                 _check_steerable(self.bundle, spec.feature)
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+        check_choice("scope", scope, SCOPES)
         key = (prompt, max_new_tokens, float(temperature), float(top_p), bool(chat), metrics, instruction, scope)
         feats = sorted({str(s.feature) for specs in variants.values() for s in specs})
         with self._lock:

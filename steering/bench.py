@@ -1,7 +1,7 @@
 """Benchmark: steering, side-by-side variants and flow graphs cost almost nothing (issue 10).
 
-    python -m steering.bench --json            # default preset, CPU or GPU
-    python -m steering.bench --gemma-scale     # random Gemma-2-2B-sized model + 78 random 16k SAEs (GPU)
+    python -m steering bench --json            # default preset, CPU or GPU
+    python -m steering bench --gemma-scale     # random Gemma-2-2B-sized model + 78 random 16k SAEs (GPU)
 
 Every figure that has a target is a ratio of two timings taken in the same process, back to back,
 with the same batch and settings (machines here are noisy); absolute timings are printed for
@@ -10,8 +10,6 @@ context. Nothing here is asserted in tests.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import resource
@@ -154,11 +152,11 @@ def steering_overhead(bundle, graph, max_new_tokens: int = 32, batch: int = 4, r
 
 
 def side_by_side_cost(bundle, graph, max_new_tokens: int = 32, repeat: int = 3) -> dict:
-    """Wall time of baseline + 3 steered variants in ONE batched call / one plain generation."""
+    """Wall time of unsteered + 3 steered variants in ONE batched call / one plain generation."""
     from .generate import generate_variants
     from .steer import plan
 
-    variants = {"baseline": [], "initial": plan(graph, "baseline", strength=3.0),
+    variants = {"unsteered": [], "seed-only": plan(graph, "seed-only", strength=3.0),
                 "single": plan(graph, "single", strength=3.0),
                 "cumulative": plan(graph, "cumulative", layer=graph.l_end, strength=3.0, alpha=-0.25)}
     enc = bundle.tokenize(["I think "])
@@ -195,8 +193,7 @@ def flow_latency(bundle, n: int = 200, seed: int = 0) -> dict:
 
     from .flow import build_flow_graph, build_tables
 
-    for key in [k for k in bundle._cache if k[0] == "match"]:
-        del bundle._cache[key]
+    bundle.drop_cached(lambda k: k[0] != "match")
     t = time.perf_counter()
     n_tables = build_tables(bundle)
     tables_s = time.perf_counter() - t
@@ -223,8 +220,7 @@ def flow_uncached(bundle, n: int = 5, seed: int = 1) -> dict:
     rng = random.Random(seed)
     times = []
     for _ in range(n):
-        for key in [k for k in bundle._cache if k[0] == "match"]:
-            del bundle._cache[key]
+        bundle.drop_cached(lambda k: k[0] != "match")
         l = rng.choice(bundle.layers)
         t = time.perf_counter()
         build_flow_graph(bundle, f"{l}/res/{rng.randrange(bundle.width(l, 'res'))}")
@@ -249,23 +245,8 @@ def check_targets(result: dict, gpu: bool = False) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="default")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--feature", default=None, help="seed feature for steering timings")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--skip-cold-start", action="store_true")
-    g = p.add_argument_group("Gemma scale (random weights; meant for a GPU)")
-    g.add_argument("--gemma-scale", action="store_true", help="benchmark a random Gemma-2-2B-sized bundle")
-    g.add_argument("--layers", type=int, default=26)
-    g.add_argument("--d-model", type=int, default=2304)
-    g.add_argument("--width", type=int, default=16384)
-    g.add_argument("--vocab", type=int, default=256000)
-    g.add_argument("--compile", action="store_true", help="also time a static KV cache + torch.compile")
-    g.add_argument("--hbm-gbps", type=float, default=3350.0, help="memory bandwidth (H100 SXM: 3350 GB/s)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+def run(a) -> dict:
+    """Every figure of one benchmark run (``a``: the parsed ``python -m steering bench`` options)."""
     from .bundle import Bundle
     from .flow import build_flow_graph
 
@@ -298,16 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         result["memory"]["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     result["targets"] = check_targets(result, gpu=torch.cuda.is_available())
-    return report(result, a.json)
+    return result
 
 
-def report(result: dict, as_json: bool) -> int:
-    if as_json:
-        print(json.dumps(result, indent=2, default=float))
-    else:
-        for name, r in result["targets"].items():
-            print(f"{name:36s} {r['value']:>10.3f}   target {r['target']:>8s}   {'met' if r['met'] else 'NOT met'}")
-    return 0
+def targets_table(result: dict) -> str:
+    """The readable report: one line per target."""
+    return "\n".join(f"{name:36s} {r['value']:>10.3f}   target {r['target']:>8s}   {'met' if r['met'] else 'NOT met'}"
+                     for name, r in result["targets"].items())
 
 
 @torch.no_grad()
@@ -342,7 +320,7 @@ def decode_rate(bundle, max_new_tokens: int, compile_static: bool = False, repea
             "steer_overhead_decode": tp_med / ts_med, "static_cache_compiled": compile_static}
 
 
-def gemma_scale(a) -> int:
+def gemma_scale(a) -> dict:
     """``--gemma-scale``: a random model with Gemma 2 2B's architecture and sizes and random 16k SAEs
     at every (layer, site) (`synthetic.gemma_scale_bundle`): bundle memory, flow latency uncached and
     cached, steering overhead, batch-1 decoding as a fraction of the memory-bandwidth limit (GPU)."""
@@ -380,8 +358,12 @@ def gemma_scale(a) -> int:
         result["memory"]["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     result["memory"]["peak_rss_gb"] = peak_rss_gb()
     result["targets"] = {k: v for k, v in check_targets(result, gpu).items() if k not in ("peak_rss_gb",)}
-    return report(result, a.json)
+    return result
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the old entry point, kept for one release: it runs `python -m steering bench`
+    import runpy
+
+    log.warning("python -m steering.bench is deprecated; use python -m steering bench")
+    sys.argv = ["python -m steering", "bench", *sys.argv[1:]]
+    runpy.run_module("steering", run_name="__main__")

@@ -1,7 +1,7 @@
 """Bundle: the model, its tokenizer and the SAE of every (layer, site), loaded once.
 
 Everything else in the library takes a Bundle. Model access is serialized by ``bundle.lock``
-because hooks are global to the model (METHOD.md "Traps").
+because hooks are global to the model.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on GPU (Gemma 2 must never run in fp16, METHOD.md traps); fp32 on CPU.
+    # bf16 on GPU (Gemma 2 must never run in fp16: it overflows); fp32 on CPU.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -225,7 +225,7 @@ def load_model(preset: Preset, device: torch.device, dtype: torch.dtype, device_
     path = _gguf_converted(preset) if preset.gguf_package else preset.model
     kwargs: dict = {"dtype": dtype}
     if preset.arch == "gemma2":
-        kwargs["attn_implementation"] = "eager"  # soft-capping needs eager (METHOD.md traps)
+        kwargs["attn_implementation"] = "eager"  # Gemma 2 logit soft-capping needs eager attention
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory,
                       offload_folder=str(offload_folder or cache_dir() / "offload" / preset.name))
@@ -394,6 +394,26 @@ class Bundle:
     def module(self, layer: int, site: str) -> torch.nn.Module:
         return S.site_module(self.model, self.preset.arch, layer, site)
 
+    # ---- values derived once per bundle ---------------------------------------------------
+    def cached(self, key, compute: Callable[[], object]):
+        """``compute()`` once per ``key`` (a tuple naming the value: match tables, rotations...),
+        kept for the bundle's lifetime; other modules cache here instead of writing ``_cache``."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def has_cached(self, key) -> bool:
+        return key in self._cache
+
+    def put_cached(self, key, value) -> None:
+        """Store (or replace) a derived value, e.g. tables computed from texts."""
+        self._cache[key] = value
+
+    def drop_cached(self, keep: Callable[[tuple], bool]) -> None:
+        """Forget every cached value whose key ``keep(key)`` rejects (benchmarks time recomputation)."""
+        for key in [k for k in self._cache if not keep(k)]:
+            del self._cache[key]
+
     # ---- decoder directions (matching and steering) --------------------------------------
     def decoder(self, layer: int, site: str) -> torch.Tensor:
         """Unit-norm decoder directions in the site's space, float32 on CPU.  # [d_sae, d_model]
@@ -438,7 +458,7 @@ class Bundle:
         return self._cache["residual_norms"]
 
     def ref_scale(self, layer: int, site: str) -> torch.Tensor:
-        """Per-feature reference scale c_f (METHOD.md "Units"): steering adds s * c_f * d_f
+        """Per-feature reference scale c_f (paper §5.3 units): steering adds s * c_f * d_f
         with unit d_f, so s = 1 is one typical activation of the feature.  # [d_sae]
 
         Shipped SAEs store it in ``ref_scale.safetensors`` beside the weights; JumpReLU SAEs

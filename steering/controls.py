@@ -26,26 +26,11 @@ from dataclasses import replace
 from . import limits
 from .features import FeatureId
 from .generate import Generation, generate_variants
+from .settings import parse_controls
 from .steer import SteerSpec
 
-CONTROLS = ("prompt", "random")
-CONTROL_VARIANT = {"prompt": "prompted", "random": "random"}
-
-
-def parse_controls(text: str | list[str] | None) -> tuple[str, ...]:
-    """``"prompt,random"`` (or a list) -> ("prompt", "random"); empty -> (); names checked."""
-    if not text:
-        return ()
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out = tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
-    bad = [c for c in out if c not in CONTROLS]
-    if bad:
-        raise ValueError(f"unknown control(s) {', '.join(bad)}; valid: {', '.join(CONTROLS)}")
-    return out
-
-
 def instruction(theme: str, task: str = "activate") -> str:
-    """The plain request of the prompting baseline."""
+    """The plain request of the prompting control."""
     theme = theme.strip()
     if not theme:
         raise ValueError("the prompting control needs a theme (what to ask the model to talk about)")
@@ -82,7 +67,7 @@ def generate_with_controls(bundle, prompt: str, variants: dict[str, list[SteerSp
     controls = parse_controls(list(controls))
     if controls and steered not in variants:
         raise ValueError(f"controls need a steered variant named {steered!r}; got {', '.join(variants)}")
-    if "prompt" in controls:  # refuse a too-long prompting baseline before any generation
+    if "prompt" in controls:  # refuse a too-long prompting control before any generation
         from .generate import check_request
 
         check_request(bundle, prompt, kwargs.get("max_new_tokens", 36), len(seeds), False, instruction(theme, task))

@@ -1,6 +1,6 @@
 """Export a steering plan as a llama.cpp control vector (GGUF), the format repeng writes.
 
-    python -m steering export 12/res/40 --mode cumulative --strength 2 --out food.gguf
+    python -m steering export 12/res/40 --condition cumulative --strength 2 --out food.gguf
     llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --control-vector food.gguf -p "I think "
 
 What is written: for every layer, the sum of the plan's additive edits at that layer, the same
@@ -104,32 +104,3 @@ def read_control_vector(path: Path) -> tuple[dict[int, torch.Tensor], dict]:
             value = field.parts[field.data[0]]
             meta[key] = bytes(value).decode() if key == "model_hint" else int(value[0])
     return vecs, meta
-
-
-def cmd_export(args) -> dict:
-    from .cli import load_bundle
-    from .generate import check_steer_cli, steer_plan
-
-    if args.task != "activate":
-        raise ValueError("export: theme removal (--task remove) is not a constant vector; use --task activate")
-    seeds_f, v = check_steer_cli(args)
-    bundle = load_bundle(args)
-    graphs, specs = steer_plan(bundle, args, seeds_f, v)
-    vectors, approx, skipped = layer_vectors(bundle, specs)
-    hint = bundle.preset.model if bundle.preset.gguf_package else bundle.preset.arch
-    path = write_control_vector(args.out, vectors, hint)
-    return {"out": str(path), "feature": args.feature, "mode": args.mode, "layers": sorted(vectors),
-            "norms": {str(n): round(float(vectors[n].norm()), 4) for n in sorted(vectors)},
-            "approximate": approx, "skipped": skipped, "model_hint": hint,
-            "usage": f"llama-cli -m MODEL.gguf --control-vector {path}"}
-
-
-def register(sub, common) -> None:
-    from .generate import TEMPERATURE, TOP_P, add_steer_args
-
-    p = sub.add_parser("export", parents=[common],
-                       help="write a steering plan as a llama.cpp control vector (GGUF, the repeng format)")
-    add_steer_args(p)
-    p.add_argument("--out", type=Path, required=True, help="output .gguf file")
-    p.set_defaults(fn=cmd_export, samples=1, seed=0, max_new_tokens=None, prompt=None,
-                   temperature=TEMPERATURE, top_p=TOP_P)

@@ -1,4 +1,4 @@
-"""Feature ids: ``layer/site/index`` everywhere (METHOD.md "Objects"), e.g. ``12/res/4111``."""
+"""Feature ids: ``layer/site/index`` everywhere (paper §3.3 sites), e.g. ``12/res/4111``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Feature matching and flow graphs (paper §3.2-3.3, App. B.2; METHOD.md "Matching", "Flow graph").
+"""Feature matching and flow graphs (paper §3.2-3.3, App. B.2).
 
 Matching is data-free: a feature's embedding is its unit decoder direction, and the match of
 feature f (site A) in site B is argmax_k cos(f, W_dec(B)[k]) (top-1, many-to-one).
@@ -14,7 +14,7 @@ Relations used to build a graph from a seed in R_l:
 
 All-features match tables (every feature of a site -> its match in a neighbouring site) are
 computed once per bundle with chunked matmuls (`match_tables`, decoders only, no model) and
-cached in ``bundle._cache``, so a graph is built from lookups.
+cached in the bundle (`Bundle.cached`), so a graph is built from lookups.
 
 Matching methods (paper §5.2 compares them; top-1 cosine is the default everywhere):
 ``top1_cosine``, ``top5_cosine`` (k = 5 candidates), ``random_top5`` (one of the top 5, seeded),
@@ -31,6 +31,7 @@ import torch
 
 from .features import FeatureId, parse_feature
 from .graph import FlowEdge, FlowGraph, FlowNode
+from .settings import T_MODULE, T_RES, check_choice
 
 log = logging.getLogger(__name__)
 METHODS = ("top1_cosine", "top5_cosine", "random_top5", "permutation", "top1_pearson")
@@ -66,14 +67,15 @@ def chance_top1(n_dst: int, d: int, n_src: int = 2000, seed: int = 0) -> torch.T
 
 def chance_levels(bundle) -> dict[str, float]:
     """Median chance cosine of a match into each site's SAEs (widths of the first layer), cached."""
-    key = ("chance",)
-    if key not in bundle._cache:
+
+    def compute() -> dict[str, float]:
         out = {}
         for site in bundle.sites:
             layer = next(l for l in bundle.layers if (l, site) in bundle.saes)
             out[site] = round(float(chance_top1(bundle.width(layer, site), bundle.d_model, 1000).median()), 3)
-        bundle._cache[key] = out
-    return bundle._cache[key]
+        return out
+
+    return bundle.cached(("chance",), compute)
 
 
 def _check_dims(src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -177,18 +179,17 @@ def match(src: torch.Tensor, dst: torch.Tensor, method: str = "top1_cosine", see
     top1_cosine (default) -> [n]; top5_cosine -> [n, 5]; random_top5 -> [n] (seeded);
     permutation -> [n], one-to-one. ``top1_pearson`` needs activations: see `pearson_match`.
     """
+    check_choice("matching method", method, METHODS)
+    if method == "top1_pearson":
+        raise ValueError("top1_pearson is data-based: compute it with pearson_tables(bundle, texts) "
+                         "(or pearson_match on activations), not from decoders")
     if method == "top1_cosine":
         return match_top1(src, dst)
     if method == "top5_cosine":
         return match_topk(src, dst, min(5, dst.shape[0]))
     if method == "random_top5":
         return random_top5(src, dst, seed)
-    if method == "permutation":
-        return permutation_match(src, dst)
-    if method == "top1_pearson":
-        raise ValueError("top1_pearson is data-based: compute it with pearson_tables(bundle, texts) "
-                         "(or pearson_match on activations), not from decoders")
-    raise ValueError(f"unknown matching method {method!r}; valid: {', '.join(METHODS)}")
+    return permutation_match(src, dst)
 
 
 # ---- all-features tables -------------------------------------------------------------------
@@ -236,23 +237,21 @@ def table(bundle, src: Key, dst: Key, method: str = "top1_cosine") -> Match:
 
     ``top1_pearson`` tables exist only after `pearson_tables` computed them from texts."""
     key = ("match", src, dst, method)
-    if key not in bundle._cache:
-        if method == "top1_pearson":
-            raise ValueError(f"no top1_pearson table for {src} -> {dst}: call "
-                             "steering.flow.pearson_tables(bundle, texts) first (data-based matching)")
-        bundle._cache[key] = match(bundle.decoder(*src), bundle.decoder(*dst), method,
-                                   _pair_seed(0, (src, dst)))
-    return bundle._cache[key]
+    if method == "top1_pearson" and not bundle.has_cached(key):
+        raise ValueError(f"no top1_pearson table for {src} -> {dst}: call "
+                         "steering.flow.pearson_tables(bundle, texts) first (data-based matching)")
+    return bundle.cached(key, lambda: match(bundle.decoder(*src), bundle.decoder(*dst), method,
+                                            _pair_seed(0, (src, dst))))
 
 
 def build_tables(bundle, method: str = "top1_cosine", progress=None) -> int:
     """Compute and cache every table a flow graph needs (start-up, benchmarks); returns the count."""
-    pairs = [p for p in neighbour_pairs(bundle.saes) if ("match", *p, method) not in bundle._cache]
+    pairs = [p for p in neighbour_pairs(bundle.saes) if not bundle.has_cached(("match", *p, method))]
     if method == "top1_pearson" and pairs:
         raise ValueError("top1_pearson tables are data-based: use pearson_tables(bundle, texts)")
     decoders = {k: bundle.decoder(*k) for p in pairs for k in p}
     for pair, m in match_tables(decoders, method, pairs, progress=progress).items():
-        bundle._cache[("match", *pair, method)] = m
+        bundle.put_cached(("match", *pair, method), m)
     return len(neighbour_pairs(bundle.saes))
 
 
@@ -263,7 +262,7 @@ def pearson_tables(bundle, texts: list[str], layers: Iterable[int] | None = None
     of residual layers ``layers`` (default all), from SAE activations on ``texts``; cached in the
     bundle under method ``top1_pearson`` (a later call replaces them).
 
-    Tokens: every non-padding position except 0 (attention sink, METHOD.md traps), up to
+    Tokens: every non-padding position except 0 (the attention sink, `steering.sinks`), up to
     ``max_tokens``. Memory: max_tokens x (sum of the widths involved) x 2 bytes (fp16 storage).
     """
     if not texts:
@@ -292,7 +291,8 @@ def pearson_tables(bundle, texts: list[str], layers: Iterable[int] | None = None
     acts = {k: torch.cat(v).float() for k, v in codes.items()}
     out = {}
     for pair in pairs:
-        out[pair] = bundle._cache[("match", *pair, "top1_pearson")] = pearson_match(acts[pair[0]], acts[pair[1]])
+        out[pair] = pearson_match(acts[pair[0]], acts[pair[1]])
+        bundle.put_cached(("match", *pair, "top1_pearson"), out[pair])
     log.info("top1_pearson tables for %d pairs from %d tokens", len(pairs), n)
     return out
 
@@ -308,8 +308,6 @@ class Neighbours(NamedTuple):
     mlp: tuple[FeatureId, float] | None
     attn: tuple[FeatureId, float] | None
 
-
-Predecessors = Neighbours
 
 
 def _lookup(bundle, f: FeatureId, dst: Key, method: str) -> tuple[FeatureId, float] | None:
@@ -367,7 +365,7 @@ def _check_threshold(name: str, t) -> None:
         raise ValueError(f"{name} must be a cosine threshold in [-1, 1], got {t!r}")
 
 
-def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = 0.5, t_module: float = 0.15,
+def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = T_RES, t_module: float = T_MODULE,
                      direction: str = "both", catalog_labels: dict[str, str] | None = None,
                      method: str = "top1_cosine") -> FlowGraph:
     """Flow graph of ``seed`` (paper §3.3 "Long-range feature flows", App. B.2).
@@ -390,10 +388,8 @@ def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = 0.5, t_module
     ``catalog_labels`` (``{"layer/site/index": label}``) fills node labels. ``method`` is one of
     GRAPH_METHODS (one match per feature).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
-    if method not in GRAPH_METHODS:
-        raise ValueError(f"unknown graph matching method {method!r}; valid: {', '.join(GRAPH_METHODS)}")
+    check_choice("direction", direction, DIRECTIONS)
+    check_choice("graph matching method", method, GRAPH_METHODS)
     _check_threshold("t_res", t_res)
     _check_threshold("t_module", t_module)
     labels = catalog_labels or {}
@@ -443,36 +439,3 @@ def build_flow_graph(bundle, seed: FeatureId | str, t_res: float = 0.5, t_module
         if bundle.is_approx(site) and any(n.site == site for n in nodes):
             notes.append(f"{site} matches use an approximation: {bundle.is_approx(site)}")
     return FlowGraph(seed, nodes, edges, l_start, l_end, t_res, t_module, method, notes)
-
-
-# ---- CLI -----------------------------------------------------------------------------------
-
-def _cmd_flow(args) -> dict:
-    from .cli import load_bundle
-
-    parse_feature(args.feature)  # fail on malformed ids before loading a model
-    if args.method not in GRAPH_METHODS or args.method == "top1_pearson":
-        raise ValueError(f"unknown --method {args.method!r}; valid: {', '.join(GRAPH_METHODS[:3])} "
-                         "(top1_pearson is data-based: use steering.flow.pearson_tables from Python)")
-    bundle = load_bundle(args)
-    labels = {}
-    try:
-        from .catalog import Catalog
-
-        labels = Catalog.load(bundle).labels()
-    except (ImportError, FileNotFoundError) as e:
-        log.info("no catalog labels: %s", e)
-    except ValueError as e:  # a stale catalog must not hide the graph; say why labels are missing
-        log.warning("catalog labels not used: %s", e)
-    graph = build_flow_graph(bundle, args.feature, args.t_res, args.t_module, args.direction, labels, args.method)
-    return graph.to_json()
-
-
-def register(sub, common) -> None:
-    p = sub.add_parser("flow", parents=[common], help="flow graph of a feature (layer/site/index)")
-    p.add_argument("feature", help="feature id layer/site/index, e.g. 12/res/40")
-    p.add_argument("--t-res", type=float, default=0.5, help="cut where s(R) < this (default 0.5, App. B.2)")
-    p.add_argument("--t-module", type=float, default=0.15, help="keep MLP/attn nodes with score >= this")
-    p.add_argument("--direction", default="both", choices=DIRECTIONS)
-    p.add_argument("--method", default="top1_cosine", help=f"matching method: {', '.join(GRAPH_METHODS[:3])}")
-    p.set_defaults(fn=_cmd_flow)

@@ -1,6 +1,6 @@
 """Seeded, batched generation of unsteered and steered variants (paper App. B settings).
 
-Baseline and every steered variant of a request run in ONE ``model.generate`` call: each batch
+The unsteered rows and every steered variant of a request run in ONE ``model.generate`` call: each batch
 row has its own steering delta (steer.steering) and its own torch.Generator. Batched sampling
 would otherwise draw every row from one RNG, so a row's text would depend on its batch mates;
 `PerRowSampler` samples each row with its own generator inside a LogitsProcessor and leaves
@@ -21,16 +21,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from . import limits
+from .metrics import distinct_n, sequence_perplexity
+from .settings import TEMPERATURE, TOP_P
 from .sites import capture_sites
 from .steer import SteerSpec, steering
 
-ACTIVATION_PROMPT = "I think "
-REMOVAL_PROMPT = "I think that the biggest problem of contemporary theoretical physics is "
-TASK_DEFAULTS = {  # paper App. B.2 (activation) / B.1 (removal)
-    "activate": {"prompt": ACTIVATION_PROMPT, "max_new_tokens": 36},
-    "remove": {"prompt": REMOVAL_PROMPT, "max_new_tokens": 96},
-}
-TOP_P, TEMPERATURE = 0.7, 1.27  # paper App. B
 
 
 class PerRowSampler(LogitsProcessor):
@@ -110,7 +105,7 @@ def encode_prompt(bundle, prompt: str, chat: bool = False, instruction: str | No
     """Token ids the model sees for a prompt (paper App. B prompts are raw continuations).
 
     - ``chat``: the prompt is the user turn of the chat template.
-    - ``instruction`` (the prompting baseline, issue 18): the instruction is the user turn and the
+    - ``instruction`` (the prompting control, issue 18): the instruction is the user turn and the
       prompt starts the assistant's reply (raw ``instruction\n\nprompt`` without a template).
     Text the user typed stays text: a typed ``<|im_start|>`` is tokenised as characters, never
     as the control token (no forged turns); only the template's own markup is special.
@@ -162,10 +157,10 @@ def generate_variants(bundle, prompt: str, variants: dict[str, list[SteerSpec]],
                       on_tokens: Callable | None = None, scope: str = "all") -> list[Generation]:
     """Generate every variant for every seed in one batch (paper App. B sampling settings).
 
-    ``variants`` maps a name to its specs (an empty list is the unsteered baseline). Row order:
+    ``variants`` maps a name to its specs (an empty list is unsteered). Row order:
     variant-major, seeds inner; sample j of every variant uses seed ``seeds[j]`` (paired draws:
-    a zero-strength variant reproduces the baseline token for token). ``temperature=0`` decodes
-    greedily. ``instruction`` makes every row the prompting baseline (`encode_prompt`).
+    a zero-strength variant reproduces the unsteered text token for token). ``temperature=0`` decodes
+    greedily. ``instruction`` makes every row the prompting control (`encode_prompt`).
     ``on_tokens`` streams the rows while they are generated (`RowStreamer`). ``scope``: which
     token positions are steered (`steer.steering`: all, prompt or generated).
     ``bundle.lock`` is held for the whole call.
@@ -218,15 +213,6 @@ def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec
     return result
 
 
-METRIC_ROWS = 4  # rows per log-softmax over the vocabulary in add_local_metrics (bounds its memory)
-
-
-def distinct_n(ids: list, n: int) -> float:
-    """Share of distinct n-grams among all n-grams (1.0 = no repetition)."""
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
 @torch.no_grad()
 def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], features: list) -> None:
     """Fill ``g.metrics`` for every generation, from one unsteered forward pass over
@@ -259,13 +245,9 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
         # [b, seq, vocab] float logits of a 32-row, 640-token batch are 4 GB, and log_softmax doubles it
         logits = bundle.model(input_ids=ids, attention_mask=mask,
                               logits_to_keep=n_new_max + 1).logits[:, :n_new_max]  # [b, seq - n_p, vocab]
-    target = ids[:, n_p:, None]  # [b, seq - n_p, 1]
-    lp = torch.cat([logits[i:i + METRIC_ROWS].float().log_softmax(-1).gather(-1, target[i:i + METRIC_ROWS])[..., 0]
-                    for i in range(0, len(todo), METRIC_ROWS)])  # [b, seq - n_p], a few rows at a time
-    del logits
     new_mask = mask[:, n_p:].float()  # [b, seq - n_p]: 1 on generated tokens
-    n_new = new_mask.sum(1)  # [b]
-    ppl = (-(lp * new_mask).sum(1) / n_new).exp()  # [b]
+    ppl = sequence_perplexity(logits, ids[:, n_p:], new_mask)  # [b]
+    del logits
     acts = {}
     for f in features:
         z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][:, n_p:])[..., f.index]  # [b, seq - n_p]
@@ -277,154 +259,3 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
                          distinct_2=round(distinct_n(g.token_ids, 2), 3),
                          distinct_3=round(distinct_n(g.token_ids, 3), 3),
                          feature_activation={k: round(v[i], 4) for k, v in acts.items()})
-
-
-# ---- CLI: python -m steering steer ----------------------------------------------------------
-
-def check_steer_cli(args) -> tuple[list[str], dict]:
-    """Validate the steer options shared by ``steer`` and ``export`` (no model needed): the seed
-    features and the checked numbers ``v`` (`limits.check_steer_args`)."""
-    from .features import parse_feature
-    from .steer import CONDITIONS, SCHEDULES
-
-    seeds_f = [x.strip() for x in args.feature.split(",") if x.strip()]  # a seed set (paper App. B.1)
-    if not seeds_f:
-        raise ValueError("feature: give a feature id layer/site/index, or several separated by commas")
-    for f in seeds_f:
-        parse_feature(f)
-    if len(seeds_f) > 1 and args.layer is not None:
-        raise ValueError("--layer applies to one seed feature; with a seed set each graph uses its seed's layer")
-    if args.mode not in CONDITIONS:
-        raise ValueError(f"unknown --mode {args.mode!r}; valid: {', '.join(CONDITIONS)}")
-    if args.schedule not in SCHEDULES:
-        raise ValueError(f"unknown --schedule {args.schedule!r}; valid: {', '.join(SCHEDULES)}")
-    defaults = TASK_DEFAULTS[args.task]
-    v = limits.check_steer_args(
-        names={k: "--" + k.replace("_", "-") for k in ("strength", "alpha", "s_end", "r", "samples", "seed",
-                                                          "max_new_tokens", "prompt", "temperature", "top_p")},
-        strength=args.strength, alpha=args.alpha, s_end=args.s_end, r=args.r, samples=args.samples, seed=args.seed,
-        max_new_tokens=args.max_new_tokens or defaults["max_new_tokens"], temperature=args.temperature,
-        top_p=args.top_p, prompt=defaults["prompt"] if args.prompt is None else args.prompt)
-    return seeds_f, v
-
-
-def steer_plan(bundle, args, seeds_f: list[str], v: dict) -> tuple[list, list[SteerSpec]]:
-    """The flow graphs of the seed features and the union of their plans (a node shared by two
-    graphs is steered once): what ``steer`` applies and ``export`` writes out."""
-    from .features import parse_feature
-    from .steer import plan
-
-    graphs = []
-    for f in seeds_f:
-        if args.mode == "baseline":  # the seed feature alone: no flow graph needed
-            from .graph import FlowGraph, FlowNode
-
-            seed = parse_feature(f, bundle)
-            graphs.append(FlowGraph(seed, [FlowNode(seed, 1.0, "seed")], [], seed.layer, seed.layer))
-        else:
-            from .flow import build_flow_graph  # lazy: the flow engine is heavier than generation
-
-            graphs.append(build_flow_graph(bundle, f, t_res=args.t_res, t_module=args.t_module))
-    remove = args.task == "remove"
-    specs, seen = [], set()
-    for graph in graphs:
-        for s in plan(graph, args.mode, args.layer, v["r"] if remove else v["strength"], args.schedule, v["alpha"],
-                      v["s_end"], mode="rescale" if remove else "add"):
-            if s.feature not in seen:
-                seen.add(s.feature)
-                specs.append(s)
-    return graphs, specs
-
-
-def cmd_steer(args) -> dict:
-    from .cli import load_bundle
-    from .steer import schedule_table
-
-    seeds_f, v = check_steer_cli(args)
-    seeds = [v["seed"] + i for i in range(v["samples"])]
-    limits.check_int("--seed + --samples - 1", seeds[-1], 0, limits.MAX_SEED)
-    from .controls import generate_with_controls, parse_controls
-
-    controls = parse_controls(args.controls)
-    theme = limits.clean_text("--theme", args.theme, 300) if args.theme else ""
-    if "prompt" in controls and not theme:
-        raise ValueError("--controls prompt needs --theme (what the prompting baseline asks for)")
-    bundle = load_bundle(args)
-    graphs, specs = steer_plan(bundle, args, seeds_f, v)
-    gens = generate_with_controls(bundle, v["prompt"], {"baseline": [], "steered": specs}, seeds, controls,
-                                  theme, args.task, max_new_tokens=v["max_new_tokens"],
-                                  temperature=v["temperature"], top_p=v["top_p"], chat=args.chat, check_cost=True,
-                                  scope=args.scope)
-    by = {name: [g for g in gens if g.variant == name] for name in dict.fromkeys(g.variant for g in gens)}
-    one = len(seeds) == 1
-
-    def texts(name):
-        return by[name][0].text if one else [g.text for g in by[name]]
-
-    out = {"prompt": v["prompt"], "feature": args.feature, "task": args.task, "mode": args.mode, "scope": args.scope,
-           "baseline": texts("baseline"), "steered": texts("steered"),
-           "schedule": schedule_table(specs, bundle), "seeds": seeds,
-           "metrics": {name: [g.metrics for g in gs] for name, gs in by.items()},
-           "flow": {"l_start": graphs[0].l_start, "l_end": graphs[0].l_end, "t_res": args.t_res,
-                    "t_module": args.t_module,
-                    "graphs": [{"seed": str(g.seed), "l_start": g.l_start, "l_end": g.l_end} for g in graphs]}}
-    if controls:
-        out["controls"] = {name: texts(name) for name in ("prompted", "random") if name in by}  # like baseline
-    if theme:
-        from .judge import OfflineJudge, make_judge
-
-        judge = make_judge()
-        out["theme"], out["judge"] = theme, getattr(judge, "name", type(judge).__name__)
-        out["scores"] = {}
-        for name, gs in by.items():
-            if isinstance(judge, OfflineJudge):
-                sc = judge.score([g.text for g in gs], theme, args.task,
-                                 perplexities=[g.metrics.get("perplexity") for g in gs])
-            else:
-                sc = judge.score([g.text for g in gs], theme, args.task)
-            out["scores"][name] = [x.to_json() for x in sc]
-    return out
-
-
-def add_steer_args(p) -> None:
-    """The steer options (feature, condition, strength, schedule, flow thresholds), shared by the
-    ``steer`` and ``export`` subcommands."""
-    p.add_argument("feature", help="seed feature id layer/site/index, e.g. 12/res/4111, or a seed set "
-                   "separated by commas (their flow graphs are merged, as in the paper's removal)")
-    p.add_argument("--task", default="activate", choices=list(TASK_DEFAULTS),
-                   help="activate: add the features; remove: rescale them by --r (default: %(default)s)")
-    p.add_argument("--mode", default="cumulative",
-                   help="condition: baseline | single | cumulative (default: %(default)s)")
-    p.add_argument("--layer", type=int, default=None, help="layer l (default: the seed's layer)")
-    p.add_argument("--strength", type=float, default=3.0,
-                   help=f"s, in multiples of the feature's typical activation (|s| <= {limits.MAX_ABS_STRENGTH:g})")
-    p.add_argument("--schedule", default="exp", help="exp | linear | constant (cumulative only; default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=-0.25, help="exp schedule: s'(l) = s * e^(alpha * l)")
-    p.add_argument("--s-end", type=float, default=1.0, help="linear schedule: s* at the graph's last layer l_end")
-    p.add_argument("--r", type=float, default=0.0, help=f"--task remove: rescale factor (|r| <= {limits.MAX_ABS_R:g})")
-    p.add_argument("--t-res", type=float, default=0.5,
-                   help="flow graph: residual threshold t(R) (default: %(default)s)")
-    p.add_argument("--t-module", type=float, default=0.15,
-                   help="flow graph: MLP/attention threshold (default: %(default)s)")
-
-
-def register(sub, common) -> None:
-    p = sub.add_parser("steer", parents=[common], help="generate unsteered vs steered text (paper §5.3)")
-    add_steer_args(p)
-    p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
-    p.add_argument("--samples", type=int, default=1, help=f"samples per variant (<= {limits.MAX_SAMPLES})")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default: 36 (activate) or 96 (remove); <= {limits.MAX_NEW_TOKENS}")
-    p.add_argument("--prompt", default=None, help="default: the task's prompt from the paper")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=TOP_P, help="(default: %(default)s)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--theme", default="", help="judge every variant for this theme (OpenAI judge when "
-                   "OPENAI_API_KEY is set, with OPENAI_BASE_URL for any compatible server; else the offline "
-                   "fallback, labelled)")
-    p.add_argument("--controls", default="", help="comma list of controls: prompt (ask the model for the "
-                   "theme; needs --theme), random (norm-matched random directions)")
-    p.add_argument("--scope", default="all", choices=["all", "prompt", "generated"],
-                   help="which tokens are steered: all (the paper's setting), the prompt's, or the generated "
-                   "ones (attention sinks never; default: %(default)s)")
-    p.set_defaults(fn=cmd_steer)

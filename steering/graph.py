@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .features import FeatureId, parse_feature
+from .settings import T_MODULE, T_RES
 
 
 @dataclass
@@ -19,7 +20,7 @@ class FlowNode:
         score: for residual nodes, the cosine of the chain link toward the seed (1.0 for the
             seed); for MLP/attention nodes, the cosine to the residual node they feed (s(M) or
             s(A) of that node).
-        s_res, s_mlp, s_attn: predecessor scores of residual nodes (METHOD.md "Matching");
+        s_res, s_mlp, s_attn: predecessor scores of residual nodes (paper §3.3);
             None for MLP/attention nodes and where a predecessor site has no SAE.
         role: ``seed``, ``residual`` (chain node), ``mlp`` or ``attn`` (module predecessors).
         in_span: True when the node lies in l_start..l_end (kept after the t(R) cut).
@@ -83,8 +84,8 @@ class FlowGraph:
     edges: list[FlowEdge]
     l_start: int
     l_end: int
-    t_res: float = 0.5
-    t_module: float = 0.15
+    t_res: float = T_RES
+    t_module: float = T_MODULE
     method: str = "top1_cosine"
     notes: list[str] = field(default_factory=list)
 
@@ -92,10 +93,6 @@ class FlowGraph:
         """Residual nodes ordered by layer (within l_start..l_end unless span_only=False)."""
         return sorted((n for n in self.nodes if n.site == "res" and (n.in_span or not span_only)),
                       key=lambda n: n.layer)
-
-    def nodes_at(self, layer: int, sites: tuple[str, ...] = ("res", "mlp", "attn"),
-                 span_only: bool = True) -> list[FlowNode]:
-        return [n for n in self.nodes if n.layer == layer and n.site in sites and (n.in_span or not span_only)]
 
     def node(self, fid: FeatureId | str) -> FlowNode:
         fid = parse_feature(fid)
@@ -117,5 +114,5 @@ class FlowGraph:
         nodes = [FlowNode(**{**{k: v for k, v in n.items() if k in keys}, "id": parse_feature(n["id"])})
                  for n in d["nodes"]]
         edges = [FlowEdge(parse_feature(e["source"]), parse_feature(e["target"]), e["cosine"]) for e in d["edges"]]
-        return cls(parse_feature(d["seed"]), nodes, edges, d["l_start"], d["l_end"], d.get("t_res", 0.5),
-                   d.get("t_module", 0.15), d.get("method", "top1_cosine"), list(d.get("notes", [])))
+        return cls(parse_feature(d["seed"]), nodes, edges, d["l_start"], d["l_end"], d.get("t_res", T_RES),
+                   d.get("t_module", T_MODULE), d.get("method", "top1_cosine"), list(d.get("notes", [])))

@@ -1,5 +1,5 @@
-"""Data-based checks of flow relations (paper §5.1-5.2, App. A; METHOD.md "Predecessor groups",
-"Deactivation"), and live activations of a flow graph on a prompt.
+"""Data-based checks of flow relations (paper §5.1 predecessor groups, §5.2 deactivation, App. A),
+and live activations of a flow graph on a prompt.
 
 - Predecessor groups (§5.1, App. A.1): for a target feature active in R_l at a token, which of
   its top-1 predecessors (R_{l-1}, M_l, A_l) are active at the same token: one of the 7 non-empty
@@ -7,7 +7,7 @@
   rest is SAE encoding and lookups into the cached match tables (`flow.table`).
 - Deactivation (§5.2, App. A.2): rescale predecessor(s) p at token t only,
   h_t <- h_t + (r - 1) * a_t * W_dec[p] (raw decoder row of p's SAE, a_t its activation there),
-  and read the target again in R_l. Cheap evaluation (METHOD.md): R_l = R_{l-1} + A_l + M_l and
+  and read the target again in R_l. Cheap evaluation (paper §3.3): R_l = R_{l-1} + A_l + M_l and
   M_l is its last term, so an edit of M_l changes R_l at t by exactly the same vector and nothing
   is rerun. An edit of A_l is NOT additive (the MLP of block l reads R_{l-1} + A_l, so M_l moves
   too; tests/test_groups.py checks this against a full forward); A_l and R_{l-1} edits rerun the
@@ -35,6 +35,7 @@ from . import sites as S
 from .features import FeatureId, parse_feature
 from .flow import table
 from .graph import FlowGraph
+from .settings import check_choice
 
 log = logging.getLogger(__name__)
 Key = tuple[int, str]
@@ -92,7 +93,7 @@ def encode_all(bundle, text: str, max_length: int | None = 256) -> TextCache:
 
 
 def sample_tokens(n_tokens: int, k: int, rng: random.Random) -> list[int]:
-    """k random positions, never position 0 (the attention sink / BOS, METHOD.md traps)."""
+    """k random positions, never position 0 (the attention sink / BOS, `steering.sinks`)."""
     return sorted(rng.sample(range(1, n_tokens), min(k, n_tokens - 1)))
 
 
@@ -123,8 +124,7 @@ def predecessor_groups(bundle, texts: list[str], tokens_per_text: int = 5, seed:
     by default)."""
     from .flow import GRAPH_METHODS
 
-    if method not in GRAPH_METHODS:
-        raise ValueError(f"unknown group matching method {method!r}; valid: {', '.join(GRAPH_METHODS)}")
+    check_choice("group matching method", method, GRAPH_METHODS)
     rng = random.Random(seed)
     layers = [l for l in (bundle.layers if layers is None else layers) if (l, "res") in bundle.saes]
     out: list[GroupRecord] = []

@@ -23,7 +23,7 @@ MAX_QUEUE = int(os.environ.get("FFP_MAX_QUEUE", 32))
 # One request's cost in token-rows: rows (variants x samples, controls included) x (prompt tokens
 # as the model sees them + new tokens). The 2-core default runs ~150 token-rows per second
 # (a request of 16 rows x 628 tokens took 62-68 s), so 4,096 keeps one request near 30 s and
-# bounds how long the next user in the queue waits (issue 20; `python -m steering.bench`).
+# bounds how long the next user in the queue waits (issue 20; `python -m steering bench`).
 MAX_COST = int(os.environ.get("FFP_MAX_COST", 4096))
 # Model requests the app runs at once: concurrent /steer requests with the same prompt and
 # settings are merged into one batch (`steering.batching`); others take turns on the model lock.

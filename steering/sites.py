@@ -1,6 +1,6 @@
 """Where each site lives in a Hugging Face model, and hooks to read or edit it.
 
-METHOD.md "Objects" (paper §3.3): per block l, R_l = R_{l-1} + A_l + M_l.
+Paper §3.3: per block l, R_l = R_{l-1} + A_l + M_l.
 - Llama-style: R_l = output of ``layers[l]``; A_l = first output of ``layers[l].self_attn``;
   M_l = output of ``layers[l].mlp``.
 - Gemma 2: A_l = output of ``post_attention_layernorm`` (this norm follows attention in Gemma 2;
@@ -34,7 +34,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def site_module(model: nn.Module, arch: str, layer: int, site: str) -> nn.Module:
-    """The module whose output is the site's activation (METHOD.md "Objects")."""
+    """The module whose output is the site's activation (paper §3.3)."""
     check_site(site)
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):

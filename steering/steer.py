@@ -1,4 +1,4 @@
-"""Steering with SAE features (paper §5.3, App. B; METHOD.md "Steering").
+"""Steering with SAE features (paper §5.2-5.3, App. B).
 
 - Activation: h_t <- h_t + s * c_f * d_f on every token (prompt and generated), d_f the unit
   decoder direction and c_f the feature's reference scale (``bundle.ref_scale``: the paper folds
@@ -11,7 +11,7 @@
 - Neither edit touches an attention sink (each row's first real token, and in the prompt any
   position whose residual norm marks it as a sink, `steering.sinks`): the sink carries no
   content, and editing it changes the sample for no reason the user can see.
-- Conditions: ``baseline`` (the initial feature only), ``single`` (flow-graph features at layer
+- Conditions: ``seed-only`` (the seed feature alone), ``single`` (flow-graph features at layer
   l), ``cumulative`` (flow-graph features at layers l_start..l, MLP/attention nodes included),
   with exponential / linear / constant coefficient schedules across layers (`plan`,
   `schedule_table` to preview them).
@@ -19,7 +19,7 @@
 Hook design (why): hooks are registered per request inside `steering(...)` and removed in
 ``finally`` (also when generation raises), while holding ``bundle.lock``, so one request's
 steering can never leak into another or a later one: there is no state left to reset. One
-batch carries the baseline and every variant: each row has its own precomputed delta
+batch carries the unsteered rows and every variant: each row has its own precomputed delta
 ``[batch, 1, d_model]`` per site, so the add hook is one broadcast add with no Python work
 per token (a KV-cache decode step sees one new token). To skip the sinks, a model pre-hook
 reads the cache length of each
@@ -41,15 +41,13 @@ import torch
 
 from . import limits
 from .features import FeatureId, parse_feature
-from .graph import FlowGraph
+from .graph import FlowGraph, FlowNode
 from .presets import SITES, check_site
+from .settings import (ALPHA, EDIT_MODES, S_END, SCHEDULES, SCOPES, STRENGTH, check_choice,
+                       check_condition, check_strength)
 from .sinks import sink_mask
 from .sites import edit_sites, hidden_of
 
-CONDITIONS = ("baseline", "single", "cumulative")
-SCHEDULES = ("exp", "linear", "constant")
-SCOPES = ("all", "prompt", "generated")  # token scope of an edit (`steering`)
-MODES = ("add", "rescale")
 UNITS = ("folded", "raw")
 _CACHE_KWARGS = ("cache", "past_key_values")
 
@@ -64,7 +62,7 @@ class SteerSpec:
     Fields:
         feature: the feature (layer/site/index).
         strength: s for ``add`` (multiples of c_f in folded units), r for ``rescale``.
-        mode: ``add`` (activation) or ``rescale`` (theme removal, r=0 removes the feature).
+        mode: the edit mode, ``add`` (activation) or ``rescale`` (theme removal, r=0 removes the feature).
         units: ``folded`` (s * c_f * d_f) or ``raw`` (s * d_f); ignored by ``rescale``.
         direction_seed: ``add`` only: add a seeded random rotation of d_f instead of d_f, with
             the same norm (the random control, `steering.controls`; see `direction`).
@@ -77,67 +75,54 @@ class SteerSpec:
     direction_seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown steering mode {self.mode!r}; valid: {', '.join(MODES)}")
-        if self.units not in UNITS:
-            raise ValueError(f"unknown units {self.units!r}; valid: {', '.join(UNITS)}")
+        check_choice("edit mode", self.mode, EDIT_MODES)
+        check_choice("units", self.units, UNITS)
         if self.direction_seed is not None and self.mode != "add":
             raise ValueError("direction_seed (random direction) applies to add mode only")
-        if self.mode == "rescale":
-            limits.check_number("r", self.strength, limits.MAX_ABS_R)
-        else:
-            limits.check_number("strength", self.strength, limits.MAX_ABS_STRENGTH)
+        check_strength(self.strength, self.mode)
 
 
-def schedule_strength(layer: int, schedule: str, s: float, alpha: float = -0.05, l_start: int = 0,
-                      l_end: int = 0, s_end: float = 1.0) -> float:
+def schedule_strength(layer: int, schedule: str, s: float, alpha: float = ALPHA, l_start: int = 0,
+                      l_end: int = 0, s_end: float = S_END) -> float:
     """Coefficient at ``layer`` (absolute index) for a schedule (paper App. B.2):
     exp: s * e^(alpha * l); linear: from (l_start, s) to (l_end, s_end); constant: s."""
+    check_choice("schedule", schedule, SCHEDULES)
     if schedule == "exp":
         return s * math.exp(alpha * layer)
-    if schedule == "linear":
-        if l_end == l_start:
-            return s
+    if schedule == "linear" and l_end != l_start:
         return s + (s_end - s) * (layer - l_start) / (l_end - l_start)
-    if schedule == "constant":
-        return s
-    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    return s
 
 
-def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = None, strength: float = 3.0,
-         schedule: str = "exp", alpha: float = -0.25, s_end: float = 1.0, mode: str = "add",
+def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = None, strength: float = STRENGTH,
+         schedule: str = "exp", alpha: float = ALPHA, s_end: float = S_END, mode: str = "add",
          sites: tuple[str, ...] = SITES, include: list[str] | None = None,
          exclude: list[str] | None = None, units: str = "folded") -> list[SteerSpec]:
     """The steering specs of a condition (paper §5.3). Pure: no model needed, for previews.
 
-    baseline: the graph's seed only, at ``strength``. single: graph nodes at ``layer`` (default:
+    seed-only: the graph's seed only, at ``strength``. single: graph nodes at ``layer`` (default:
     the seed's layer), constant ``strength``: we do not apply e^(alpha*l) there (App. C.3 quotes an
     alpha for single-layer runs too, but at one layer it only rescales s, so the strength the user
     sets is the strength applied). cumulative: graph nodes at layers l_start..layer, coefficients
     from the schedule (l = absolute layer index; linear runs from (l_start, s) to (l_end, s_end)
     of the whole graph, App. B.2, even when ``layer`` < l_end). ``sites`` restricts
     single/cumulative to those sites. ``include`` adds node ids (e.g. nodes cut from the span)
-    and ``exclude`` removes node ids, as the paper hand-picked nodes. ``mode='rescale'`` uses
-    ``strength`` as r for every node (no schedule).
+    and ``exclude`` removes node ids, as the paper hand-picked nodes. ``mode`` is the edit mode:
+    ``'rescale'`` uses ``strength`` as r for every node (no schedule). The old condition name
+    ``baseline`` (= ``seed-only``) is accepted with a deprecation warning.
     """
-    if condition not in CONDITIONS:
-        raise ValueError(f"unknown condition {condition!r}; valid: {', '.join(CONDITIONS)}")
-    if mode not in MODES:
-        raise ValueError(f"unknown steering mode {mode!r}; valid: {', '.join(MODES)}")
-    if mode == "rescale":
-        limits.check_number("r", strength, limits.MAX_ABS_R)
-    else:
-        limits.check_number("strength", strength, limits.MAX_ABS_STRENGTH)
+    condition = check_condition(condition)
+    check_choice("edit mode", mode, EDIT_MODES)
+    check_strength(strength, mode)
     limits.check_number("alpha", alpha, limits.MAX_ABS_ALPHA)
     limits.check_number("s_end", s_end, limits.MAX_ABS_STRENGTH)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    check_choice("schedule", schedule, SCHEDULES)
     for site in sites:
         check_site(site)
     layer = graph.seed.layer if layer is None else layer
-    if condition != "baseline" and not graph.l_start <= layer <= graph.l_end:
+    if condition != "seed-only" and not graph.l_start <= layer <= graph.l_end:
         raise ValueError(f"layer {layer} is outside the flow graph's span; valid: {graph.l_start}..{graph.l_end}")
-    if condition == "baseline":
+    if condition == "seed-only":
         chosen = [graph.seed]
     else:
         lo = layer if condition == "single" else graph.l_start
@@ -163,10 +148,40 @@ def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = No
     return specs
 
 
+def plan_run(bundle, settings) -> tuple[list[FlowGraph], list[SteerSpec]]:
+    """The flow graphs of a run's seed feature(s) (`settings.SteerSettings`) and the union of their
+    plans (a node shared by two graphs is steered once): what ``steer`` applies and ``export``
+    writes out. The seed-only condition needs no flow graph (a one-node graph stands in)."""
+    from .flow import build_flow_graph  # lazy: the flow engine is only needed here
+
+    graphs = []
+    for f in settings.features:
+        if settings.condition == "seed-only":
+            seed = parse_feature(f, bundle)
+            graphs.append(FlowGraph(seed, [FlowNode(seed, 1.0, "seed")], [], seed.layer, seed.layer))
+        else:
+            graphs.append(build_flow_graph(bundle, f, t_res=settings.t_res, t_module=settings.t_module))
+    specs, seen = [], set()
+    for graph in graphs:
+        for s in plan_settings(graph, settings):
+            if s.feature not in seen:
+                seen.add(s.feature)
+                specs.append(s)
+    return graphs, specs
+
+
+def plan_settings(graph: FlowGraph, settings, condition: str | None = None) -> list[SteerSpec]:
+    """`plan` with a run's settings (``condition`` overrides the settings' one, e.g. the app's
+    third column)."""
+    return plan(graph, condition or settings.condition, settings.layer, settings.edit_strength, settings.schedule,
+                settings.alpha, settings.s_end, mode=settings.edit_mode, exclude=list(settings.exclude),
+                include=list(settings.include))
+
+
 def schedule_table(specs: list[SteerSpec], bundle=None) -> list[dict]:
     """Per-layer, per-feature coefficients (s'(l) for ``add``, r for ``rescale``), for previews
     and run records. With a bundle, ``add`` rows also show c_f (``scale``), the norm s'*c_f
-    actually added (METHOD.md "Units": show users both) and that norm as a percentage of the
+    actually added (paper §5.3 units: show users both) and that norm as a percentage of the
     median residual-stream norm at the layer (``pct_of_residual``, `Bundle.residual_norms`)."""
     rows = []
     for s in sorted(specs, key=lambda s: (s.feature.layer, SITES.index(s.feature.site), s.feature.index)):
@@ -223,12 +238,13 @@ def direction(bundle, f: FeatureId, seed: int | None = None) -> torch.Tensor:
     d_f = bundle.decoder(f.layer, f.site)[f.index]
     if seed is None:
         return d_f
-    key = ("rotation", seed)
-    if key not in bundle._cache:
+
+    def rotation() -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         q, r = torch.linalg.qr(torch.randn(bundle.d_model, bundle.d_model, generator=g))
-        bundle._cache[key] = q * torch.sign(torch.diagonal(r))  # Haar-random orthogonal  # [d, d]
-    return bundle._cache[key] @ d_f
+        return q * torch.sign(torch.diagonal(r))  # Haar-random orthogonal  # [d, d]
+
+    return bundle.cached(("rotation", seed), rotation) @ d_f
 
 
 def _rescales(bundle, rows: list[list[SteerSpec]]) -> dict[tuple[int, str], torch.Tensor]:
@@ -305,8 +321,7 @@ def steering(bundle, rows: list[list[SteerSpec]], attention_mask: torch.Tensor |
     ``generated`` (the positions of generated tokens only: the first new token is still
     predicted from the unsteered prompt). Attention sinks are never edited, in any scope.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    check_choice("scope", scope, SCOPES)
     deltas, factors = _deltas(bundle, rows), _rescales(bundle, rows)
     if attention_mask is None:
         first_real = torch.zeros(len(rows), dtype=torch.long, device=bundle.device)

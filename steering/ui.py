@@ -20,20 +20,20 @@ from pathlib import Path
 
 from . import limits
 from .bundle import Bundle, file_sha256, package_dir
-from .catalog import Catalog, features_for_text, theme_words
-from .features import parse_feature
+from .catalog import Catalog, theme_words
+from .features import FeatureId, parse_feature
 from .flow import build_flow_graph
 from .batching import GenerationBatcher
-from .controls import generate_with_controls, parse_controls
-from .generate import TASK_DEFAULTS
+from .controls import generate_with_controls
 from .graph import FlowGraph
 from .groups import live_activations
-from .judge import OfflineJudge, make_judge, unavailable
+from .judging import Judge, OfflineJudge, make_judge, unavailable
 from .presets import ASSETS, SITES
-from .steer import CONDITIONS, SCHEDULES, plan, schedule_table
+from .probe import features_for_text
+from .settings import ALPHA, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS, SteerSettings
+from .steer import plan_settings, schedule_table
 
 log = logging.getLogger(__name__)
-TASKS = tuple(TASK_DEFAULTS)
 VARIANT_TITLES = {"unsteered": "Unsteered", "steered": "Steered", "single": "Steered: single layer",
                   "cumulative": "Steered: cumulative flow", "prompted": "Control: asking the model",
                   "random": "Control: random directions"}
@@ -67,8 +67,8 @@ class DemoExample:
     preset: str = "default"
     task: str = "activate"
     condition: str = "cumulative"
-    strength: float = 3.0
-    alpha: float = -0.25
+    strength: float = STRENGTH
+    alpha: float = ALPHA
     layer: int | None = None
     r: float = 0.0
     samples: int = 2
@@ -77,20 +77,23 @@ class DemoExample:
     prompt: str = ""
 
     def __post_init__(self) -> None:
-        parse_feature(self.feature)
-        if self.task not in TASKS:
-            raise ValueError(f"example {self.title!r}: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
-        if self.condition not in CONDITIONS:
-            raise ValueError(f"example {self.title!r}: unknown condition {self.condition!r}; "
-                             f"valid: {', '.join(CONDITIONS)}")
-        limits.check_steer_args(strength=self.strength, alpha=self.alpha, r=self.r, samples=self.samples,
-                                max_new_tokens=self.max_new_tokens, seed=self.seed)
         if not self.title.strip() or not self.theme.strip():
             raise ValueError("every example needs a non-empty title and theme")
+        try:
+            self.settings()
+        except ValueError as e:
+            raise ValueError(f"example {self.title!r}: {e}") from None
 
     @property
     def prompt_or_default(self) -> str:
         return self.prompt or TASK_DEFAULTS[self.task]["prompt"]
+
+    def settings(self) -> SteerSettings:
+        """The example's run (controls on: the demo always shows both)."""
+        return SteerSettings.create(self.feature, task=self.task, condition=self.condition, layer=self.layer,
+                                    strength=self.strength, alpha=self.alpha, r=self.r, samples=self.samples,
+                                    max_new_tokens=self.max_new_tokens, seed=self.seed, prompt=self.prompt_or_default,
+                                    theme=self.theme, controls=("prompt", "random"))
 
 
 def load_demo_examples(bundle: Bundle | None = None, path: Path = DEMO_FILE) -> list[DemoExample]:
@@ -166,12 +169,9 @@ def _escape(text: str) -> str:
     return text
 
 
-def _ids(value) -> list[str]:
-    """Node ids from a list (API / multiselect) or a comma-separated string."""
-    if value is None:
-        return []
-    items = value if isinstance(value, (list, tuple)) else str(value).replace(";", ",").split(",")
-    return [str(x).strip() for x in items if str(x).strip()]
+def card_theme(card) -> str:
+    """A judge theme from a feature card: whole words among its top tokens, else its label."""
+    return ", ".join(theme_words(card.top_tokens)) or card.label[:100]
 
 
 @dataclass
@@ -191,7 +191,7 @@ class Playground:
 
     bundle: Bundle
     catalog: Catalog | None = None
-    judge: object = field(default_factory=OfflineJudge)
+    judge: Judge = field(default_factory=OfflineJudge)
     hashes: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     examples: list[DemoExample] = field(default_factory=list)
@@ -238,18 +238,18 @@ class Playground:
         if self.catalog is None:
             return ""
         try:
-            card = self.catalog.card(fid)
+            return card_theme(self.catalog.card(fid))
         except ValueError:
             return ""
-        return ", ".join(theme_words(card.top_tokens)) or card.label[:100]
 
     def card_markdown(self, fid: str) -> tuple[str, str]:
         """Markdown card of a feature and a default theme for the judge."""
         f = parse_feature(limits.clean_text("feature id", fid, 100), self.bundle)
-        lines = [f"### Feature `{f}`"]
+        lines, theme = [f"### Feature `{f}`"], ""
         scale = float(self.bundle.ref_scale(f.layer, f.site)[f.index])
         if self.catalog is not None:
-            c = self.catalog.card(f)
+            c = self.catalog.card(f)  # built once per keystroke: the theme comes from the same card
+            theme = card_theme(c)
             lines += [f"**{c.label}** _({c.label_source} label)_", "",
                       f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
                       f"mean when active **{c.mean_act:.2f}**", "",
@@ -267,11 +267,12 @@ class Playground:
         url = neuronpedia_url(self.bundle.preset.neuronpedia, f)
         if url:
             lines.append(f"\n[Open {f} on Neuronpedia]({url})")
-        return "\n".join(lines), self.default_theme(str(f))
+        return "\n".join(lines), theme
 
     # ---- flow --------------------------------------------------------------------------------------
-    def flow(self, fid: str, t_res: float = 0.5, t_module: float = 0.15) -> FlowGraph:
-        fid = limits.clean_text("feature id", fid, 100)
+    def flow(self, fid, t_res: float = T_RES, t_module: float = T_MODULE) -> FlowGraph:
+        if not isinstance(fid, FeatureId):  # typed text (a run's settings hold a parsed id)
+            fid = limits.clean_text("feature id", fid, 100)
         for name, t in (("t(R) threshold", t_res), ("module threshold", t_module)):
             limits.check_number(name, t, 1.0)
         labels = self.catalog.labels() if self.catalog else None
@@ -289,64 +290,45 @@ class Playground:
                  "yes" if n.in_span else "cut", n.label] for n in nodes]
 
     # ---- steering ------------------------------------------------------------------------------------
-    def plan(self, graph: FlowGraph, task: str, condition: str, layer, strength: float, schedule: str,
-             alpha: float, s_end: float, r: float, exclude=None, include=None) -> list:
-        """Steering specs of one condition (steer.plan), with the UI's fields validated first."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-        if condition not in CONDITIONS:
-            raise ValueError(f"unknown condition {condition!r}; valid: {', '.join(CONDITIONS)}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-        v = limits.check_steer_args(strength=strength, alpha=alpha, s_end=s_end, r=r)
-        if layer in (None, "", -1):  # -1: the seed's layer
-            layer = None
-        else:
-            layer = limits.check_int("layer l", layer, 0, self.bundle.n_layers - 1)
-        remove = task == "remove"
-        return plan(graph, condition, layer, v["r"] if remove else v["strength"], schedule, v["alpha"], v["s_end"],
-                    mode="rescale" if remove else "add", exclude=_ids(exclude), include=_ids(include))
+    def settings(self, feature, **form) -> SteerSettings:
+        """A run's settings from the form or API fields, validated once (`SteerSettings.create`)."""
+        s = SteerSettings.create(feature, n_layers=self.bundle.n_layers, **form)
+        if len(s.features) > 1:
+            raise ValueError("feature: the playground steers one seed feature; use the CLI for a seed set")
+        return s
+
+    def plan(self, graph: FlowGraph, settings: SteerSettings, condition: str | None = None) -> list:
+        """Steering specs of the run's condition (or ``condition``) on ``graph`` (`steer.plan`)."""
+        return plan_settings(graph, settings, condition)
 
     def schedule_rows(self, specs: list) -> list[dict]:
         return schedule_table(specs, self.bundle)
 
-    def check_generation(self, prompt: str, seed, samples, max_new_tokens, theme: str) -> dict:
-        """Validate the generation fields before any compute; returns cleaned values."""
-        v = limits.check_steer_args(prompt=prompt, seed=seed, samples=samples, max_new_tokens=max_new_tokens)
-        limits.check_int("seed + samples - 1", v["seed"] + v["samples"] - 1, 0, limits.MAX_SEED)
-        v["theme"] = limits.clean_text("theme", theme or "", 300, allow_empty=True).strip()
-        return v
-
-    def steer(self, variants: dict[str, list], task: str, prompt: str, seed: int, samples: int,
-              max_new_tokens: int, theme: str, api_key: str = "", chat: bool = False,
-              controls: tuple[str, ...] = (), on_tokens=None, scope: str = "all") -> dict:
-        """Generate every variant for seeds seed..seed+samples-1 in one batch, then score all texts
-        (left unscored when ``theme`` is empty). ``controls`` (``prompt``, ``random``:
+    def steer(self, variants: dict[str, list], settings: SteerSettings, api_key: str = "", on_tokens=None) -> dict:
+        """Generate every variant for the run's seeds in one batch, then score all texts (left
+        unscored when the theme is empty). The run's controls (``prompt``, ``random``:
         `steering.controls`) add the control variants ``prompted`` / ``random`` for the variant
         named ``steered``; the prompting control needs a theme and is skipped without one.
 
         ``api_key`` (optional, per request) selects an OpenAI judge for this request only; it is
         never stored, logged or returned. ``on_tokens(names, rows)`` streams every decoding step
         (`generate.RowStreamer`; `partial_markdown` renders it)."""
-        v = self.check_generation(prompt, seed, samples, max_new_tokens, theme)
-        seeds = [v["seed"] + i for i in range(v["samples"])]
-        controls = tuple(c for c in parse_controls(list(controls)) if c != "prompt" or v["theme"])
-        gens = generate_with_controls(self.bundle, v["prompt"], variants, seeds, controls, v["theme"], task,
-                                      max_new_tokens=v["max_new_tokens"], chat=bool(chat), check_cost=True,
-                                      on_tokens=on_tokens, scope=scope,
+        s = settings
+        controls = tuple(c for c in s.controls if c != "prompt" or s.theme)
+        gens = generate_with_controls(self.bundle, s.prompt, variants, s.seeds, controls, s.theme, s.task,
+                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                      chat=s.chat, check_cost=True,
+                                      on_tokens=on_tokens, scope=s.scope,
                                       **({"generate": self.batcher.generate_variants} if self.batcher else {}))
         variants = {name: None for name in dict.fromkeys(g.variant for g in gens)}
         judge = make_judge(api_key=api_key.strip()) if api_key and api_key.strip() else self.judge
         texts = [g.text for g in gens]
-        if not v["theme"]:  # nothing to judge against: show the texts unscored
-            scores = [unavailable(getattr(judge, "name", "judge"), task, "", "no theme given") for _ in texts]
-        elif isinstance(judge, OfflineJudge):  # coherence also uses perplexity under the unsteered model
-            scores = judge.score(texts, v["theme"], task, perplexities=[g.metrics.get("perplexity") for g in gens])
-        else:
-            scores = judge.score(texts, v["theme"], task)
-        return {"generations": gens, "scores": scores, "variants": list(variants), "seeds": seeds,
-                "judge": getattr(judge, "name", type(judge).__name__), "theme": v["theme"], "prompt": v["prompt"],
-                "max_new_tokens": v["max_new_tokens"]}
+        if not s.theme:  # nothing to judge against: show the texts unscored
+            scores = [unavailable(judge.name, s.task, "", "no theme given") for _ in texts]
+        else:  # the offline judge's coherence also uses perplexity under the unsteered model
+            scores = judge.score(texts, s.theme, s.task, [g.metrics.get("perplexity") for g in gens])
+        return {"generations": gens, "scores": scores, "variants": list(variants), "seeds": s.seeds,
+                "judge": judge.name, "theme": s.theme, "prompt": s.prompt, "max_new_tokens": s.max_new_tokens}
 
     @staticmethod
     def summary(result: dict) -> dict[str, dict]:
@@ -397,7 +379,7 @@ class Playground:
             if s.available:
                 tag = "offline fallback judge" if s.offline else s.judge
                 theme = f"theme {s.behavioral:.1f}/5"
-                if s.behavioral_range:  # the offline judge's calibrated range (steering/calibration.py)
+                if s.behavioral_range:  # the offline judge's calibrated range (steering/judging/calibration.py)
                     lo, hi = s.behavioral_range
                     theme = (f"theme **uncertain** ({lo:.1f}-{hi:.1f}/5)" if s.uncertain
                              else f"theme {s.behavioral:.1f}/5 (range {lo:.1f}-{hi:.1f})")
@@ -413,41 +395,40 @@ class Playground:
                          f"{' · mean activation of ' + acts if acts else ''}</small>\n")
         return "\n".join(lines)
 
-    def run_record(self, feature: str, settings: dict, schedules: dict[str, list], result: dict) -> dict:
-        """Everything needed to reproduce a run (no API key: it is never part of ``settings``)."""
+    def run_record(self, settings: SteerSettings, schedules: dict[str, list], result: dict) -> dict:
+        """Everything needed to reproduce a run (no API key: it is never part of the settings)."""
         used = sorted({r["feature"].rsplit("/", 1)[0] for rows in schedules.values() for r in rows})
         return {
             "preset": self.bundle.preset.name, "model": self.bundle.preset.model,
             "model_hash": self.hashes.get("model"),
             "sae_hashes": {k: self.hashes.get("saes", {}).get(k) for k in used},
             "device": str(self.bundle.device), "dtype": str(self.bundle.dtype), "versions": self.versions,
-            "feature": feature, "settings": settings, "schedules": schedules, "seeds": result["seeds"],
-            "prompt": result["prompt"], "theme": result["theme"], "judge": result["judge"],
+            "feature": settings.feature, "settings": settings.to_json(), "schedules": schedules,
+            "seeds": result["seeds"], "prompt": result["prompt"], "theme": result["theme"], "judge": result["judge"],
             "generations": [g.to_json() for g in result["generations"]],
             "scores": [s.to_json() for s in result["scores"]],
-            "reproduce": reproduce_command(self.bundle.preset.root or self.bundle.preset.name, feature, settings,
-                                           result["prompt"]),
+            "reproduce": reproduce_command(self.bundle.preset.root or self.bundle.preset.name, settings),
         }
 
 
-def reproduce_command(preset: str, feature: str, settings: dict, prompt: str) -> str:
+def reproduce_command(preset: str, settings: SteerSettings) -> str:
     """The CLI call that regenerates the texts of a run (same seeds, thresholds and controls)."""
-    args = ["python", "-m", "steering", "steer", feature, "--preset", preset, "--mode", str(settings["condition"])]
+    s = settings
+    args = ["python", "-m", "steering", "steer", s.feature, "--preset", preset, "--condition", s.condition]
     for key in ("task", "strength", "schedule", "alpha", "s_end", "r", "seed", "samples", "max_new_tokens",
                 "t_res", "t_module"):
-        if settings.get(key) is not None:
-            args += ["--" + key.replace("_", "-"), str(settings[key])]
-    if settings.get("layer") not in (None, -1):
-        args += ["--layer", str(settings["layer"])]
-    if settings.get("controls"):
-        args += ["--controls", ",".join(settings["controls"])]
-    if settings.get("theme"):
-        args += ["--theme", str(settings["theme"])]
-    if settings.get("scope", "all") != "all":
-        args += ["--scope", str(settings["scope"])]
-    args += ["--prompt", prompt] + (["--chat"] if settings.get("chat") else [])
+        args += ["--" + key.replace("_", "-"), str(getattr(s, key))]
+    if s.layer is not None:
+        args += ["--layer", str(s.layer)]
+    if s.controls:
+        args += ["--controls", ",".join(s.controls)]
+    if s.theme:
+        args += ["--theme", s.theme]
+    if s.scope != "all":
+        args += ["--scope", s.scope]
+    args += ["--prompt", s.prompt] + (["--chat"] if s.chat else [])
     cmd = " ".join(shlex.quote(a) for a in args)
-    if settings.get("exclude") or settings.get("include"):
+    if s.exclude or s.include:
         cmd += "  # the CLI has no include/exclude; this run changed the node set"
     return cmd
 

@@ -16,7 +16,7 @@ import pytest
 from apprun import ROOT, TINY_FEATURE
 
 STEER_DEFAULTS = dict(feature=TINY_FEATURE, t_res=0.5, t_module=0.15, task="activate", condition="cumulative", layer=-1,
-                      strength=4.0, sched="exp", alpha=-0.25, s_end=1.0, r=0, exclude=[], include=[], seed=5, samples=1,
+                      strength=4.0, schedule="exp", alpha=-0.25, s_end=1.0, r=0, exclude=[], include=[], seed=5, samples=1,
                       max_new_tokens=8, prompt="I think ", chat=False, theme="wedding", compare=False, api_key="",
                       controls=[], scope="all")
 
@@ -80,7 +80,7 @@ def test_steer_matches_the_cli_and_records_the_run(client, live_app):
     assert command[:4] == ["python", "-m", "steering", "steer"] and "#" not in record["reproduce"]
     expected = cli(*command[3:])
     texts = {g["variant"]: g["text"] for g in record["generations"]}
-    assert texts == {"unsteered": expected["baseline"], "steered": expected["steered"]}
+    assert texts == {"unsteered": expected["unsteered"], "steered": expected["steered"]}
     assert texts["unsteered"] != texts["steered"]  # strength 4 on the whole flow changes a random model's text
     assert record["schedules"]["steered"] == expected["schedule"]
     assert record["seeds"] == [5] and record["feature"] == TINY_FEATURE and record["preset"] == "tiny-app"
@@ -88,6 +88,16 @@ def test_steer_matches_the_cli_and_records_the_run(client, live_app):
     assert set(record["sae_hashes"]) == {r["feature"].rsplit("/", 1)[0] for r in expected["schedule"]}
     assert all(s["offline"] and s["available"] for s in record["scores"])  # labelled offline fallback judge
     assert json.loads(Path(path).read_text()) == record
+
+
+def test_steer_takes_keyword_arguments(client):
+    """The README's keyword form: arguments by name, the others from the form's defaults, give the
+    same run as all of them by position."""
+    by_name = client.predict(feature=TINY_FEATURE, strength=4.0, alpha=-0.25, seed=5, samples=1, max_new_tokens=8,
+                             theme="wedding", controls=[], api_name="/steer")[5]
+    by_position = client.predict(*steer_args(), api_name="/steer")[5]
+    assert [g["text"] for g in by_name["generations"]] == [g["text"] for g in by_position["generations"]]
+    assert by_name["settings"] == by_position["settings"]
 
 
 def test_third_column_compares_single_and_cumulative(client):
@@ -114,7 +124,7 @@ def test_third_column_compares_single_and_cumulative(client):
     (dict(seed=2**70), r"Seed = ~10\^21 is out of range; allowed: 0..2147483647"),
     (dict(seed=-10**400), r"Seed = -~10\^400 is out of range"),  # longer than any float
     (dict(prompt="\x00\x07\u200b"), "prompt is empty"),
-    (dict(sched="zigzag"), "zigzag"),
+    (dict(schedule="zigzag"), "zigzag"),
     (dict(task="explode"), "explode"),
 ])
 def test_bad_steer_input_is_a_short_error_and_the_server_keeps_serving(client, live_app, changes, msg):

@@ -29,8 +29,10 @@ def test_gemma_scale_mode_runs_at_toy_sizes(capsys):
     """The --gemma-scale path (meant for a GPU) end to end on a shrunken config: every figure present."""
     import json
 
-    rc = bench.main(["--gemma-scale", "--layers", "2", "--d-model", "64", "--width", "128", "--vocab", "512",
-                     "--max-new-tokens", "3", "--json"])
+    from steering import cli
+
+    rc = cli.main(["bench", "--gemma-scale", "--layers", "2", "--d-model", "64", "--width", "128", "--vocab", "512",
+                   "--max-new-tokens", "3", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["sizes"]["layers"] == 2
     assert out["memory"]["saes_gb"] > 0 and out["flow"]["flow_ms_uncached_median"] > 0

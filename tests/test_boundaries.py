@@ -19,10 +19,11 @@ from steering.features import FeatureId, parse_feature
 from steering.flow import build_flow_graph
 from steering.generate import check_request, generate_variants
 from steering.graph import FlowGraph
-from steering.judge import check_args
+from steering.judging.base import check_args
 from steering.presets import SITES
 from steering.sites import count_hooks
-from steering.steer import CONDITIONS, SCHEDULES, SteerSpec, plan, schedule_strength
+from steering.settings import CONDITIONS, SCHEDULES
+from steering.steer import SteerSpec, plan, schedule_strength
 
 ANY_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
                        st.text(max_size=20), st.lists(st.integers(), max_size=3))

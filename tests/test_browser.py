@@ -151,7 +151,7 @@ def test_walkthrough_default_preset(browser, tmp_path):
 
     preset = get_preset("default")
     if not (preset.assets_root / "catalog" / "meta.json").is_file():
-        pytest.skip("the default preset's catalog is not built yet (python -m steering.catalog build)")
+        pytest.skip("the default preset's catalog is not built yet (python -m steering catalog build)")
     server = AppServer("default", tmp_path / "app.log")
     try:
         page = Page(browser, server.url)

@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steering import catalog as C
+from steering.catalog import Catalog, build_catalog, context_windows, corpus_sequences, offline_label
+from steering.catalog import build as C
+from steering.catalog import words as W
 from steering.presets import SITES
-from steering.catalog import Catalog, context_windows, corpus_sequences, features_for_text, offline_label
+from steering.probe import features_for_text
 
 TEXTS = {
     "prose": ["The bride and the groom danced at the wedding while the guests cheered and the band played. "
@@ -59,8 +61,8 @@ def fake_embed(words):
 @pytest.fixture(scope="module")
 def built(tiny_bundle, tmp_path_factory):
     llm = FakeLLM({"2/res/7": "wedding bells and vows", "1/res/2": "cake, flour, push, self, bake and butter"})
-    cat = Catalog.build(tiny_bundle, n_tokens=N_TOKENS, ctx=CTX, batch=BATCH, seed=3, texts=TEXTS,
-                        llm_client=llm, llm_sites=("res",), embed=fake_embed, query_vocab=["nuptials", "zzz"])
+    cat = build_catalog(tiny_bundle, n_tokens=N_TOKENS, ctx=CTX, batch=BATCH, seed=3, texts=TEXTS,
+                      llm_client=llm, llm_sites=("res",), embed=fake_embed, query_vocab=["nuptials", "zzz"])
     root = tmp_path_factory.mktemp("catalog")
     sizes = cat.save(root)
     return cat, Catalog.load(root), root, sizes, llm
@@ -78,7 +80,7 @@ def test_contexts_hold_the_max_token_and_stats_match_naive(tiny_bundle, built, k
     cat, *_ = built
     seqs, z = _naive(tiny_bundle, *key)
     z = z[:, 1:]  # position 0 is not counted  # [n, ctx - 1, w]
-    strings = C.token_strings(tiny_bundle.tokenizer, seqs.flatten().tolist())
+    strings = W.token_strings(tiny_bundle.tokenizer, seqs.flatten().tolist())
     flat = z.reshape(-1, z.shape[-1])  # [N, w]
     n_ctx = C.N_CONTEXTS[key[1]]
     for f in range(flat.shape[1]):
@@ -131,13 +133,13 @@ def test_offline_labels_follow_the_rule(built):
     cat, loaded, *_ = built
     card = loaded.card("1/mlp/3")
     assert card.label_source == "offline"
-    common = C.common_promoted(loaded.summary, "mlp")
-    out = [t for t in card.promoted_tokens if not set(C._words(t)) & common]
+    common = W.common_promoted(loaded.summary, "mlp")
+    out = [t for t in card.promoted_tokens if not set(W.text_words(t)) & common]
     assert card.label == offline_label(list(zip(card.top_tokens, card.top_token_shares)), card.context_words,
                                        out, card.tags)
     # a promoted word shared by many features is left out of labels
     summary = {(0, "res"): {"out": [[" strugg", " cat"]] * 20 + [[" dog"]] * 5}}
-    assert C.common_promoted(summary, "res") == {"strugg", "cat"}
+    assert W.common_promoted(summary, "res") == {"strugg", "cat"}
 
 
 def test_llm_labels_with_fallback_for_failed_batches(built):
@@ -154,7 +156,7 @@ def test_promoted_tokens_are_the_logit_lens(tiny_bundle, built):
     m = tiny_bundle.model
     d = tiny_bundle.decoder(1, "res")[5]  # [d_model]
     logits = m.lm_head(m.model.norm(d[None, None]))[0, 0]  # lm_head(final_norm(d_f))
-    want = C.token_strings(tiny_bundle.tokenizer, logits.topk(C.N_PROMOTED).indices.tolist())
+    want = W.token_strings(tiny_bundle.tokenizer, logits.topk(C.N_PROMOTED).indices.tolist())
     top = logits.topk(C.N_PROMOTED).indices.tolist()
     assert cat.card("1/res/5").promoted_tokens == [want[t] for t in top]
 
@@ -162,8 +164,8 @@ def test_promoted_tokens_are_the_logit_lens(tiny_bundle, built):
 def test_search_finds_features_by_top_tokens_and_ranks_label_matches_first(built):
     cat, loaded, *_ = built
     # a word that is some res feature's top token
-    fid, word = next((f"{l}/res/{i}", C._words(t)[0]) for (l, s), cols in sorted(cat.summary.items()) if s == "res"
-                     for i, top in enumerate(cols["top"]) for t, _ in top if C._words(t))
+    fid, word = next((f"{l}/res/{i}", W.text_words(t)[0]) for (l, s), cols in sorted(cat.summary.items()) if s == "res"
+                     for i, top in enumerate(cols["top"]) for t, _ in top if W.text_words(t))
     hits = loaded.search(word, k=10_000)
     assert fid in [h.feature for h in hits]
     assert all(h.feature.split("/")[1] == "res" for h in hits)
@@ -282,15 +284,15 @@ def test_related_words_expand_queries(built):
     assert hits[0].feature == "2/res/7" and "≈wedding" in hits[0].matched[0]
     exact = {h.feature: h.score for h in loaded.search("wedding", k=10_000, sites=SITES)}
     for h in hits:  # an expanded match scores RELATED_WEIGHT x similarity of the exact one
-        assert h.score == pytest.approx(C.RELATED_WEIGHT * 1.0 * exact[h.feature], rel=1e-3, abs=1e-3)
-    words = C.related_words(["bride", "cake", "wedding"], ["nuptials"], fake_embed, min_sim=0.5)
+        assert h.score == pytest.approx(W.RELATED_WEIGHT * 1.0 * exact[h.feature], rel=1e-3, abs=1e-3)
+    words = W.related_words(["bride", "cake", "wedding"], ["nuptials"], fake_embed, min_sim=0.5)
     assert words == {"nuptials": [("wedding", 1.0)]}
 
 
 def test_refresh_rederives_the_same_labels_and_related_words(built, tmp_path):
     cat, _, root, *_ = built
     again = Catalog.load(root)
-    C.derive(again, embed=fake_embed, query_vocab=["nuptials", "zzz"])
+    again.derive(embed=fake_embed, query_vocab=["nuptials", "zzz"])
     assert again.labels() == cat.labels() and again.related() == cat.related()
     again.save(tmp_path)
     assert Catalog.load(tmp_path).labels() == cat.labels()

@@ -1,7 +1,6 @@
 """Issue 21: a steering plan exported as a llama.cpp control vector, read back with `gguf`."""
 
 import json
-from argparse import Namespace
 
 import pytest
 import torch
@@ -18,11 +17,11 @@ def _export(capsys, preset, *args) -> dict:
 
 
 def test_export_writes_every_layer_of_the_plan_as_direction_n(tiny_llama_preset, tiny_bundle, tmp_path, capsys):
-    from steering.generate import check_steer_cli, steer_plan
-    from steering.steer import _deltas
+    from steering.settings import SteerSettings
+    from steering.steer import _deltas, plan_run
 
     out = tmp_path / "cv.gguf"
-    args = ["2/res/3", "--mode", "cumulative", "--strength", "2", "--alpha", "-0.1", "--t-res", "0.0",
+    args = ["2/res/3", "--condition", "cumulative", "--strength", "2", "--alpha", "-0.1", "--t-res", "0.0",
             "--t-module", "0.0"]
     res = _export(capsys, tiny_llama_preset, *args, "--out", str(out))
     vecs, meta = read_control_vector(out)
@@ -31,11 +30,9 @@ def test_export_writes_every_layer_of_the_plan_as_direction_n(tiny_llama_preset,
 
     # The same plan, applied by the playground's own hooks: per layer, the sum over sites of the
     # additive edits `steering.steer` makes must equal direction.N.
-    ns = Namespace(feature="2/res/3", mode="cumulative", layer=None, strength=2.0, schedule="exp", alpha=-0.1,
-                   s_end=1.0, r=0.0, samples=1, seed=0, max_new_tokens=None, prompt=None, temperature=1.27,
-                   top_p=0.7, task="activate", t_res=0.0, t_module=0.0)
-    seeds_f, v = check_steer_cli(ns)
-    _, specs = steer_plan(tiny_bundle, ns, seeds_f, v)
+    settings = SteerSettings.create("2/res/3", condition="cumulative", layer=None, strength=2.0, schedule="exp",
+                                    alpha=-0.1, s_end=1.0, r=0.0, task="activate", t_res=0.0, t_module=0.0)
+    _, specs = plan_run(tiny_bundle, settings)
     deltas = _deltas(tiny_bundle, [specs])  # {(layer, site): [1, 1, d_model]}
     want: dict[int, torch.Tensor] = {}
     for (layer, _site), d in deltas.items():
@@ -53,7 +50,7 @@ def test_export_refuses_removal_and_layer_zero_only(tiny_llama_preset, tiny_bund
     rc = cli.main(["export", "1/res/3", "--task", "remove", "--out", str(tmp_path / "x.gguf"),
                    "--preset", str(tiny_llama_preset)])
     assert rc == 2 and "not a constant vector" in capsys.readouterr().err
-    rc = cli.main(["export", "0/res/3", "--mode", "baseline", "--out", str(tmp_path / "y.gguf"),
+    rc = cli.main(["export", "0/res/3", "--condition", "seed-only", "--out", str(tmp_path / "y.gguf"),
                    "--preset", str(tiny_llama_preset)])
     assert rc == 2 and "layer 0" in capsys.readouterr().err
     assert not (tmp_path / "y.gguf").exists()

@@ -50,7 +50,7 @@ def test_feature_id_parsing(tiny_bundle):
 
 @pytest.mark.parametrize("fixture", ["tiny_bundle", "tiny_gemma_bundle"])
 def test_tiny_load_path_and_residual_decomposition(fixture, request):
-    """R_l = R_{l-1} + A_l + M_l with the hooks of METHOD.md "Objects" (both architectures)."""
+    """R_l = R_{l-1} + A_l + M_l with the site hooks of paper §3.3 (both architectures)."""
     b: Bundle = request.getfixturevalue(fixture)
     assert len(b.saes) == 3 * b.n_layers
     keys = [(l, s) for l in range(b.n_layers) for s in ("res", "mlp", "attn")]

@@ -11,7 +11,8 @@ import torch
 from steering import generate as G
 from steering.cli import main
 from steering.features import FeatureId
-from steering.generate import PerRowSampler, distinct_n, generate_variants
+from steering.generate import PerRowSampler, generate_variants
+from steering.metrics import distinct_n
 from steering.sites import capture_sites, count_hooks
 from steering.steer import SteerSpec
 
@@ -154,13 +155,13 @@ def test_chat_template_option(tiny_bundle):
 
 
 def test_cli_steer_json(tiny_llama_preset):
-    cmd = [sys.executable, "-m", "steering", "steer", "1/res/3", "--preset", str(tiny_llama_preset), "--mode",
+    cmd = [sys.executable, "-m", "steering", "steer", "1/res/3", "--preset", str(tiny_llama_preset), "--condition",
            "cumulative", "--strength", "3", "--alpha", "-0.25", "--schedule", "exp", "--seed", "0",
            "--max-new-tokens", "6", "--json"]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     out = json.loads(ok.stdout)
-    assert {"prompt", "baseline", "steered", "schedule", "metrics"} <= set(out)
+    assert {"prompt", "unsteered", "steered", "schedule", "metrics"} <= set(out)
     assert out["prompt"] == "I think " and isinstance(out["steered"], str)
     assert out["schedule"] and all({"layer", "feature", "strength"} <= set(r) for r in out["schedule"])
     for r in out["schedule"]:
@@ -169,7 +170,7 @@ def test_cli_steer_json(tiny_llama_preset):
 
 
 def test_cli_steer_remove_in_process(tiny_llama_preset, capsys):
-    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--task", "remove", "--mode", "single",
+    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--task", "remove", "--condition", "single",
                  "--r", "-2", "--samples", "2", "--max-new-tokens", "5", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["prompt"].startswith("I think that the biggest problem")
@@ -181,7 +182,7 @@ def test_cli_steer_remove_in_process(tiny_llama_preset, capsys):
     (["--strength", "1e9"], "--strength = 1e+09 is out of range; allowed: -200..200"),
     (["--alpha", "inf"], "--alpha must be finite"),
     (["--r", "-100"], "--r = -100 is out of range; allowed: -64..64"),
-    (["--mode", "all"], "unknown --mode 'all'; valid: baseline, single, cumulative"),
+    (["--condition", "all"], "unknown --condition 'all'; valid: seed-only, single, cumulative"),
     (["--schedule", "cos"], "valid: exp, linear, constant"),
     (["--max-new-tokens", "100000"], "--max-new-tokens = 100000 is out of range; allowed: 1..128"),
     (["--samples", "0"], "--samples = 0 is out of range; allowed: 1..8"),
@@ -216,15 +217,35 @@ def test_cli_steer_controls_and_theme(tiny_llama_preset, capsys, monkeypatch):
     variant with the configured judge (offline here: no key, no base URL)."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--mode", "single", "--samples", "2",
+    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--condition", "single", "--samples", "2",
                  "--max-new-tokens", "4", "--controls", "prompt,random", "--theme", "anger", "--t-res", "0.2",
                  "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["controls"]) == {"prompted", "random"}
     assert all(len(v) == 2 for v in out["controls"].values())
-    assert set(out["scores"]) == {"baseline", "steered", "random", "prompted"}
+    assert set(out["scores"]) == {"unsteered", "baseline", "steered", "random", "prompted"}  # baseline: deprecated
+    assert out["scores"]["baseline"] == out["scores"]["unsteered"]
     assert out["judge"].startswith("offline") and out["flow"]["t_res"] == 0.2
+
+
+def test_cli_old_names_still_work_for_a_release(tiny_llama_preset, capsys, caplog, monkeypatch):
+    """--mode (now --condition), the condition "baseline" (now "seed-only") and the output keys
+    "baseline" (now "unsteered") and "mode" (now "condition") work for one more release, with a
+    warning for the inputs (the condition's once per process: start afresh)."""
+    from steering import settings
+
+    monkeypatch.setattr(settings, "_warned", set())
+    code = main(["steer", "1/res/3", "--preset", str(tiny_llama_preset), "--mode", "baseline",
+                 "--max-new-tokens", "3", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["condition"] == out["mode"] == "seed-only"
+    assert out["baseline"] == out["unsteered"] and out["metrics"]["baseline"] == out["metrics"]["unsteered"]
+    assert [r["feature"] for r in out["schedule"]] == ["1/res/3"]
+    assert set(out["deprecated_keys"]) == {"baseline", "mode"}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "--mode is deprecated" in warned and "'baseline' is deprecated" in warned
 
 
 def test_cli_prompt_control_needs_a_theme(tiny_llama_preset, capsys):
@@ -249,7 +270,7 @@ def test_random_control_matches_norms_not_directions(tiny_bundle):
 
 
 def test_cli_seed_set_merges_the_graphs(tiny_llama_preset, capsys):
-    code = main(["steer", "1/res/3,2/res/5", "--preset", str(tiny_llama_preset), "--task", "remove", "--mode",
+    code = main(["steer", "1/res/3,2/res/5", "--preset", str(tiny_llama_preset), "--task", "remove", "--condition",
                  "cumulative", "--t-res", "0", "--max-new-tokens", "3", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)

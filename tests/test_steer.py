@@ -188,7 +188,8 @@ def _graph():
 
 def test_conditions_and_include_exclude():
     g = _graph()
-    base = plan(g, "baseline", strength=5.0)
+    base = plan(g, "seed-only", strength=5.0)
+    assert plan(g, "baseline", strength=5.0) == base  # the old name, deprecated for a release
     assert [str(s.feature) for s in base] == ["1/res/2"] and base[0].strength == 5.0
     single = plan(g, "single", layer=1, strength=5.0)
     assert sorted(str(s.feature) for s in single) == ["1/mlp/7", "1/res/2"]
@@ -211,14 +212,14 @@ def test_conditions_and_include_exclude():
     with pytest.raises(ValueError, match="not a node"):
         plan(g, "single", include=["2/res/0"])
     with pytest.raises(ValueError, match="no feature left"):
-        plan(g, "baseline", exclude=["1/res/2"])
+        plan(g, "seed-only", exclude=["1/res/2"])
     with pytest.raises(ValueError, match="strength must be finite"):
         plan(g, "single", strength=float("nan"))
     with pytest.raises(ValueError, match="r = -100 is out of range; allowed: -64..64"):
         plan(g, "single", strength=-100.0, mode="rescale")
     with pytest.raises(ValueError, match="alpha = 9 is out of range"):
         plan(g, "cumulative", alpha=9.0)
-    with pytest.raises(ValueError, match="valid: baseline, single, cumulative"):
+    with pytest.raises(ValueError, match="valid: seed-only, single, cumulative"):
         plan(g, "everything")
     with pytest.raises(ValueError, match="unknown site"):
         plan(g, "single", sites=("resid",))
@@ -236,7 +237,7 @@ def test_schedule_table_shows_both_units(tiny_bundle):
 
 
 def test_spec_validation():
-    with pytest.raises(ValueError, match="unknown steering mode 'scale'; valid: add, rescale"):
+    with pytest.raises(ValueError, match="unknown edit mode 'scale'; valid: add, rescale"):
         SteerSpec(FeatureId(1, "res", 3), 1.0, mode="scale")
     with pytest.raises(ValueError, match="strength = 1e\\+06 is out of range"):
         SteerSpec(FeatureId(1, "res", 3), 1e6)

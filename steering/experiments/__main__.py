@@ -1,6 +1,6 @@
 """The paper's analyses (§5.1-5.3) on any preset: predecessor groups, deactivation, steering curves.
 
-``python -m steering.experiments {groups,deactivation,steering}`` (METHOD.md). Results go to
+``python -m steering.experiments {groups,deactivation,steering}`` (paper §5.1-5.3). Results go to
 ``results/<preset>/<command>/`` (JSON + HTML figures); finished units are cached there and reused
 on a rerun with the same settings. Errors exit with status 2 and one clear line."""
 
@@ -16,9 +16,6 @@ import time
 from tqdm import tqdm
 
 from . import common
-
-COMMANDS = ("groups", "deactivation", "steering")
-
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from . import deactivation, groups, steering_curves

@@ -1,5 +1,5 @@
 """``python -m steering.experiments deactivation``: Table 1 and the activation change vs r (paper
-§5.2, App. A.2, Table 1, Fig. 7; METHOD.md "Deactivation").
+§5.2, App. A.2, Table 1, Fig. 7).
 
 Protocol (`steering.groups.deactivation_check`): ``--texts`` held-out passages of one domain
 (paper: 35 FineWeb texts; here the prose domain stands in for FineWeb), ``--tokens`` random non-BOS
@@ -20,7 +20,6 @@ from .fanout import Job, run_jobs
 
 log = logging.getLogger(__name__)
 PAPER_LAYERS, PAPER_N_LAYERS = (6, 12, 18), 26  # Gemma 2 2B (App. A.2)
-DEFAULT_METHODS = ("top1_cosine", "top5_cosine", "random_top5", "permutation", "top1_pearson", "exhaustive")
 PAPER_TABLE1 = {"top1_cosine": {"activation_change": 0.75, "success_rate": 0.65},
                 "top1_pearson": {"activation_change": 0.74, "success_rate": 0.65},
                 "exhaustive": {"activation_change": 0.83, "success_rate": 0.73}}
@@ -151,7 +150,7 @@ def register(sub, parent) -> None:
     p.add_argument("--max-targets", type=int, default=25, help="targets per layer-token (paper: 25)")
     p.add_argument("--layers", default="", help="comma-separated layers (default: the paper's 6, 12, 18 of 26 "
                    "at the same relative depth)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(DEACTIVATION_METHODS)}")
+    p.add_argument("--methods", default=",".join(DEACTIVATION_METHODS), help=f"of {', '.join(DEACTIVATION_METHODS)}")
     p.add_argument("--r", type=float, default=0.0, help="rescale factor of the table (0 = remove)")
     p.add_argument("--r-sweep", default="0.5,-1,-2,-4",
                    help="extra r values for the vs-r curves (Fig. 7 style); write --r-sweep=-1,-2")

@@ -127,7 +127,7 @@ def lens_candidates(bundle, words: set[str], n: int = 2, layers: range | None = 
     (g * d_f), as `catalog.promoted_tokens`), most raises the theme's words: the output side of a
     feature, which is what steering acts through. One best feature per layer of ``layers``
     (default: the middle third on), then the ``n`` best of those."""
-    from ..catalog import unembedding
+    from ..catalog.build import unembedding
 
     tok = bundle.tokenizer
     ids = sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"][:1]})
@@ -150,7 +150,7 @@ def lens_candidates(bundle, words: set[str], n: int = 2, layers: range | None = 
 
 
 def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_probe: int = 0, n_lens: int = 2) -> list[str]:
-    from ..catalog import features_for_text
+    from ..probe import features_for_text
 
     words = set(spec["words"].split())
     L = bundle.n_layers
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..bundle import Bundle
     from ..catalog import Catalog
     from ..flow import build_tables
-    from ..generate import TASK_DEFAULTS
+    from ..settings import TASK_DEFAULTS
     from ..presets import ASSETS
 
     t0 = time.time()

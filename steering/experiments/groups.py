@@ -1,5 +1,5 @@
 """``python -m steering.experiments groups``: predecessor-group shares per layer and the predecessor
-scores of each group (paper §5.1, App. A.1; METHOD.md "Predecessor groups").
+scores of each group (paper §5.1, App. A.1).
 
 Protocol: ``--texts`` random held-out passages per domain (paper: 250 per dataset), ``--tokens``
 random non-BOS tokens each (paper: 5), every active residual feature at every layer, classified by

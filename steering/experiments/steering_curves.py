@@ -1,5 +1,5 @@
 """``python -m steering.experiments steering``: theme activation and theme removal with flow graphs
-(paper §5.3, App. B, C.3, Figs. 10-11; METHOD.md "Steering", "Judging").
+(paper §4.2, §5.3, App. B, C.3, Figs. 10-11).
 
 - Activation (App. B.2): prompt "I think ", 36 new tokens, top_p 0.7, T 1.27. Conditions:
   baseline (the seed feature alone), single (flow-graph features at layer l), cumulative
@@ -12,7 +12,7 @@
   plain request) and random directions of the same norms on the same layers with the same
   schedule ("random", for the main cumulative condition at every strength and layer); every
   configuration's metric carries a seed-level 95% interval.
-- Scores from `steering.judge.make_judge` (gpt-4o-mini with OPENAI_API_KEY, else the labelled
+- Scores from `steering.judging.make_judge` (gpt-4o-mini with OPENAI_API_KEY, else the labelled
   offline judge).
 
 One resumable unit per (task, theme, condition, strength): every layer x sample of that
@@ -27,7 +27,8 @@ import re
 import statistics
 from typing import NamedTuple
 
-from ..generate import ACTIVATION_PROMPT, REMOVAL_PROMPT, TEMPERATURE, TOP_P, generate_variants
+from ..generate import generate_variants
+from ..settings import ACTIVATION_PROMPT, REMOVAL_PROMPT, TEMPERATURE, TOP_P
 from ..limits import MAX_ROWS
 from ..steer import plan
 from . import common
@@ -126,11 +127,8 @@ def specs_for(graph, condition: str, layer: int, strength: float, task: str, alp
 
 
 def score_texts(judge, texts: list[str], theme: str, task: str, perplexities: list) -> list:
-    from ..judge import OfflineJudge
-
-    if isinstance(judge, OfflineJudge):  # coherence also uses perplexity under the unsteered model
-        return judge.score(texts, theme, task, perplexities=perplexities)
-    return judge.score(texts, theme, task)
+    """Every judge takes the perplexities (the offline judge's coherence uses them)."""
+    return judge.score(texts, theme, task, perplexities=perplexities)
 
 
 def run_unit(bundle, judge, graph, theme: dict, task: str, condition: str, strength: float | None,
@@ -273,7 +271,7 @@ def check(args) -> dict:
 def run(args, bundle) -> dict:
     from ..catalog import Catalog
     from ..flow import build_flow_graph
-    from ..judge import OfflineJudge, make_judge
+    from ..judging import OfflineJudge, make_judge
     from . import figures
 
     opts = check(args)

@@ -1,6 +1,6 @@
 """Calibration and evaluation of the offline fallback judge (issue 17; paper §4.2 scores 0-5).
 
-    python -m steering.judge calibrate --perplexity-preset default
+    python -m steering judge calibrate --perplexity-preset default
 
 The labelled set (``assets/judge/labelled.jsonl``) holds hand-written texts, each with a theme and
 hand labels 0-5 for theme presence ("behavioral") and coherence. Evaluation items are built from
@@ -20,8 +20,8 @@ are fitted on the rest, and every figure of ``evaluation`` is computed on the he
 the share of off-theme items (label <= 1) scored <= 1/5, the share of word salad scored <= 1/5
 coherence, Spearman correlations with the labels, and how often the reported interval holds the
 label. The interval: score +- the 80th percentile of the absolute theme-score error on the
-fitting items whose score fell in the same bin (`BINS`); a score whose interval spans more than
-``UNCERTAIN_WIDTH`` points is reported as "uncertain".
+fitting items whose score fell in the same bin (`offline.BINS`); a score whose interval spans more
+than ``offline.UNCERTAIN_WIDTH`` points is reported as "uncertain" (`offline.interval`).
 """
 
 from __future__ import annotations
@@ -31,16 +31,19 @@ import random
 import re
 from pathlib import Path
 
+from ..embeddings import minilm_vocab
+from ..metrics import model_perplexity_fn
+from .base import JUDGE_DIR
+from .offline import (BINS, PPL_HI, PPL_LO, SIMILARITY_METHOD, UNCERTAIN_WIDTH, OfflineJudge, coherence_score,
+                      coherence_signals, interval, is_uncertain, load_calibration, logistic, score_bin)
+
 RELATED = (frozenset({"anger and frustration", "mental health issues"}),
            frozenset({"scientific concepts and entities", "programming and code"}))
 HELD_OUT_EVERY = 4
 INTERVAL_QUANTILE = 0.8
-UNCERTAIN_WIDTH = 2.5
 
 
 def load_rows(path: Path | None = None) -> list[dict]:
-    from .judge import JUDGE_DIR
-
     path = path or JUDGE_DIR / "labelled.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -96,29 +99,9 @@ def _quantile(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))] if v else 0.0
 
 
-BINS = (1.5, 3.5)  # predicted theme scores below / between / above: the interval is per bin
-
-
-def score_bin(score: float) -> int:
-    return sum(score >= edge for edge in BINS)
-
-
-def interval(score: float, halves: list[float]) -> tuple[float, float]:
-    """The reported range of a theme score: score +- its bin's half-width, within 0-5."""
-    h = halves[score_bin(score)] if halves else 5.0  # no calibrated range: the whole scale
-    return max(0.0, score - h), min(5.0, score + h)
-
-
-def is_uncertain(score: float, halves: list[float]) -> bool:
-    lo, hi = interval(score, halves)
-    return hi - lo > UNCERTAIN_WIDTH
-
-
 def evaluate(items: list[dict], sims: list[float], cohs: list[float], a: float, b: float,
              halves: list[float]) -> dict:
     """Figures of the held-out items for a theme map (a, b) and per-bin interval half-widths."""
-    from .judge import logistic
-
     idx = [i for i, it in enumerate(items) if held_out(it)]
     theme_idx = [i for i in idx if items[i]["behavioral"] is not None]
     pred = {i: logistic(sims[i], a, b) for i in theme_idx}
@@ -151,9 +134,6 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict
     part (module docstring); also evaluates the calibration in use before the fit, when there
     is one. With ``perplexity_preset`` every text's perplexity under that preset's model (no
     SAEs) feeds the coherence score, as in the app."""
-    from .judge import (JUDGE_DIR, PPL_HI, PPL_LO, SIMILARITY_METHOD, OfflineJudge, coherence_score,
-                        coherence_signals, load_calibration, logistic, minilm_vocab)
-
     rows = load_rows(labelled)
     items = build_items(rows)
     judge = OfflineJudge(calibration={})
@@ -188,8 +168,8 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict
         "n_texts": len({it["text"] for it in items}), "n_hand_labelled_texts": len(rows),
         "held_out": f"every {HELD_OUT_EVERY}th labelled text with all of its items",
         "evaluation": evaluate(items, sims, cohs, a, b, halves),
-        "note": "figures of `evaluation` are on held-out items only (steering/calibration.py says how items are "
-                "built from the hand-labelled texts)",
+        "note": "figures of `evaluation` are on held-out items only (steering/judging/calibration.py says how items "
+                "are built from the hand-labelled texts)",
     }
     try:
         old = load_calibration(JUDGE_DIR / "calibration.json")
@@ -218,8 +198,6 @@ def _fit_logistic(x: list[float], y: list[float]) -> tuple[float, float]:
 def _fit_ppl_range(sigs: list[dict], gold: list[float]) -> tuple[float, float]:
     """Grid search of (ppl_lo, ppl_hi) minimising the coherence MAE. The ramp spans at least a
     decade of perplexity (ppl_hi >= 10 ppl_lo), so that a few labels cannot turn it into a step."""
-    from .judge import coherence_score
-
     best = None
     for lo in (10, 15, 20, 30, 40, 50, 70, 100, 150, 200, 300):
         for hi in (300, 500, 700, 1000, 1500, 2000, 3000, 5000, 7000, 10000, 20000):
@@ -235,9 +213,8 @@ def text_perplexities(items: list[dict], preset: str) -> list[float | None]:
     """Perplexity of every item's text under ``preset``'s model (no SAEs), after its prompt."""
     import torch
 
-    from .bundle import load_model, pick_device
-    from .judge import model_perplexity_fn
-    from .presets import get_preset
+    from ..bundle import load_model, pick_device
+    from ..presets import get_preset
 
     model, tok = load_model(get_preset(preset), pick_device("cpu"), torch.float32)
     out: list[float | None] = [None] * len(items)

@@ -1,0 +1,367 @@
+"""The app's event handlers (`Handlers`, one method per endpoint) and the gradio helpers they need:
+inputs that name themselves in range errors (`named`) and error handling (`safe`). The layout and
+the wiring of events live in app.py.
+
+Handlers are thin calls into `steering.ui.Playground`; per-user values (an OpenAI key included)
+travel with each request and are never stored.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import html
+import inspect
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from steering import limits
+from steering.flow import chance_levels
+from steering.plots import flow_figure, live_figure, schedule_figure, scores_figure
+from steering.settings import ALPHA, S_END, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS
+from steering.sites import count_hooks
+from steering.ui import VARIANT_TITLES, DemoExample, Playground
+
+log = logging.getLogger("app")
+
+
+def bounded_malloc():
+    """glibc only: at most 2 malloc arenas (otherwise every worker thread that allocates gets its
+    own, and the app's RSS grows with the number of concurrent requests), and a function that
+    hands freed memory back to the OS (called after each generation). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
+
+
+# ---- inputs that name themselves in range errors ------------------------------------------------
+
+def _num(x) -> str:
+    """A number as a person reads it: integers in full (seed 2147483647, not 2.14748e+09)."""
+    if isinstance(x, int):  # JSON integers can be longer than any float
+        return str(x) if abs(x) < 10**21 else f"{'-' if x < 0 else ''}~10^{len(str(abs(x))) - 1}"
+    return str(int(x)) if x.is_integer() and abs(x) < 1e21 else f"{x:g}"
+
+
+def _range_error(label: str, value, lo, hi) -> gr.Error:
+    return gr.Error(f"{label} = {_num(value)} is out of range; allowed: {_num(lo)}..{_num(hi)}", print_exception=False)
+
+
+def named(component, aliases: dict | None = None):
+    """Make an input's validation errors name the field (gradio's own messages do not): numbers
+    out of range say the allowed range; other refusals (e.g. a value not among a Radio's choices)
+    get the field's label in front. ``aliases`` maps deprecated values to current ones (logged).
+    Wraps this instance's preprocess; a subclass would make gradio write a .pyi stub beside this file."""
+    original = component.preprocess
+    label = component.label or type(component).__name__
+
+    def preprocess(payload):
+        if aliases and isinstance(payload, str) and payload in aliases:
+            log.warning("%s %r is deprecated; use %r", label, payload, aliases[payload])
+            payload = aliases[payload]
+        lo, hi = getattr(component, "minimum", None), getattr(component, "maximum", None)
+        if (isinstance(payload, (int, float)) and not isinstance(payload, bool) and lo is not None
+                and hi is not None and not lo <= payload <= hi):
+            raise _range_error(label, payload, lo, hi)
+        try:
+            return original(payload)
+        except gr.Error as e:
+            raise gr.Error(f"{label}: {html.escape(str(e.message), quote=False)}", print_exception=False) from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def FieldSlider(*args, **kwargs) -> gr.Slider:  # noqa: N802 - reads like the component it builds
+    return named(gr.Slider(*args, **kwargs))
+
+
+def FieldNumber(*args, **kwargs) -> gr.Number:  # noqa: N802
+    return named(gr.Number(*args, **kwargs))
+
+
+# ---- error handling -------------------------------------------------------------------------------
+
+def _context(fn, args, kwargs) -> str:
+    """Handler arguments for the log, secrets masked and long values cut."""
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return "(unbindable arguments)"
+    return ", ".join(f"{k}={'***' if 'key' in k else repr(v)[:80]}" for k, v in bound.items()
+                     if k not in ("progress", "self"))
+
+
+def _redact(message: str, args, kwargs) -> str:
+    for v in [*args, *kwargs.values()]:
+        if isinstance(v, str) and len(v) >= 8 and v in message and v.startswith("sk-"):
+            message = message.replace(v, "***")
+    return message
+
+
+def safe(fn):
+    """Bad input -> a short gr.Error naming the field; anything else is logged with context
+    (secrets masked) and shown as one line, never a stack trace."""
+
+    def refuse(e, args, kwargs):
+        if isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+            msg = str(e.args[0] if e.args else e)
+            log.info("%s refused: %s", fn.__name__, _redact(msg, args, kwargs)[:300])
+            return gr.Error(html.escape(_redact(msg, args, kwargs)[:400], quote=False), print_exception=False)
+        log.exception("handler %s failed (%s)", fn.__name__, _context(fn, args, kwargs))
+        return gr.Error("Something went wrong on the server (it was logged). Try again or change the inputs.",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):  # a streaming handler: the same rules for whatever it raises
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - the app must keep serving; the error is logged
+                raise refuse(e, args, kwargs) from None
+
+        return streaming
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - the app must keep serving; the error is logged
+            raise refuse(e, args, kwargs) from None
+
+    return wrapper
+
+
+# ---- small event helpers ----------------------------------------------------------------------------
+
+def write_record(folder: Path, stem: str, record: dict, keep: int = 256) -> Path:
+    """Write a run record for download; only the newest ``keep`` records stay on disk."""
+    path = folder / f"{stem}_{os.urandom(4).hex()}.json"
+    path.write_text(json.dumps(record, indent=1))
+    for old in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def pick_token(evt: gr.SelectData):
+    """Clicking a highlighted token picks the feature it is tagged with."""
+    value = evt.value
+    return value[1] if isinstance(value, (list, tuple)) and len(value) == 2 and value[1] else gr.update()
+
+
+def pick_row(evt: gr.SelectData):
+    """Clicking a result row picks its feature id (first column)."""
+    row = getattr(evt, "row_value", None)
+    return row[0] if row else gr.update()
+
+
+# ---- the handlers -----------------------------------------------------------------------------------
+
+class Handlers:
+    """One method per endpoint of the app, over a loaded playground (read-only after start-up).
+
+    ``trim`` hands freed memory back to the OS after each generation (`bounded_malloc`)."""
+
+    def __init__(self, pg: Playground, trim=lambda: None):
+        self.pg, self.bundle, self.examples, self.trim = pg, pg.bundle, pg.examples, trim
+        self.record_dir = Path(tempfile.mkdtemp(prefix="ffp-records-"))
+        self.lim = limits.limits_table()
+
+    def example(self, title: str) -> DemoExample:
+        ex = next((e for e in self.examples if e.title == title), None)
+        if ex is None:
+            raise ValueError(f"unknown example {title!r}; valid: {', '.join(e.title for e in self.examples)}")
+        return ex
+
+    # ---- picking a feature -------------------------------------------------------------------------
+    @safe
+    def search(self, query: str):
+        return self.pg.search(query)
+
+    @safe
+    def features_for_text(self, text: str):
+        return self.pg.text_features(text)
+
+    @safe
+    def card(self, feature: str):
+        return self.pg.card_markdown(feature)
+
+    def card_quiet(self, feature: str):
+        """The card while typing or picking: a half-typed id shows a hint in place, not an error toast."""
+        try:
+            return self.pg.card_markdown(feature)
+        except ValueError as e:
+            return f"_{html.escape(str(e), quote=False)}_", gr.update()
+
+    # ---- flow and plan -------------------------------------------------------------------------------
+    @safe
+    def flow(self, feature: str, t_res: float = T_RES, t_module: float = T_MODULE, live_prompt: str = ""):
+        graph = self.pg.flow(feature, t_res, t_module)
+        live = self.pg.live(graph, live_prompt) if live_prompt and live_prompt.strip() else None
+        ids = [str(n.id) for n in graph.nodes]
+        cut = [str(n.id) for n in graph.nodes if not n.in_span]
+        return (flow_figure(graph, live, chance=chance_levels(self.bundle)), self.pg.node_rows(graph), graph.to_json(),
+                gr.update(value=live_figure(live) if live else None, visible=bool(live)),
+                gr.update(choices=ids, value=[]), gr.update(choices=cut, value=[]))
+
+    @safe
+    def schedule(self, feature, t_res=T_RES, t_module=T_MODULE, task="activate", condition="cumulative", layer=-1,
+                 strength=STRENGTH, schedule="exp", alpha=ALPHA, s_end=S_END, r=0.0, exclude=(), include=()):
+        s = self.pg.settings(feature, t_res=t_res, t_module=t_module, task=task, condition=condition, layer=layer,
+                             strength=strength, schedule=schedule, alpha=alpha, s_end=s_end, r=r, exclude=exclude,
+                             include=include)
+        rows = self.pg.schedule_rows(self.pg.plan(self.pg.flow(s.features[0], s.t_res, s.t_module), s))
+        return schedule_figure(rows), rows
+
+    def schedule_quiet(self, *args):
+        """Live preview on every control change: a plan that cannot be made is shown in the plot title."""
+        try:
+            return self.schedule(*args)
+        except gr.Error as e:
+            return schedule_figure([], title=f"no plan: {e.message}"[:120]), []
+
+    # ---- steering ------------------------------------------------------------------------------------
+    @safe
+    def steer(self, feature, t_res=T_RES, t_module=T_MODULE, task="activate", condition="cumulative", layer=-1,
+              strength=STRENGTH, schedule="exp", alpha=ALPHA, s_end=S_END, r=0.0, exclude=(), include=(), seed=0,
+              samples=1, max_new_tokens=None, prompt=None, chat=False, theme="", compare=False, api_key=None,
+              controls=(), scope="all", progress=gr.Progress()):
+        """Generate unsteered vs steered text (and the other condition, and the controls); streams
+        the columns while the texts are written. Every field is validated once, before any compute."""
+        pg = self.pg
+        s = pg.settings(feature, t_res=t_res, t_module=t_module, task=task, condition=condition, layer=layer,
+                        strength=strength, schedule=schedule, alpha=alpha, s_end=s_end, r=r, exclude=exclude,
+                        include=include, seed=seed, samples=samples, max_new_tokens=max_new_tokens, prompt=prompt,
+                        chat=chat, theme=theme or "", compare=compare, controls=controls or (), scope=scope or "all")
+        progress(0.05, desc="flow graph")
+        graph = pg.flow(s.features[0], s.t_res, s.t_module)
+        variants = {"unsteered": [], "steered": pg.plan(graph, s)}
+        other = "single" if s.condition != "single" else "cumulative"
+        if s.compare:
+            variants[other] = pg.plan(graph, s, other)
+        progress(0.15, desc=f"generating {len(variants)} variants x {s.samples} samples in one batch")
+        s = dataclasses.replace(s, theme=s.theme or pg.default_theme(str(graph.seed)))
+        result = yield from self._stream(s, variants, other, api_key or "", progress)
+        schedules = {k: pg.schedule_rows(v) for k, v in variants.items() if v}
+        record = pg.run_record(s, schedules, result)
+        path = write_record(self.record_dir, f"run_{graph.seed.layer}_{graph.seed.site}_{graph.seed.index}", record)
+        focus = str(graph.seed)
+        third = pg.column_markdown(result, other, focus) if s.compare else ""
+        ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
+                            if c in result["variants"])
+        self.trim()  # the batch's tensors are freed: give the memory back
+        yield (pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
+               gr.update(value=third, visible=s.compare), scores_figure(pg.summary(result), VARIANT_TITLES),
+               str(path), record, gr.update(value=ctrl, visible=bool(ctrl)))
+
+    def _stream(self, s, variants: dict, other: str, api_key: str, progress):
+        """Run the generation in a thread and yield the columns written so far; returns the result
+        (per request: nothing is kept on the shared handlers)."""
+        pg = self.pg
+        live: dict = {}  # (variant, seed) -> new token ids so far: the texts stream while they are written
+        live_lock = threading.Lock()  # the generation thread writes it, this handler reads snapshots
+
+        def on_tokens(names, rows):
+            with live_lock:
+                for name, row in zip(names, rows):
+                    live[name] = list(row)
+
+        box: dict = {}
+
+        def work():
+            try:
+                box["result"] = pg.steer(variants, s, api_key, on_tokens=on_tokens)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the handler
+                box["error"] = e
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.4)
+            with live_lock:
+                now = dict(live)
+            if now and worker.is_alive():
+                step = max(len(r) for r in now.values())
+                progress(0.15 + 0.8 * min(1.0, step / max(1, s.max_new_tokens)),
+                         desc=f"writing: token {step} of {s.max_new_tokens}")
+                ctrl_now = "\n\n".join(pg.partial_markdown(now, c) for c in ("prompted", "random")
+                                        if any(n == c for n, _ in now))
+                yield (pg.partial_markdown(now, "unsteered"), pg.partial_markdown(now, "steered"),
+                       gr.update(value=pg.partial_markdown(now, other), visible=True) if s.compare
+                       else gr.update(), gr.update(), gr.update(), gr.update(),
+                       gr.update(value=ctrl_now, visible=bool(ctrl_now)) if ctrl_now else gr.update())
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    # ---- the demo tab -------------------------------------------------------------------------------
+    @safe
+    def run_demo(self, title: str, progress=gr.Progress()):
+        pg, ex = self.pg, self.example(title)
+        s = ex.settings()
+        progress(0.05, desc="flow graph")
+        graph = pg.flow(ex.feature)
+        variants = {"unsteered": [], "steered": pg.plan(graph, s)}
+        progress(0.15, desc="writing the texts and the two controls")
+        result = pg.steer(variants, s)
+        sm = pg.summary(result)
+        gain = ""
+        if "steered" in sm and "unsteered" in sm:
+            def th(v):
+                return f"{sm[v]['behavioral'] * 5:.1f}/5" if v in sm else "n/a"
+
+            gain = (f"**Theme score** ({result['judge']}): {th('unsteered')} without steering -> "
+                    f"**{th('steered')}** with it. Controls: asking the model {th('prompted')}, random "
+                    f"directions of the same size {th('random')}. **Readability**: "
+                    f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5. "
+                    "A different text alone proves nothing: compare with the controls.")
+        ctrl = "\n\n".join(pg.column_markdown(result, c, ex.feature) for c in ("prompted", "random")
+                            if c in result["variants"])
+        return (flow_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})",
+                            chance=chance_levels(self.bundle)),
+                pg.column_markdown(result, "unsteered", ex.feature), pg.column_markdown(result, "steered", ex.feature),
+                scores_figure(sm, VARIANT_TITLES), gain, ctrl)
+
+    def example_text(self, title: str):
+        ex = next((e for e in self.examples if e.title == title), None)
+        return f"**{ex.title}** — {ex.explanation or ex.theme}" if ex else ""
+
+    def open_in_playground(self, title: str):
+        ex = self.example(title)
+        s = ex.settings()  # current names (an old "baseline" condition reads "seed-only")
+        return (gr.Tabs(selected="play"), ex.feature, s.task, s.condition, s.strength, s.alpha, s.r, s.prompt,
+                s.theme, s.samples, s.max_new_tokens, s.seed)
+
+    @staticmethod
+    def task_defaults(task: str):
+        d = TASK_DEFAULTS.get(task)
+        return (d["prompt"], d["max_new_tokens"]) if d else (gr.update(), gr.update())
+
+    def health(self) -> dict:
+        """Server state for operators and load tests: steering hooks on the model (0 when idle), RSS,
+        limits. Answers outside the queue."""
+        return {"preset": self.bundle.preset.name, "device": str(self.bundle.device),
+                "hooks": count_hooks(self.bundle.model), "rss_mb": round(rss_mb(), 1), "limits": self.lim}

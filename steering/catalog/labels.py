@@ -1,0 +1,127 @@
+"""Feature labels: the offline rule (top tokens, shared context words, promoted tokens, tags) and
+labels written by an LLM (gpt-4o-mini through the openai client, batched)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+from .words import common_promoted, show_token, text_words
+
+log = logging.getLogger(__name__)
+LLM_MODEL = "gpt-4o-mini"
+DOMAIN_TAGS = {"code": ["code", "python", "programming"], "math": ["math", "mathematics"],
+               "stories": ["story", "stories"]}
+
+
+def token_tags(top: list[tuple[str, float]], domains: Counter) -> list[str]:
+    """Tags from the top tokens' class and the contexts' domain (documented search aids):
+    ``number`` when digits carry >= 50% of the top activation mass, ``punctuation``,
+    ``newline/whitespace`` likewise; the domain (``code``, ``math``, ``stories``) when >= 80% of
+    the top contexts come from it."""
+    mass = defaultdict(float)
+    for tok, share in top:
+        t = tok.replace("\\n", "\n").strip()
+        if not t:
+            mass["whitespace"] += share
+        elif t.isdigit():
+            mass["number"] += share
+        elif all(not ch.isalnum() for ch in t):
+            mass["punctuation"] += share
+    tags = [t for t, m in mass.items() if m >= 0.5]
+    n = sum(domains.values())
+    tags += [d for d, c in domains.items() if n and c / n >= 0.8 and d in DOMAIN_TAGS]
+    return tags
+
+
+def offline_label(top: list[tuple[str, float]], context_words: list[str], promoted: list[str],
+                  tags: list[str]) -> str:
+    """The offline label rule: ``tok1, tok2, tok3 · ctx: w1, w2 → p1, p2 [tags]``.
+
+    - up to 3 top tokens (largest summed activation among the feature's top activations,
+      stripped, whitespace shown quoted), distinct;
+    - ``ctx:`` up to 3 words shared by >= 2 of its top contexts, most specific first (count x idf),
+      not already among the tokens;
+    - ``→`` up to 2 promoted tokens (logit lens) that are words of >= 3 letters, not shown yet;
+    - tags in brackets. A feature that never fired is labelled ``(never fired)``.
+    """
+    if not top:
+        return "(never fired)"
+    toks = list(dict.fromkeys(show_token(t) for t, _ in top))[:3]
+    seen = {t.lower() for t in toks}
+    ctx = [w for w in context_words if w not in seen][:3]
+    seen |= set(ctx)
+    out = [p.strip() for p in promoted if p.strip().isalpha() and len(p.strip()) >= 3]
+    out = [p for p in dict.fromkeys(out) if p.lower() not in seen][:2]
+    label = ", ".join(toks)
+    label += f" · ctx: {', '.join(ctx)}" if ctx else ""
+    label += f" → {', '.join(out)}" if out else ""
+    return label + (f" [{', '.join(tags)}]" if tags else "")
+
+
+
+def relabel_offline(summary: dict[tuple[int, str], dict], site: str) -> None:
+    """Recompute the offline labels of a site's features in place (LLM labels are kept); promoted
+    words common to many features (`common_promoted`) are left out. Needs the DETAIL columns."""
+    common = common_promoted(summary, site)
+    for (_, s), cols in summary.items():
+        if s != site:
+            continue
+        for i in range(len(cols["label"])):
+            if cols["src"][i] != "l":
+                out = [t for t in cols["out"][i] if not set(text_words(t)) & common]
+                cols["label"][i] = offline_label([tuple(x) for x in cols["top"][i]],
+                                                 [w for w, _ in cols["cw"][i]], out, cols["tags"][i])
+
+
+LLM_SYSTEM = (
+    "You name features of a sparse autoencoder trained on a small language model's activations. For each "
+    "feature you get the tokens where it fires most strongly, a few text snippets with the strongest token "
+    "marked [[like this]], and the tokens its direction promotes as next tokens. Reply with JSON "
+    '{"labels": {"<id>": "<label>"}} giving every id a label of 2 to 6 words that names the concept or '
+    'pattern (e.g. "wedding and marriage", "closing parenthesis in code", "years in dates"). '
+    "Name the theme, not the literal token, when the snippets share one.")
+
+
+def llm_item(fid: str, card) -> dict:
+    """What the LLM sees of one feature (a `FeatureCard`): top tokens, snippets, promoted tokens."""
+    snippets = []
+    for c in card.contexts[:4]:
+        toks = list(c["tokens"])
+        toks[c["index"]] = f"[[{toks[c['index']]}]]"
+        snippets.append("".join(toks).replace("\\n", " "))
+    return {"id": fid, "top_tokens": card.top_tokens, "snippets": snippets, "promotes": card.promoted_tokens}
+
+
+def llm_labels(items: list[dict], client, model: str = LLM_MODEL, batch: int = 20, workers: int = 4,
+               progress: bool = False) -> dict[str, str]:
+    """Labels from an LLM for ``items`` (``llm_item`` dicts), ``batch`` features per request,
+    ``workers`` requests in flight. Failed requests are logged and their features keep their
+    offline labels: the result holds only the ids the model labelled."""
+    import openai
+
+    def one(chunk: list[dict]) -> dict[str, str]:
+        try:
+            resp = client.chat.completions.create(
+                model=model, temperature=0, response_format={"type": "json_object"},
+                messages=[{"role": "system", "content": LLM_SYSTEM},
+                          {"role": "user", "content": json.dumps(chunk, ensure_ascii=False)}])
+            got = json.loads(resp.choices[0].message.content)["labels"]
+            want = {it["id"] for it in chunk}
+            return {k: " ".join(str(v).split())[:80] for k, v in got.items() if k in want and str(v).strip()}
+        except (openai.OpenAIError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            log.warning("LLM labelling failed for %d features (%s: %s); they keep offline labels",
+                        len(chunk), type(e).__name__, str(e)[:200])
+            return {}
+
+    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+    out: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for got in tqdm(pool.map(one, chunks), total=len(chunks), desc="LLM labels", disable=not progress):
+            out.update(got)
+    return out
+

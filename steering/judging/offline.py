@@ -1,0 +1,224 @@
+"""The offline fallback judge, used when no OpenAI key is set and labelled "offline" everywhere.
+
+Theme score: a calibrated relative similarity between local sentence embeddings
+(`steering.embeddings`, all-MiniLM-L6-v2) of the theme and the text; coherence: local signals
+(repetition, gibberish, perplexity under the unsteered model). Its calibration:
+`steering.judging.calibration` (``python -m steering judge calibrate``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from .. import embeddings
+from ..embeddings import minilm_vocab
+from ..metrics import PerplexityFn, distinct_n
+from .base import JUDGE_DIR, Score, Task, check_args, make_score
+
+# Perplexity ramp of the offline coherence score, fitted for the default model (SmolLM2-135M) on
+# assets/judge/labelled.jsonl by `python -m steering judge calibrate --perplexity-preset default`.
+PPL_LO, PPL_HI = 200.0, 2000.0
+
+
+# ---- coherence from local signals ------------------------------------------------------------
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def coherence_signals(text: str, perplexity: float | None = None, vocab: frozenset[str] | None = None) -> dict:
+    """Local signals of one text.
+
+    distinct_1/2: distinct word uni/bigram ratios (repetition); stutter: share of words equal to
+    the word before them ("the the", "is is"); wordlike: share of non-space
+    characters inside alphabetic words (symbols, digits); in_vocab: share of alphabetic words
+    that are whole words of the embedding model's vocabulary (made-up words; None without a
+    vocabulary); perplexity: under the unsteered model, when known.
+    """
+    words = text.lower().split()
+    alpha = _WORD.findall(text.lower())
+    n_chars = len("".join(text.split()))
+    in_vocab = (sum(w in vocab for w in alpha) / len(alpha) if alpha else 0.0) if vocab is not None else None
+    bare = [w.strip(".,;:!?\"'()") for w in words]
+    stutter = sum(a == b and a != "" for a, b in zip(bare, bare[1:])) / max(1, len(bare) - 1)
+    return {"distinct_1": distinct_n(words, 1), "distinct_2": distinct_n(words, 2), "stutter": stutter,
+            "wordlike": sum(map(len, alpha)) / n_chars if n_chars else 0.0, "in_vocab": in_vocab,
+            "perplexity": perplexity, "n_words": len(words)}
+
+
+def _clip01(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+def coherence_score(sig: dict, ppl_lo: float = PPL_LO, ppl_hi: float = PPL_HI) -> float:
+    """0-5 coherence from local signals: 5 x R x G x P.
+
+    R (repetition) = clip((min(distinct_2, distinct_1 + 0.2) - 0.3) / 0.6, 0, 1)
+      x clip(1 - 2 stutter, 0, 1): no repeated bigrams or doubled words gives 1, a loop of one or
+      two words or a doubled word every other word gives 0;
+    G (gibberish) = clip((wordlike - 0.6) / 0.3, 0, 1) x clip((in_vocab - 0.5) / 0.3, 0, 1)
+      (the second factor only when a vocabulary is known);
+    P (perplexity) = clip((log ppl_hi - log ppl) / (log ppl_hi - log ppl_lo), 0.2, 1) when the
+      perplexity under the unsteered model is known, else 1. ppl_lo / ppl_hi come from the
+      calibration (fitted for the default model); at or below ppl_lo the text counts as fluent.
+    """
+    if sig["n_words"] == 0:
+        return 0.0
+    rep = _clip01((min(sig["distinct_2"], sig["distinct_1"] + 0.2) - 0.3) / 0.6) * _clip01(1 - 2 * sig["stutter"])
+    gib = _clip01((sig["wordlike"] - 0.6) / 0.3)
+    if sig.get("in_vocab") is not None:
+        gib *= _clip01((sig["in_vocab"] - 0.5) / 0.3)
+    ppl = sig.get("perplexity")
+    pf = 1.0
+    if ppl is not None and math.isfinite(ppl) and ppl > 0:
+        pf = min(1.0, max(0.2, (math.log(ppl_hi) - math.log(ppl)) / (math.log(ppl_hi) - math.log(ppl_lo))))
+    return round(5 * rep * gib * pf, 3)
+
+
+# ---- theme score from sentence embeddings ----------------------------------------------------
+
+THEME_TEMPLATE = "This text is about {}."
+# Unrelated reference topics: a text's similarity to the theme is measured relative to its
+# similarity to the closest of these (generic or off-theme texts are close to many topics).
+ANCHOR_TOPICS = (
+    "weather", "politics and government", "money and finance", "travel and places", "animals and pets", "music",
+    "family and children", "health and medicine", "technology", "history", "nature and plants",
+    "cars and transport", "art", "school and education", "work and jobs", "shopping", "houses and buildings",
+    "emotions", "time and dates", "language and words", "sports", "food and cooking", "religion",
+    "love and romance", "science", "computers and software", "war and the military", "crime and law", "the sea",
+    "space and astronomy", "clothing and fashion", "games", "books and literature", "film and television",
+    "sleep and dreams", "mathematics", "medicine and illness", "farming", "cities", "holidays and celebrations",
+)
+ANCHORS_EXCLUDED = 3  # the anchors closest to the theme are dropped (they may be the theme itself)
+ANCHORS_TOP = 3  # subtract the mean similarity of the text to its 3 closest remaining anchors
+SIMILARITY_METHOD = {"template": THEME_TEMPLATE, "n_anchors": len(ANCHOR_TOPICS),
+                     "anchors_excluded": ANCHORS_EXCLUDED, "anchors_top": ANCHORS_TOP}
+OFFLINE_LABEL = ("offline fallback (no OpenAI key): theme = calibrated MiniLM similarity, "
+                 "coherence = local signals")
+
+
+
+def load_calibration(path: Path | None = None) -> dict:
+    path = path or JUDGE_DIR / "calibration.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no offline-judge calibration at {path}; run `python -m steering judge calibrate`")
+    cal = json.loads(path.read_text())
+    if cal.get("similarity_method") != SIMILARITY_METHOD:
+        raise ValueError(f"{path} was fitted for another similarity method ({cal.get('similarity_method')}); "
+                         "refit with `python -m steering judge calibrate`")
+    return cal
+
+
+def logistic(x: float, a: float, b: float) -> float:
+    """0-5 theme score from the relative similarity x: 5 / (1 + exp(-a (x - b)))."""
+    z = max(-60.0, min(60.0, a * (x - b)))
+    return 5.0 / (1.0 + math.exp(-z))
+
+
+# ---- the reported range of a theme score (fitted by `steering.judging.calibration`) -----------
+
+BINS = (1.5, 3.5)  # predicted theme scores below / between / above: the interval is per bin
+UNCERTAIN_WIDTH = 2.5  # a range wider than this is reported as "uncertain"
+
+
+def score_bin(score: float) -> int:
+    return sum(score >= edge for edge in BINS)
+
+
+def interval(score: float, halves: list[float]) -> tuple[float, float]:
+    """The reported range of a theme score: score +- its bin's half-width, within 0-5."""
+    h = halves[score_bin(score)] if halves else 5.0  # no calibrated range: the whole scale
+    return max(0.0, score - h), min(5.0, score + h)
+
+
+def is_uncertain(score: float, halves: list[float]) -> bool:
+    lo, hi = interval(score, halves)
+    return hi - lo > UNCERTAIN_WIDTH
+
+
+class OfflineJudge:
+    """Local fallback, clearly labelled: calibrated embedding similarity + local coherence signals.
+
+    The sentence-embedding model loads on first use (~1 s, CPU) and is shared by every caller.
+    ``perplexity_fn(texts)`` should give perplexities under the unsteered base model; without it
+    coherence uses repetition and gibberish signals only.
+    """
+
+    name = "offline:minilm"
+    label = OFFLINE_LABEL
+    offline = True
+
+    def __init__(self, perplexity_fn: PerplexityFn | None = None, calibration: Path | dict | None = None):
+        self.perplexity_fn = perplexity_fn
+        self.calibration = calibration if isinstance(calibration, dict) else load_calibration(calibration)
+        self._theme_cache: dict[str, object] = {}
+        self._anchors = None
+
+    def __repr__(self) -> str:
+        return f"OfflineJudge(perplexity={'yes' if self.perplexity_fn else 'no'})"
+
+    def embed(self, texts: list[str]):
+        """Unit-norm embeddings, [n, 384] float32 CPU tensor (`steering.embeddings`)."""
+        return embeddings.embed(texts)
+
+    def _theme(self, theme: str):
+        if theme not in self._theme_cache:
+            if len(self._theme_cache) > 256:
+                self._theme_cache.clear()
+            self._theme_cache[theme] = self.embed([THEME_TEMPLATE.format(theme)])[0]  # [384]
+        return self._theme_cache[theme]
+
+    def similarity(self, texts: list[str], theme: str) -> list[float]:
+        """Relative similarity: cos(text, theme) minus the mean cosine of the text to its
+        ANCHORS_TOP closest anchor topics, after dropping the ANCHORS_EXCLUDED anchors closest to
+        the theme."""
+        if self._anchors is None:
+            self._anchors = self.embed([THEME_TEMPLATE.format(a) for a in ANCHOR_TOPICS])  # [n_anchors, 384]
+        t = self._theme(theme)  # [384]
+        keep = (self._anchors @ t).argsort()[: len(ANCHOR_TOPICS) - ANCHORS_EXCLUDED]  # [n_kept]
+        e = self.embed(texts)  # [n, 384]
+        ref = (e @ self._anchors[keep].T).topk(ANCHORS_TOP, dim=1).values.mean(1)  # [n]
+        return (e @ t - ref).tolist()
+
+    def behavioral(self, similarity: float) -> float:
+        c = self.calibration["behavioral"]
+        return logistic(similarity, c["a"], c["b"])
+
+    def coherence(self, text: str, perplexity: float | None = None) -> float:
+        c = self.calibration.get("coherence", {})
+        sig = coherence_signals(text, perplexity, minilm_vocab())
+        return coherence_score(sig, c.get("ppl_lo", PPL_LO), c.get("ppl_hi", PPL_HI))
+
+    def score(self, texts: list[str], theme: str, task: Task = "activate",
+              perplexities: list[float | None] | None = None) -> list[Score]:
+        """``perplexities`` (under the unsteered model, one per text) override ``perplexity_fn``."""
+        theme = check_args(texts, theme, task)
+        if not texts:
+            return []
+        if perplexities is not None and len(perplexities) != len(texts):
+            raise ValueError(f"got {len(perplexities)} perplexities for {len(texts)} texts")
+        if perplexities is None:
+            perplexities = self.perplexity_fn(texts) if self.perplexity_fn else [None] * len(texts)
+        live = [i for i, t in enumerate(texts) if _WORD.search(t)]
+        sims = dict(zip(live, self.similarity([texts[i] for i in live], theme))) if live else {}
+        out = []
+        for i, (text, ppl) in enumerate(zip(texts, perplexities)):
+            if i not in sims:
+                out.append(make_score(self.name, task, theme, 0.0, 0.0, "offline: no words in the text",
+                                      offline=True, label=self.label))
+                continue
+            coh = self.coherence(text, ppl)
+            ppl_note = f", perplexity {ppl:.0f}" if ppl else ""
+            b = round(self.behavioral(sims[i]), 3)
+            halves = self.calibration.get("behavioral", {}).get("interval_half_widths", [])
+            lo, hi = interval(b, halves)
+            unsure = is_uncertain(b, halves)
+            reason = (f"offline: theme {b:.1f}/5 (range {lo:.1f}-{hi:.1f}{', uncertain' if unsure else ''}), "
+                      f"relative similarity {sims[i]:+.2f}; local coherence signals{ppl_note}")
+            sc = make_score(self.name, task, theme, b, coh, reason, offline=True, label=self.label)
+            sc.behavioral_range, sc.uncertain = [round(lo, 2), round(hi, 2)], unsure
+            out.append(sc)
+        return out
+
