@@ -213,6 +213,9 @@ def generate_rows(bundle, prompt: str, rows: list[tuple[str, int, list[SteerSpec
     return result
 
 
+METRIC_ROWS = 4  # rows per unsteered forward of the local metrics (bounds the logits' memory)
+
+
 @torch.no_grad()
 def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], features: list) -> None:
     """Fill ``g.metrics`` for every generation, from one unsteered forward pass over
@@ -238,21 +241,27 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
         ids[i, : n_p + len(g.token_ids)] = torch.tensor(prompt_ids + g.token_ids)
         mask[i, : n_p + len(g.token_ids)] = 1
     ids, mask = ids.to(bundle.device), mask.to(bundle.device)
-    store: dict = {}
     n_new_max = width - n_p
-    with bundle.lock, capture_sites({k: bundle.module(*k) for k in keys}, store):
-        # logits only where generated tokens are predicted (positions n_p - 1 .. width - 2): the full
-        # [b, seq, vocab] float logits of a 32-row, 640-token batch are 4 GB, and log_softmax doubles it
-        logits = bundle.model(input_ids=ids, attention_mask=mask,
-                              logits_to_keep=n_new_max + 1).logits[:, :n_new_max]  # [b, seq - n_p, vocab]
     new_mask = mask[:, n_p:].float()  # [b, seq - n_p]: 1 on generated tokens
-    ppl = sequence_perplexity(logits, ids[:, n_p:], new_mask)  # [b]
-    del logits
-    acts = {}
-    for f in features:
-        z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][:, n_p:])[..., f.index]  # [b, seq - n_p]
-        m = new_mask.to(z.device)  # the SAE may sit on another device (device_map)
-        acts[str(f)] = ((z * m).sum(1) / m.sum(1)).tolist()  # [b]
+    ppl_parts: list[torch.Tensor] = []
+    acts: dict[str, list[float]] = {str(f): [] for f in features}
+    with bundle.lock:
+        # A few rows per forward: the float logits at the generated positions of a 24-row,
+        # 128-token request are 24 x 129 x 49,152 x 4 bytes = 0.6 GB at once otherwise (issue 20).
+        # Logits only where generated tokens are predicted (positions n_p - 1 .. width - 2).
+        for i in range(0, len(todo), METRIC_ROWS):
+            rows = slice(i, i + METRIC_ROWS)
+            store: dict = {}
+            with capture_sites({k: bundle.module(*k) for k in keys}, store):
+                logits = bundle.model(input_ids=ids[rows], attention_mask=mask[rows],
+                                      logits_to_keep=n_new_max + 1).logits[:, :n_new_max]  # [r, seq - n_p, vocab]
+            ppl_parts.append(sequence_perplexity(logits, ids[rows, n_p:], new_mask[rows]))  # [r]
+            del logits
+            for f in features:
+                z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][:, n_p:])[..., f.index]  # [r, seq - n_p]
+                m = new_mask[rows].to(z.device)  # the SAE may sit on another device (device_map)
+                acts[str(f)] += ((z * m).sum(1) / m.sum(1)).tolist()
+    ppl = torch.cat(ppl_parts)  # [b]
     for i, g in enumerate(todo):
         g.metrics.update(perplexity=round(float(ppl[i]), 3),
                          distinct_1=round(distinct_n(g.token_ids, 1), 3),

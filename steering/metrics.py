@@ -31,10 +31,13 @@ def sequence_perplexity(logits: torch.Tensor, targets: torch.Tensor, mask: torch
     return (-(lp * mask).sum(1) / mask.sum(1)).exp()
 
 
-def model_perplexity_fn(model, tokenizer, lock=None, prefix: str = "", batch_size: int = 16) -> PerplexityFn:
+def model_perplexity_fn(model, tokenizer, lock=None, prefix: str = "", batch_size: int = LOGSOFTMAX_ROWS,
+                        ) -> PerplexityFn:
     """A perplexity function for the offline judge: exp(mean NLL of each text's tokens given
     ``prefix``) under ``model`` (pass the unsteered base model; hold the bundle's lock so that no
-    steering hook is active). Texts without tokens get None."""
+    steering hook is active). Texts without tokens get None. ``batch_size`` texts per forward:
+    their float logits over the whole vocabulary exist at once (4 x 160 tokens x 49,152 x 4 bytes
+    = 126 MB for the default model; 16 rows held 0.5 GB, issue 20)."""
     ctx = tokenizer(prefix, add_special_tokens=True).input_ids if prefix else []
     if not ctx:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

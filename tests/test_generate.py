@@ -122,12 +122,23 @@ def test_distinct_n_by_hand():
     assert distinct_n([1], 2) == 1.0
 
 
-def test_local_metrics_match_a_per_text_reference(tiny_bundle):
+@pytest.mark.parametrize("metric_rows", [2, 4])
+def test_local_metrics_match_a_per_text_reference(tiny_bundle, monkeypatch, metric_rows):
+    """Per-text reference values, with the metrics forward run a few rows at a time (issue 20:
+    the logits of every row at once were the app's memory peak): no forward sees more rows."""
     b = tiny_bundle
+    monkeypatch.setattr(G, "METRIC_ROWS", metric_rows)
+    seen = []
+    handle = b.model.register_forward_pre_hook(lambda _m, args, kw: seen.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
     feats = ["1/res/3", "0/mlp/2"]
     out = generate_variants(b, "I think ", {"base": [], "a": [SteerSpec(FeatureId(1, "res", 3), 6.0),
                                                               SteerSpec(FeatureId(0, "mlp", 2), 2.0)]},
-                            seeds=[0, 5], max_new_tokens=9)
+                            seeds=[0, 5, 7], max_new_tokens=9)
+    handle.remove()
+    n_chunks = (len([g for g in out if g.token_ids]) + metric_rows - 1) // metric_rows
+    metric_calls = seen[-n_chunks:]  # the metrics forwards come last
+    assert max(metric_calls) <= metric_rows and len(seen) > len(metric_calls)
     prompt = b.tokenizer("I think ")["input_ids"]
     for g in out:
         m = g.metrics
