@@ -214,3 +214,18 @@ def test_deactivation_on_ray_workers_equals_the_serial_run(tiny_llama_preset, tm
     serial = results(tmp_path / "serial")
     assert results(tmp_path / "ray") == serial and len(serial) == 2
     assert all(u["summary"]["top1_pearson"]["n_cases"] > 0 for u in serial.values())
+
+
+def test_steering_on_ray_workers_equals_the_serial_run(tiny_llama_preset, tmp_path, capsys):
+    """Issue 21: steering-curve units (generation, controls, offline judge) fanned out to 2 Ray
+    workers, each building its own flow graphs and judge, give the serial run's texts and scores."""
+    base = ["steering", "--preset", str(tiny_llama_preset), "--smoke", "--quiet", "--judge", "offline", *THEMES]
+    serial = run(capsys, *base, "--out", str(tmp_path / "serial"))
+    fanned = run(capsys, *base, "--out", str(tmp_path / "ray"), "--workers", "2")
+    assert fanned["units"]["computed"] == serial["units"]["computed"] > 4
+
+    def results(root):
+        return {p.name: json.loads(p.read_text())["result"]
+                for p in sorted((root / "steering" / "units").glob("*.json"))}
+
+    assert results(tmp_path / "ray") == results(tmp_path / "serial")

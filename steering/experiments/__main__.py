@@ -32,7 +32,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parent.add_argument("--quiet", action="store_true", help="no progress bars")
     parent.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parent.add_argument("--workers", type=int, default=0,
-                        help="groups, deactivation: fan the units out to this many Ray workers (0: serial, "
+                        help="groups, deactivation, steering: fan the units out to this many Ray workers (0: serial, "
                         "here; Ray is an optional extra)")
     parent.add_argument("--ray-address", default=None,
                         help="with --workers: an existing Ray cluster (e.g. auto); default: a local Ray")

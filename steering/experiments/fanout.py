@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .common import Units
 
@@ -59,12 +59,14 @@ class _Worker:
 
 def run_jobs(units: Units, jobs: list[Job], bundle=None, workers: int = 0, preset: str | None = None,
              device: str | None = None, address: str | None = None,
-             prepare: Callable[[], None] | None = None) -> dict[str, dict]:
+             prepare: Callable[[], None] | None = None,
+             progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, dict]:
     """Results of every job by name: cached units read, the rest computed serially on ``bundle``
     (``workers=0``) or on ``workers`` Ray actors loading ``preset`` (``address``: an existing
     cluster, e.g. ``auto``; default a local Ray started here and shut down after). ``prepare``:
     called once before the first job that runs serially (state the jobs share on ``bundle``, e.g.
     fitted match tables; a Ray job prepares its own worker's bundle through its kwargs).
+    ``progress``: wraps the iteration over the units computed (a tqdm bar, `common.progress`).
 
     Raises:
         ValueError: ``workers`` < 0, or > 0 without ``preset``.
@@ -79,7 +81,7 @@ def run_jobs(units: Units, jobs: list[Job], bundle=None, workers: int = 0, prese
     if workers == 0:
         if prepare is not None:
             prepare()
-        for j in todo:
+        for j in (progress or iter)(todo):
             out[j.name] = units.put(j.name, j.settings, j.fn(bundle, **j.kwargs))
         return out
     if not preset:
@@ -92,7 +94,8 @@ def run_jobs(units: Units, jobs: list[Job], bundle=None, workers: int = 0, prese
     started = not ray.is_initialized()
     if started:
         env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-        for key in ("FFP_CACHE", "HF_HUB_OFFLINE", "HF_HOME"):
+        # the judge's key and server too: a worker must score with the driver's judge
+        for key in ("FFP_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
             if key in os.environ:
                 env[key] = os.environ[key]
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
@@ -104,7 +107,7 @@ def run_jobs(units: Units, jobs: list[Job], bundle=None, workers: int = 0, prese
         pool = ActorPool([actor.remote(name, device) for _ in range(min(workers, len(todo)))])
         log.info("fanning %d units out to %d Ray workers", len(todo), min(workers, len(todo)))
         results = pool.map(lambda a, j: a.run.remote(j.fn, j.kwargs), todo)
-        for j, result in zip(todo, results):
+        for j, result in (progress or iter)(zip(todo, results)):
             out[j.name] = units.put(j.name, j.settings, result)
     finally:
         if started:

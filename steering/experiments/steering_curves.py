@@ -32,6 +32,7 @@ from ..settings import ACTIVATION_PROMPT, REMOVAL_PROMPT, TEMPERATURE, TOP_P
 from ..limits import MAX_ROWS
 from ..steer import plan
 from . import common
+from .fanout import Job, run_jobs
 
 log = logging.getLogger(__name__)
 ACT_CONDITIONS = ("baseline", "single", "constant", "exp", "linear")
@@ -169,6 +170,34 @@ def run_unit(bundle, judge, graph, theme: dict, task: str, condition: str, stren
     return {"rows": rows, "n_features": n_features, "judge": getattr(judge, "name", str(judge))}
 
 
+_JUDGES: dict = {}
+
+
+def judge_for(kind: str):
+    """One judge per process and kind (``auto``: `make_judge`, ``offline``); a Ray worker builds its own."""
+    if kind not in _JUDGES:
+        from ..judging import OfflineJudge, make_judge
+
+        _JUDGES[kind] = make_judge() if kind == "auto" else OfflineJudge()
+    return _JUDGES[kind]
+
+
+def curve_unit(bundle, judge_kind: str, judge_name: str, feature: str, t_res: float, **unit) -> dict:
+    """One unit as a module-level function of the bundle (a `fanout.Job`, so it can run on a Ray
+    worker): the flow graph of ``feature`` at ``t_res`` and `run_unit` with this process's judge.
+
+    Raises:
+        RuntimeError: this process's judge is not ``judge_name`` (e.g. a worker without the
+            driver's OPENAI_API_KEY): units of two judges are never mixed.
+    """
+    from ..flow import build_flow_graph
+
+    judge = judge_for(judge_kind)
+    if judge.name != judge_name:
+        raise RuntimeError(f"this worker's judge is {judge.name!r}, the run's is {judge_name!r}")
+    return run_unit(bundle, judge, build_flow_graph(bundle, feature, t_res=t_res), **unit)
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return round(statistics.fmean(xs), 4) if xs else None
@@ -271,7 +300,6 @@ def check(args) -> dict:
 def run(args, bundle) -> dict:
     from ..catalog import Catalog
     from ..flow import build_flow_graph
-    from ..judging import OfflineJudge, make_judge
     from . import figures
 
     opts = check(args)
@@ -281,7 +309,7 @@ def run(args, bundle) -> dict:
         log.info("no catalog: %s", e)
         catalog = None
     labels = catalog.labels() if catalog is not None else {}
-    judge = make_judge() if args.judge == "auto" else OfflineJudge()
+    judge = judge_for(args.judge)
     folder = common.out_dir(args.out, bundle, "steering")
     units = common.Units(folder / "units", args.command_line, common.sae_fingerprint(bundle))
     show = not args.quiet
@@ -307,7 +335,7 @@ def run(args, bundle) -> dict:
         seeds = [args.seed + i for i in range(args.removal_samples)]
         jobs.append(("remove", [theme], REM_CONDITIONS, opts["r"], seeds, args.removal_tokens))
     for task, themes, conditions, strengths, seeds, n_tok in jobs:
-        results, graphs = {}, {}
+        graphs = {}
         plan_units = []
         for th in themes:
             g = build_flow_graph(bundle, th["feature"], t_res=args.t_res, catalog_labels=labels)
@@ -316,8 +344,8 @@ def run(args, bundle) -> dict:
                                          "n_nodes_in_span": sum(n.in_span for n in g.nodes)}
             plan_units += [(th, g, layers, "unsteered", None), (th, g, layers, "prompted", None)]
             plan_units += [(th, g, layers, c, s) for s in strengths for c in (*conditions, "random")]
-        bar = common.progress(f"steering {task}", total=len(plan_units), disable=not show)
-        for th, g, layers, cond, s in bar(plan_units):
+        units_of = []
+        for th, g, layers, cond, s in plan_units:
             letter = "r" if task == "remove" else "s"
             name = f"{task}/{slug(th['paper_theme'])}/{cond}" + ("" if s is None else f"/{letter}={s:g}")
             settings = {"preset": bundle.preset.name, "task": task, "feature": th["feature"],
@@ -327,9 +355,14 @@ def run(args, bundle) -> dict:
                         "seeds": seeds, "max_new_tokens": n_tok, "t_res": args.t_res,
                         "alpha": args.alpha if cond == "exp" else None,
                         "s_end": args.s_end if cond == "linear" else None}
-            job = (bundle, judge, g, th, task, cond, s, layers, seeds, n_tok, args.alpha, args.s_end)
-            results[(th["paper_theme"], cond, s)] = units.get(name.replace("/", "__"), settings,
-                                                              lambda job=job: run_unit(*job))
+            kwargs = {"judge_kind": args.judge, "judge_name": judge.name, "feature": th["feature"],
+                      "t_res": args.t_res, "theme": th, "task": task, "condition": cond, "strength": s,
+                      "layers": layers, "seeds": seeds, "max_new_tokens": n_tok, "alpha": args.alpha,
+                      "s_end": args.s_end}
+            units_of.append(((th["paper_theme"], cond, s), Job(name.replace("/", "__"), settings, curve_unit, kwargs)))
+        done = run_jobs(units, [j for _, j in units_of], bundle, args.workers, args.preset, args.device,
+                        args.ray_address, progress=common.progress(f"steering {task}", disable=not show))
+        results = {key: done[j.name] for key, j in units_of}
         points = config_points({k: v for k, v in results.items() if k[1] not in ("unsteered", "prompted")})
 
         unsteered, prompted = reference(results, "unsteered"), reference(results, "prompted")
