@@ -34,6 +34,7 @@ def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
     from steering.experiments import demo_sweep as D
     from steering.flow import build_flow_graph
     from steering.generate import generate_variants
+    from steering.settings import DEPRECATED_CONDITIONS
     from steering.steer import plan
     from steering.ui import load_demo_examples
 
@@ -46,7 +47,8 @@ def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
         rec = themes[ex.title]
         chosen = rec["chosen"]
         cond, s = chosen["setting"].split(":")
-        assert (ex.feature, ex.condition) == (chosen["feature"], cond)
+        # the sweep records the old condition name ("baseline"); the example file the current one
+        assert (ex.feature, ex.condition) == (chosen["feature"], DEPRECATED_CONDITIONS.get(cond, cond))
         assert (ex.strength if ex.task == "activate" else ex.r) == float(s)
         quoted = [int(n) for n in re.findall(r"(\d+) of 8", ex.explanation)]
         assert quoted[:2] == [chosen["hits"], rec["baseline_hits"]], ex.explanation

@@ -39,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import limits
+from ..settings import DEPRECATED_CONDITIONS
 
 log = logging.getLogger(__name__)
 SEEDS = list(range(8))
@@ -271,7 +272,8 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
         else:
             expl = "Honest result: here steering did not beat the controls. " + expl
     ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
-          "task": rec["task"], "condition": cond, "layer": graph.seed.layer, "samples": 2,
+          "task": rec["task"], "condition": DEPRECATED_CONDITIONS.get(cond, cond), "layer": graph.seed.layer,
+          "samples": 2,
           "max_new_tokens": max_new_tokens}
     if rec["task"] == "activate":
         ex.update(strength=float(s), alpha=ALPHA)
