@@ -6,7 +6,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from steering.training.train import BACKENDS, StackedTopK, load_stacked, save_sae
+from steering.training.train import BACKENDS, StackedTopK, alignment_penalty_grad, load_stacked, save_sae
 
 warnings.filterwarnings("ignore", message="Sparse")
 
@@ -145,3 +145,17 @@ def test_evaluate_report_fields(tiny_bundle):
     assert r["l0"] == 8.0  # TopK k=8
     assert 0.0 <= r["dead"] <= 1.0 and r["fve"] < 1.0
     assert "| 1/res | 128 |" in markdown_table(rep)
+
+
+def test_alignment_penalty_gradient_equals_autograd():
+    torch.manual_seed(0)
+    W = torch.randn(4, 10, 6)
+    W = W / W.norm(dim=-1, keepdim=True)
+    value, grad = alignment_penalty_grad(W, 0.3)
+    Wr = W.clone().requires_grad_(True)
+    ref = 0.3 * sum(((Wr[l] - Wr[l - 1]) ** 2).sum(-1).mean() for l in range(1, 4))
+    ref.backward()
+    torch.testing.assert_close(value, ref.detach())
+    torch.testing.assert_close(grad, Wr.grad)
+    same = W[:1].expand(4, 10, 6)
+    assert float(alignment_penalty_grad(same, 0.3)[0]) == 0.0  # one shared dictionary costs nothing

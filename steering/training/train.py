@@ -75,6 +75,12 @@ class TrainConfig:
         where compilation fails).
     init_from: warm start: a folder of saved SAEs (``{site}/layer_{l}``, this trainer's format)
         whose weights and input scales the run continues from instead of a random init.
+    align_weight: weight of a cross-layer term on the residual SAEs (0: off): the mean squared
+        distance between decoder rows of the same index at neighbouring layers,
+        `alignment_penalty_grad`. With a shared initial dictionary the indices start matched; the
+        term keeps them so while the layers train (docs/saes.md: without it, a longer run lets
+        neighbouring dictionaries drift apart). Validate with the data-based transfer check and
+        Table 1, never with the cosines it optimises.
     model_dtype: dtype of the model forward that produces the activations (bf16 is 2.4x faster
         on the 2-core CPU; the SAEs are evaluated on float32 activations, docs/saes.md).
     resample_every: steps between dead-latent resamplings (0: never).
@@ -101,6 +107,7 @@ class TrainConfig:
     backend: str = "fused"
     compile: bool = True
     init_from: str | None = None
+    align_weight: float = 0.0
     model_dtype: str = "bfloat16"
     resample_every: int = 250
     resample_until: float = 0.6
@@ -202,6 +209,18 @@ def fused_topk_step(W_enc, b_enc, W_dec, b_dec, x, inv_scale, k: int, dt: torch.
     # sum_t d xc[t] = W_enc @ grad(b_enc): b_dec enters through the encoder input too.
     gb_dec = g.sum(1) - torch.bmm(W_enc, gb_enc[..., None])[..., 0]  # [n, d]
     return gW_enc.float(), gb_enc[:, None], gW_dec.float(), gb_dec[:, None], x_hat, a.float(), idx, nmse
+
+
+@torch.no_grad()
+def alignment_penalty_grad(W_dec: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-layer term ``weight * sum_l mean_i ||W_dec[l, i] - W_dec[l-1, i]||^2`` and its
+    gradient. W_dec [n, w, d] (unit rows) -> (penalty scalar, grad [n, w, d])."""
+    n, w, _ = W_dec.shape
+    diff = W_dec[1:] - W_dec[:-1]  # [n-1, w, d]
+    grad = torch.zeros_like(W_dec)
+    grad[1:] += diff
+    grad[:-1] -= diff
+    return weight * diff.pow(2).sum() / w, grad.mul_(2 * weight / w)
 
 
 _COMPILED: dict = {}
@@ -454,6 +473,8 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
                 group["lr"] = lr
             x_hat, vals, idx, nmse = saes[s].grad_step(  # x_hat in scaled units; normalized MSE per SAE
                 acts[s], enc_dtype, cfg.backend, inv_scale=1 / scale[s], compile=cfg.compile)
+            if cfg.align_weight and s == "res":
+                saes[s].W_dec.grad += alignment_penalty_grad(saes[s].W_dec, cfg.align_weight)[1]
             opts[s].step()
             saes[s].normalize_decoder()
             with torch.no_grad():
@@ -585,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix", type=lambda t: _site_values(t, float), default=None,
                    help="corpus weights, e.g. prose=0.4,code=0.3,math=0.15,everyday=0.1,stories=0.05")
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    p.add_argument("--align-weight", type=float, default=0.0,
+                   help="cross-layer term on the residual SAEs' decoder rows (0: off; see TrainConfig)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $FFP_CACHE/training/<hash>")
@@ -599,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
         kw["mix"] = a.mix
     cfg = TrainConfig(preset=a.preset, init=a.init, batch_seqs=a.batch_seqs, lr=a.lr, enc_dtype=a.enc_dtype,
                       model_dtype=a.model_dtype, backend=a.backend, compile=not a.no_compile,
-                      init_from=a.init_from, warmup_steps=a.warmup_steps,
+                      init_from=a.init_from, warmup_steps=a.warmup_steps, align_weight=a.align_weight,
                       max_tokens=a.max_tokens, max_minutes=a.max_minutes, seed=a.seed, **kw)
     train(cfg, a.out, a.device, a.checkpoint_dir)
 
