@@ -189,7 +189,10 @@ GEMMA_2_2B = Preset(
         ),
     },
     neuronpedia="gemma-2-2b",
-    notes="Use eager attention and bf16/fp32, never fp16 (Gemma 2 overflows in fp16).",
+    notes="Use eager attention and bf16/fp32, never fp16 (Gemma 2 overflows in fp16). "
+    "The paper's features (App. B): activation 12/res/4111 (anger), 12/res/16226 (mental health), "
+    "12/res/4230 (weddings), 12/res/5483 (religion); removal seed set incl. 24/res/14548, 3/res/9811, "
+    "21/res/13226 (scientific concepts).",
 )
 
 LLAMA_3_1_8B = Preset(
