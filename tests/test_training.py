@@ -159,3 +159,28 @@ def test_alignment_penalty_gradient_equals_autograd():
     torch.testing.assert_close(grad, Wr.grad)
     same = W[:1].expand(4, 10, 6)
     assert float(alignment_penalty_grad(same, 0.3)[0]) == 0.0  # one shared dictionary costs nothing
+
+
+def test_compile_failure_falls_back_to_the_eager_step(monkeypatch, caplog):
+    """A machine where inductor cannot compile (e.g. a GPU image without Triton) still trains:
+    the failure is logged once and the same step runs eagerly."""
+    from steering.training import train as T
+
+    def broken(*_a, **_k):
+        def fn(*_args):
+            raise RuntimeError("no compiler here")
+        return fn
+
+    monkeypatch.setattr(T, "_COMPILED", {})
+    monkeypatch.setattr(T.torch, "compile", broken)
+    torch.manual_seed(0)
+    m = StackedTopK(n=2, d=8, w=16, k=3)
+    x = torch.randn(2, 20, 8)
+    m.init_from(x, torch.Generator().manual_seed(0))
+    eager = [t.clone() for t in m.grad_step(x, torch.float32, "fused")]
+    with caplog.at_level("WARNING"):
+        got = m.grad_step(x, torch.float32, "fused", compile=True)
+        m.grad_step(x, torch.float32, "fused", compile=True)
+    for e, g in zip(eager, got):
+        torch.testing.assert_close(g, e)
+    assert sum("running it eagerly" in r.message for r in caplog.records) == 1

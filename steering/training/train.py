@@ -226,14 +226,20 @@ def alignment_penalty_grad(W_dec: torch.Tensor, weight: float) -> tuple[torch.Te
 _COMPILED: dict = {}
 
 
-def compiled_step(enabled: bool = True):
-    """`fused_topk_step`, compiled once per process (dynamic token count: sinks vary per batch).
-    Falls back to eager, with a warning, where inductor cannot compile (e.g. no C++ compiler)."""
-    if not enabled:
-        return fused_topk_step
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(fused_topk_step, dynamic=True)
-    return _COMPILED["fn"]
+def run_fused_step(*args, compile: bool = True):
+    """`fused_topk_step`, compiled once per process by torch.compile when ``compile`` (a dynamic
+    token count, since sinks vary per batch, compiles once). Where inductor cannot compile (no
+    C++ compiler, no Triton on a GPU image), the failure is logged once and every later step runs
+    the same function eagerly."""
+    if compile and not _COMPILED.get("failed"):
+        fn = _COMPILED.setdefault("fn", torch.compile(fused_topk_step, dynamic=True))
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure; the eager path is the same math
+            _COMPILED["failed"] = True
+            log.warning("torch.compile of the fused SAE step failed (%s: %s); running it eagerly",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    return fused_topk_step(*args)
 
 
 class StackedTopK(torch.nn.Module):
@@ -291,7 +297,8 @@ class StackedTopK(torch.nn.Module):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "fused":
             inv = inv_scale if inv_scale is not None else torch.ones(x.shape[0], 1, 1, device=x.device)
-            out = compiled_step(compile)(self.W_enc, self.b_enc, self.W_dec, self.b_dec, x, inv, self.k, enc_dtype)
+            out = run_fused_step(self.W_enc, self.b_enc, self.W_dec, self.b_dec, x, inv, self.k, enc_dtype,
+                                 compile=compile)
             self.W_enc.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = out[:4]
             return out[4:]
         x = x.float() if inv_scale is None else x.float() * inv_scale
