@@ -364,13 +364,12 @@ def test_token_pieces_rebuild_characters_split_over_tokens(tiny_bundle):
 
 def test_weak_search_results_are_said_plainly(built):
     """Issue 17: results only through a related word or a rare top token are flagged as no good match."""
-    from steering.catalog.search import GOOD_SCORE, good_match
+    from steering.catalog.search import GOOD_SCORE
     from steering.ui import Playground
 
     _, loaded, *_ = built
     hits = loaded.search("wedding", k=10_000)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-    assert good_match(hits) == (hits[0].score >= GOOD_SCORE) and not good_match([])
     note = Playground.search_note("anger", [GOOD_SCORE - 0.5, 0.3])
     assert note.startswith("**No good match for “anger”**")
     assert Playground.search_note("wedding", [GOOD_SCORE + 1, 0.3]) == "" == Playground.search_note("x", [])

@@ -33,11 +33,6 @@ _FIELD_WEIGHT = {"label": 4.0, "top": 3.0, "tag": 2.5, "context": 1.0, "promoted
 _STRONG = {"label", "top", "tag"}  # matches here rank above promoted / context-only matches
 
 
-def good_match(hits: list[Hit]) -> bool:
-    """Whether a search found something that matches well (its best score >= GOOD_SCORE)."""
-    return bool(hits) and max(h.score for h in hits) >= GOOD_SCORE
-
-
 def feature_terms(cols: dict, i: int, common: set[str] = frozenset()) -> dict[tuple[str, str], float]:
     """Searchable terms of feature i of an SAE: (stem, field) -> weight in [0, 1]. A top token
     weighs 0.4 + 0.6 x min(1, 2 x its share of the top activations); promoted words in ``common``
