@@ -130,7 +130,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                                           combine_adjacent=False, show_legend=False,
                                                           elem_id="probe-tokens")
                         probe_rows = gr.Dataframe(headers=["feature", "label", "max act. (x typical)", "token"],
-                                                  interactive=False,
+                                                  interactive=False, column_widths=["18%", "50%", "14%", "18%"],
                                                   label="Most active features (click a row to pick it)",
                                                   max_height=220, wrap=True)
                 with gr.Row():
