@@ -245,11 +245,13 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         probe_all.change(h.features_for_text_again, [probe, probe_all, researcher], probe_outputs, api_name=False,
                          **MODEL)
         researcher.change(h.relabel, [hits, probe_rows, researcher], [hits, probe_rows], api_name=False, queue=False)
+        researcher.change(h.card_view, [feature, researcher], card_md, api_name=False, **LIGHT)
         hits.select(pick_row, None, feature, api_name=False, queue=False)
         probe_rows.select(pick_row, None, feature, api_name=False, queue=False)
         probe_tokens.select(pick_token, None, feature, api_name=False, queue=False)
-        feature.change(h.card_quiet, feature, [card_md, theme], api_name=False, trigger_mode="always_last", **LIGHT)
-        card_btn.click(h.card, feature, [card_md, theme], api_name="card", **LIGHT)
+        feature.change(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False,
+                       trigger_mode="always_last", **LIGHT)
+        card_btn.click(h.card, [feature, researcher], [card_md, theme], api_name="card", **LIGHT)
         flowed = flow_btn.click(h.flow, [feature, t_res, t_module, live_prompt],
                                 [flow_plot, nodes, graph_json, live_plot, exclude, include], api_name="flow", **MODEL)
         for ctl in (task, condition, layer, strength, schedule, alpha, s_end, r, exclude, include):
@@ -274,7 +276,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                             [tabs, feature, task, condition, layer, strength, schedule, alpha, s_end, r, prompt, theme,
                              samples, max_new, seed, t_res, t_module, chat, controls, scope, compare, exclude, include,
                              carried], api_name=False, queue=False)
-        demo.load(h.card_quiet, feature, [card_md, theme], api_name=False, **LIGHT)
+        demo.load(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False, **LIGHT)
         gr.api(h.health, api_name="health", queue=False)
     return demo
 

@@ -245,15 +245,19 @@ class Handlers:
         return self.features_for_text(text, show_all, researcher)
 
     @safe
-    def card(self, feature: str):
-        return self.pg.card_markdown(feature)
+    def card(self, feature: str, researcher: bool = False):
+        return self.pg.card_markdown(feature, bool(researcher))
 
-    def card_quiet(self, feature: str):
+    def card_quiet(self, feature: str, researcher: bool = False):
         """The card while typing or picking: a half-typed id shows a hint in place, not an error toast."""
         try:
-            return self.pg.card_markdown(feature)
+            return self.pg.card_markdown(feature, bool(researcher))
         except ValueError as e:
             return f"_{html.escape(str(e), quote=False)}_", gr.update()
+
+    def card_view(self, feature: str, researcher: bool = False):
+        """The card again when the researcher view is toggled (the judge theme is left as it is)."""
+        return self.card_quiet(feature, researcher)[0]
 
     # ---- flow and plan -------------------------------------------------------------------------------
     @safe

@@ -287,9 +287,10 @@ class Playground:
             raise ValueError("feature: give a feature id layer/site/index, or several separated by commas")
         return list(dict.fromkeys(ids))
 
-    def card_markdown(self, fid: str) -> tuple[str, str]:
+    def card_markdown(self, fid: str, researcher: bool = False) -> tuple[str, str]:
         """Markdown card of a feature (of the first of a seed set, named above it) and a default
-        theme for the judge."""
+        theme for the judge. Its label in whole words; the raw label and the logit-lens tokens in the
+        ``researcher`` view only."""
         seeds = self.seed_set(fid)
         f = seeds[0]
         lines, theme = [f"### Feature `{f}`"], ""
@@ -300,13 +301,14 @@ class Playground:
         if self.catalog is not None:
             c = self.catalog.card(f)  # built once per keystroke: the theme comes from the same card
             theme = card_theme(c)
-            raw = "" if c.label_source == "llm" else f" · researcher label: <code>{_escape(c.label)}</code>"
-            lines += [f"**{self.label(str(f))}** <small>({c.label_source} label{raw})</small>", "",
+            raw = f" · raw: <code>{_escape(c.label)}</code>" if researcher and c.label_source != "llm" else ""
+            lines += [f"**{self.label(str(f), researcher)}** <small>({c.label_source} label{raw})</small>", "",
                       f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
                       f"mean when active **{c.mean_act:.2f}**", "",
-                      f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  ",
-                      f"Promotes (logit lens): {', '.join(repr(t) for t in c.promoted_tokens[:6])}", "",
-                      "**Top contexts** (the token where it fires is highlighted):"]
+                      f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  "]
+            if researcher:
+                lines.append(f"Promotes (logit lens): {', '.join(repr(t) for t in c.promoted_tokens[:6])}")
+            lines += ["", "**Top contexts** (the token where it fires is highlighted):"]
             for ctx in c.contexts:
                 toks = [_escape(t) for t in ctx["tokens"]]
                 i = ctx["index"]

@@ -341,6 +341,10 @@ def test_finding_features_views(app_fns, live_app):
     assert [r[1] for r in plain] == [cat.plain_label(r[0]) for r in plain] and all("→" not in r[1] for r in plain)
     assert [r[2] for r in plain] == sorted((r[2] for r in plain), reverse=True)
     assert h.relabel(plain, [], True) == (raw, [])
+    lay_card, researcher_card = fns["card"](TINY_FEATURE)[0], fns["card"](TINY_FEATURE, True)[0]
+    assert "logit lens" not in lay_card and "Promotes (logit lens)" in researcher_card
+    assert f"**{cat.plain_label(TINY_FEATURE)}**" in lay_card and f"**{cat.label(TINY_FEATURE)}**" in researcher_card
+    assert h.card_view(TINY_FEATURE, True) == researcher_card
     spans, rows = fns["features_for_text"]("the bride and the groom")
     spans_all, rows_all = fns["features_for_text"]("the bride and the groom", True)
     assert spans[0][1] is None and spans_all[0][1] is not None  # the sink, shown on request
