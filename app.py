@@ -18,7 +18,7 @@ import os
 
 import gradio as gr
 
-from app_handlers import FieldNumber, FieldSlider, Handlers, bounded_malloc, named, pick_row, pick_token
+from app_handlers import FieldNumber, FieldSlider, Handlers, bounded_malloc, cleared, named, pick_row, pick_token
 from steering import limits
 from steering.bundle import Bundle, parse_max_memory
 from steering.settings import (ALPHA, CONDITIONS, DEPRECATED_CONDITIONS, S_END, SCHEDULES, STRENGTH, T_MODULE, T_RES,
@@ -41,7 +41,8 @@ EXPLAIN = {
             "up** in every layer where it lives. The scores say how much each text is about the theme "
             "and how readable it stays.",
     "pick": "Search the feature catalog by words, or type a sentence and see which features fire on "
-            "which tokens. Click a result to pick it, or type an id `layer/site/index`.",
+            "which tokens. Click a result to pick it, or type an id `layer/site/index` (several ids separated "
+            "by commas steer a **seed set**: their flow graphs are merged, as in the paper's removal).",
     "flow": "The same idea is re-written by every layer. The **flow graph** follows a feature from layer "
             "to layer by matching SAE directions (cosine similarity): lanes are the residual stream, the "
             "MLP and attention; bigger, brighter nodes are closer matches. The shaded band is the span "
@@ -86,11 +87,11 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                     with gr.Row():
                         demo_run = gr.Button("Run this example", variant="primary", elem_id="demo-run")
                         demo_open = gr.Button("Open it in the Playground", elem_id="demo-open")
-                    demo_gain = gr.Markdown()
+                    demo_gain = gr.Markdown(elem_id="demo-gain")
                     with gr.Row():
-                        demo_base = gr.Markdown(elem_id="demo-unsteered")
-                        demo_steer = gr.Markdown(elem_id="demo-steered")
-                        demo_ctrl = gr.Markdown(elem_id="demo-controls")
+                        demo_base = gr.Markdown(elem_id="demo-unsteered", latex_delimiters=[])
+                        demo_steer = gr.Markdown(elem_id="demo-steered", latex_delimiters=[])
+                        demo_ctrl = gr.Markdown(elem_id="demo-controls", latex_delimiters=[])
                     with gr.Row():
                         demo_graph = gr.Plot(label="where the feature lives: its flow through the layers",
                                              elem_id="demo-graph")
@@ -101,15 +102,20 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                     gr.Markdown("No curated examples for this preset (assets/demo_examples.json): use the "
                                 "**Playground** tab.")
             with gr.Tab("Playground", id="play"):
+                carried = gr.Markdown(elem_id="carried")
                 gr.Markdown("## 1. Pick a feature\n" + EXPLAIN["pick"])
+                researcher = gr.Checkbox(label="Researcher view: raw labels (word pieces, logit-lens tokens after →)",
+                                         value=False, elem_id="researcher")
                 with gr.Row():
                     with gr.Column():
                         with gr.Row():
                             query = gr.Textbox(label="Search words", placeholder="wedding, anger, football, python",
                                                scale=3, elem_id="search-box")
                             search_btn = gr.Button("Search", scale=1, elem_id="search-btn")
+                        search_note = gr.Markdown(elem_id="search-note")
                         hits = gr.Dataframe(headers=["feature", "label", "score", "matched"], interactive=False,
-                                            label="Results (click a row to pick it)", max_height=300, wrap=True,
+                                            label="Results, best match first (click a row to pick it)", max_height=300,
+                                            wrap=True, column_widths=["18%", "44%", "10%", "28%"],
                                             elem_id="search-results")
                     with gr.Column():
                         with gr.Row():
@@ -117,15 +123,19 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                                placeholder="The bride and groom cut the wedding cake.", scale=3,
                                                elem_id="probe-box")
                             probe_btn = gr.Button("Which features fire?", scale=1, elem_id="probe-btn")
+                        probe_all = gr.Checkbox(label="Show everything: attention sinks and punctuation / "
+                                                "function-word features (hidden by default)", value=False,
+                                                elem_id="probe-all")
                         probe_tokens = gr.HighlightedText(label="strongest feature per token (click one to pick it)",
                                                           combine_adjacent=False, show_legend=False,
                                                           elem_id="probe-tokens")
                         probe_rows = gr.Dataframe(headers=["feature", "label", "max act. (x typical)", "token"],
-                                                  interactive=False,
+                                                  interactive=False, column_widths=["18%", "50%", "14%", "18%"],
                                                   label="Most active features (click a row to pick it)",
                                                   max_height=220, wrap=True)
                 with gr.Row():
-                    feature = gr.Textbox(label="Feature id (layer/site/index)", value=default_feature,
+                    feature = gr.Textbox(label="Feature id (layer/site/index; several separated by commas: a seed "
+                                         "set)", value=default_feature,
                                          elem_id="feature-id", scale=3)
                     card_btn = gr.Button("Show card", scale=1)
                 card_md = gr.Markdown(elem_id="feature-card")
@@ -203,11 +213,12 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                     f"{lim['max_queue']} requests queued at most.</small>")
                         steer_btn = gr.Button("Generate unsteered vs steered", variant="primary", elem_id="steer-btn")
                 gr.Markdown("## 4. Compare\n" + EXPLAIN["compare"])
+                run_prompt = gr.Markdown(elem_id="run-prompt")
                 with gr.Row():
-                    col_base = gr.Markdown(elem_id="col-unsteered")
-                    col_steer = gr.Markdown(elem_id="col-steered")
-                    col_other = gr.Markdown(visible=False, elem_id="col-other")
-                    col_ctrl = gr.Markdown(visible=False, elem_id="col-controls")
+                    col_base = gr.Markdown(elem_id="col-unsteered", latex_delimiters=[])
+                    col_steer = gr.Markdown(elem_id="col-steered", latex_delimiters=[])
+                    col_other = gr.Markdown(visible=False, elem_id="col-other", latex_delimiters=[])
+                    col_ctrl = gr.Markdown(visible=False, elem_id="col-controls", latex_delimiters=[])
                 with gr.Row():
                     score_plot = gr.Plot(label="scores (0-1)")
                     record_file = gr.File(label="Run record (JSON: preset, hashes, versions, settings, texts, scores)")
@@ -223,33 +234,49 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         plan_inputs = [feature, t_res, t_module, task, condition, layer, strength, schedule, alpha, s_end, r, exclude,
                        include]
         steer_inputs = plan_inputs + [seed, samples, max_new, prompt, chat, theme, compare, api_key, controls, scope]
-        search_btn.click(h.search, query, hits, api_name="search", **LIGHT)
-        query.submit(h.search, query, hits, api_name=False, **LIGHT)
-        probe_btn.click(h.features_for_text, probe, [probe_tokens, probe_rows], api_name="features_for_text", **MODEL)
-        probe.submit(h.features_for_text, probe, [probe_tokens, probe_rows], api_name=False, **MODEL)
+        searched = gr.on([search_btn.click, query.submit], h.search, [query, researcher], hits, api_name="search",
+                         **LIGHT)
+        searched.success(h.search_note, [query, hits], search_note, api_name=False, queue=False)
+        searched.failure(cleared(2), None, [hits, search_note], api_name=False, queue=False)
+        probe_outputs = [probe_tokens, probe_rows]
+        gr.on([probe_btn.click, probe.submit], h.features_for_text, [probe, probe_all, researcher], probe_outputs,
+              api_name="features_for_text", **MODEL).failure(cleared(2), None, probe_outputs, api_name=False,
+                                                              queue=False)
+        probe_all.change(h.features_for_text_again, [probe, probe_all, researcher], probe_outputs, api_name=False,
+                         **MODEL)
+        researcher.change(h.relabel, [hits, probe_rows, researcher], [hits, probe_rows], api_name=False, queue=False)
+        researcher.change(h.card_view, [feature, researcher], card_md, api_name=False, **LIGHT)
         hits.select(pick_row, None, feature, api_name=False, queue=False)
         probe_rows.select(pick_row, None, feature, api_name=False, queue=False)
         probe_tokens.select(pick_token, None, feature, api_name=False, queue=False)
-        feature.change(h.card_quiet, feature, [card_md, theme], api_name=False, trigger_mode="always_last", **LIGHT)
-        card_btn.click(h.card, feature, [card_md, theme], api_name="card", **LIGHT)
-        flow_btn.click(h.flow, [feature, t_res, t_module, live_prompt],
-                       [flow_plot, nodes, graph_json, live_plot, exclude, include], api_name="flow", **MODEL)
+        feature.change(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False,
+                       trigger_mode="always_last", **LIGHT)
+        card_btn.click(h.card, [feature, researcher], [card_md, theme], api_name="card", **LIGHT)
+        flowed = flow_btn.click(h.flow, [feature, t_res, t_module, live_prompt],
+                                [flow_plot, nodes, graph_json, live_plot, exclude, include], api_name="flow", **MODEL)
         for ctl in (task, condition, layer, strength, schedule, alpha, s_end, r, exclude, include):
             ctl.change(h.schedule_quiet, plan_inputs, [preview_plot, plan_json], api_name=False,
                        trigger_mode="always_last", show_progress="hidden", **LIGHT)
-        flow_btn.click(h.schedule, plan_inputs, [preview_plot, plan_json], api_name="schedule",
-                       show_progress="hidden", **LIGHT)
-        task.change(h.task_defaults, task, [prompt, max_new], api_name=False, queue=False)
-        steer_btn.click(h.steer, steer_inputs, [col_base, col_steer, col_other, score_plot, record_file, record_json,
-                                              col_ctrl], api_name="steer", **MODEL)
+        # after the graph only: a bad id is one message, not one per event
+        flowed.success(h.schedule, plan_inputs, [preview_plot, plan_json], api_name="schedule", show_progress="hidden",
+                       **LIGHT)
+        flowed.failure(cleared(5), None, [flow_plot, nodes, graph_json, preview_plot, plan_json], api_name=False,
+                       queue=False)
+        task.input(h.task_defaults, task, [prompt, max_new], api_name=False, queue=False)  # a user's change only
+        run_outputs = [col_base, col_steer, col_other, score_plot, record_file, record_json, col_ctrl]
+        steer_btn.click(h.prompt_line, [prompt, chat], run_prompt, api_name=False, queue=False)
+        steer_btn.click(h.steer, steer_inputs, run_outputs, api_name="steer", **MODEL).failure(
+            cleared(8), None, run_outputs + [run_prompt], api_name=False, queue=False)
         if examples:
+            demo_outputs = [demo_graph, demo_base, demo_steer, demo_scores, demo_gain, demo_ctrl]
             demo_pick.change(h.example_text, demo_pick, demo_expl, api_name=False, queue=False)
-            demo_run.click(h.run_demo, demo_pick, [demo_graph, demo_base, demo_steer, demo_scores, demo_gain,
-                                                 demo_ctrl], api_name="demo", **MODEL)
-            demo_open.click(h.open_in_playground, demo_pick, [tabs, feature, task, condition, strength, alpha, r,
-                                                              prompt, theme, samples, max_new, seed],
-                            api_name=False, queue=False)
-        demo.load(h.card_quiet, feature, [card_md, theme], api_name=False, **LIGHT)
+            demo_run.click(h.run_demo, demo_pick, demo_outputs, api_name="demo", **MODEL).failure(
+                cleared(6), None, demo_outputs, api_name=False, queue=False)
+            demo_open.click(h.open_in_playground, demo_pick,
+                            [tabs, feature, task, condition, layer, strength, schedule, alpha, s_end, r, prompt, theme,
+                             samples, max_new, seed, t_res, t_module, chat, controls, scope, compare, exclude, include,
+                             carried], api_name=False, queue=False)
+        demo.load(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False, **LIGHT)
         gr.api(h.health, api_name="health", queue=False)
     return demo
 

@@ -24,6 +24,7 @@ import gradio as gr
 
 from steering import limits
 from steering.flow import chance_levels
+from steering.graph import merge_graphs
 from steering.plots import flow_figure, live_figure, schedule_figure, scores_figure
 from steering.settings import ALPHA, S_END, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS
 from steering.sites import count_hooks
@@ -166,6 +167,25 @@ def write_record(folder: Path, stem: str, record: dict, keep: int = 256) -> Path
     return path
 
 
+def _rows(table) -> list[list]:
+    """The rows of a Dataframe's value (a pandas frame in a handler, a dict or a list over the API)."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        return table.values.tolist()
+    if isinstance(table, dict):
+        return list(table.get("data") or [])
+    return list(table)
+
+
+def cleared(n: int):
+    """A handler that empties ``n`` outputs: after a failed run no stale result stays on screen."""
+    def clear():
+        return tuple(None for _ in range(n)) if n > 1 else None
+
+    return clear
+
+
 def pick_token(evt: gr.SelectData):
     """Clicking a highlighted token picks the feature it is tagged with."""
     value = evt.value
@@ -196,34 +216,63 @@ class Handlers:
             raise ValueError(f"unknown example {title!r}; valid: {', '.join(e.title for e in self.examples)}")
         return ex
 
+    def _graph_figure(self, graph, live=None, title=None):
+        """A flow graph's figure with the chance cosine of each layer pair (hover and colour bar)."""
+        return flow_figure(graph, live, title=title, chance=chance_levels(self.bundle), d_model=self.bundle.d_model)
+
     # ---- picking a feature -------------------------------------------------------------------------
     @safe
-    def search(self, query: str):
-        return self.pg.search(query)
+    def search(self, query: str, researcher: bool = False):
+        return self.pg.search(query, researcher=bool(researcher))
+
+    def search_note(self, query: str, hits):
+        """The line above the results: says plainly when the best result matches only weakly."""
+        rows = _rows(hits)
+        return self.pg.search_note(query or "", [float(r[2]) for r in rows if len(r) > 2 and r[2] is not None])
+
+    def relabel(self, hits, probe_rows, researcher: bool = False):
+        """The researcher view toggled: the same result tables, labels in the chosen view."""
+        return self.pg.relabel(_rows(hits), bool(researcher)), self.pg.relabel(_rows(probe_rows), bool(researcher))
 
     @safe
-    def features_for_text(self, text: str):
-        return self.pg.text_features(text)
+    def features_for_text(self, text: str, show_all: bool = False, researcher: bool = False):
+        return self.pg.text_features(text, show_all=bool(show_all), researcher=bool(researcher))
+
+    def features_for_text_again(self, text: str, show_all: bool = False, researcher: bool = False):
+        """The show-everything toggle: the probe again on the text typed (nothing while it is empty)."""
+        if not (text or "").strip():
+            return gr.update(), gr.update()
+        return self.features_for_text(text, show_all, researcher)
 
     @safe
-    def card(self, feature: str):
-        return self.pg.card_markdown(feature)
+    def card(self, feature: str, researcher: bool = False):
+        return self.pg.card_markdown(feature, bool(researcher))
 
-    def card_quiet(self, feature: str):
+    def card_quiet(self, feature: str, researcher: bool = False):
         """The card while typing or picking: a half-typed id shows a hint in place, not an error toast."""
         try:
-            return self.pg.card_markdown(feature)
+            return self.pg.card_markdown(feature, bool(researcher))
         except ValueError as e:
             return f"_{html.escape(str(e), quote=False)}_", gr.update()
+
+    def card_view(self, feature: str, researcher: bool = False):
+        """The card again when the researcher view is toggled (the judge theme is left as it is)."""
+        return self.card_quiet(feature, researcher)[0]
 
     # ---- flow and plan -------------------------------------------------------------------------------
     @safe
     def flow(self, feature: str, t_res: float = T_RES, t_module: float = T_MODULE, live_prompt: str = ""):
-        graph = self.pg.flow(feature, t_res, t_module)
+        """The flow graph (a seed set: its graphs merged in one figure, the JSON a list of graphs)."""
+        graphs = self.pg.flows(feature, t_res, t_module)
+        graph = merge_graphs(graphs)
         live = self.pg.live(graph, live_prompt) if live_prompt and live_prompt.strip() else None
         ids = [str(n.id) for n in graph.nodes]
         cut = [str(n.id) for n in graph.nodes if not n.in_span]
-        return (flow_figure(graph, live, chance=chance_levels(self.bundle)), self.pg.node_rows(graph), graph.to_json(),
+        title = (f"Flow graphs of the seed set {', '.join(str(g.seed) for g in graphs)} (merged)"
+                 if len(graphs) > 1 else None)
+        as_json = graph.to_json() if len(graphs) == 1 else [g.to_json() for g in graphs]
+        return (self._graph_figure(graph, live, title), self.pg.node_rows(graph),
+                as_json,
                 gr.update(value=live_figure(live) if live else None, visible=bool(live)),
                 gr.update(choices=ids, value=[]), gr.update(choices=cut, value=[]))
 
@@ -233,7 +282,7 @@ class Handlers:
         s = self.pg.settings(feature, t_res=t_res, t_module=t_module, task=task, condition=condition, layer=layer,
                              strength=strength, schedule=schedule, alpha=alpha, s_end=s_end, r=r, exclude=exclude,
                              include=include)
-        rows = self.pg.schedule_rows(self.pg.plan(self.pg.flow(s.features[0], s.t_res, s.t_module), s))
+        rows = self.pg.schedule_rows(self.pg.plan(s))
         return schedule_figure(rows), rows
 
     def schedule_quiet(self, *args):
@@ -257,18 +306,18 @@ class Handlers:
                         include=include, seed=seed, samples=samples, max_new_tokens=max_new_tokens, prompt=prompt,
                         chat=chat, theme=theme or "", compare=compare, controls=controls or (), scope=scope or "all")
         progress(0.05, desc="flow graph")
-        graph = pg.flow(s.features[0], s.t_res, s.t_module)
-        variants = {"unsteered": [], "steered": pg.plan(graph, s)}
+        seed = s.features[0]  # a seed set is named after its first feature
+        variants = {"unsteered": [], "steered": pg.plan(s)}
         other = "single" if s.condition != "single" else "cumulative"
         if s.compare:
-            variants[other] = pg.plan(graph, s, other)
+            variants[other] = pg.plan(s, other)
         progress(0.15, desc=f"generating {len(variants)} variants x {s.samples} samples in one batch")
-        s = dataclasses.replace(s, theme=s.theme or pg.default_theme(str(graph.seed)))
+        s = dataclasses.replace(s, theme=s.theme or pg.default_theme(str(seed)))
         result = yield from self._stream(s, variants, other, api_key or "", progress)
         schedules = {k: pg.schedule_rows(v) for k, v in variants.items() if v}
         record = pg.run_record(s, schedules, result)
-        path = write_record(self.record_dir, f"run_{graph.seed.layer}_{graph.seed.site}_{graph.seed.index}", record)
-        focus = str(graph.seed)
+        path = write_record(self.record_dir, f"run_{seed.layer}_{seed.site}_{seed.index}", record)
+        focus = str(seed)
         third = pg.column_markdown(result, other, focus) if s.compare else ""
         ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
                             if c in result["variants"])
@@ -324,24 +373,24 @@ class Handlers:
         s = ex.settings()
         progress(0.05, desc="flow graph")
         graph = pg.flow(ex.feature)
-        variants = {"unsteered": [], "steered": pg.plan(graph, s)}
+        variants = {"unsteered": [], "steered": pg.plan(s)}
         progress(0.15, desc="writing the texts and the two controls")
         result = pg.steer(variants, s)
         sm = pg.summary(result)
-        gain = ""
+        gain = pg.prompt_line(s.prompt, s.chat)  # above the columns
         if "steered" in sm and "unsteered" in sm:
             def th(v):
                 return f"{sm[v]['behavioral'] * 5:.1f}/5" if v in sm else "n/a"
 
-            gain = (f"**Theme score** ({result['judge']}): {th('unsteered')} without steering -> "
-                    f"**{th('steered')}** with it. Controls: asking the model {th('prompted')}, random "
-                    f"directions of the same size {th('random')}. **Readability**: "
-                    f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5. "
-                    "A different text alone proves nothing: compare with the controls.")
+            gain += ("\n\n"
+                     f"**Theme score** ({result['judge']}): {th('unsteered')} without steering -> "
+                     f"**{th('steered')}** with it. Controls: asking the model {th('prompted')}, random "
+                     f"directions of the same size {th('random')}. **Readability**: "
+                     f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5. "
+                     "A different text alone proves nothing: compare with the controls.")
         ctrl = "\n\n".join(pg.column_markdown(result, c, ex.feature) for c in ("prompted", "random")
                             if c in result["variants"])
-        return (flow_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})",
-                            chance=chance_levels(self.bundle)),
+        return (self._graph_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})"),
                 pg.column_markdown(result, "unsteered", ex.feature), pg.column_markdown(result, "steered", ex.feature),
                 scores_figure(sm, VARIANT_TITLES), gain, ctrl)
 
@@ -350,10 +399,17 @@ class Handlers:
         return f"**{ex.title}** — {ex.explanation or ex.theme}" if ex else ""
 
     def open_in_playground(self, title: str):
+        """Every setting of the example's run into the Playground form, and a note saying what was carried."""
         ex = self.example(title)
         s = ex.settings()  # current names (an old "baseline" condition reads "seed-only")
-        return (gr.Tabs(selected="play"), ex.feature, s.task, s.condition, s.strength, s.alpha, s.r, s.prompt,
-                s.theme, s.samples, s.max_new_tokens, s.seed)
+        return (gr.Tabs(selected="play"), ex.feature, s.task, s.condition, -1 if s.layer is None else s.layer,
+                s.strength, s.schedule, s.alpha, s.s_end, s.r, s.prompt, s.theme, s.samples, s.max_new_tokens, s.seed,
+                s.t_res, s.t_module, s.chat, list(s.controls), s.scope, s.compare, [], [],
+                self.pg.carried_markdown(ex.title, s))
+
+    def prompt_line(self, prompt: str, chat: bool = False):
+        """The prompt above the output columns, shown when a run starts."""
+        return self.pg.prompt_line(prompt, bool(chat))
 
     @staticmethod
     def task_defaults(task: str):

@@ -65,17 +65,24 @@ def chance_top1(n_dst: int, d: int, n_src: int = 2000, seed: int = 0) -> torch.T
     return (a @ b.T).max(-1).values
 
 
-def chance_levels(bundle) -> dict[str, float]:
-    """Median chance cosine of a match into each site's SAEs (widths of the first layer), cached."""
+def chance_levels(bundle) -> dict[Key, float]:
+    """Chance cosine of a match into each SAE, ``{(layer, site): median top-1 cosine}``: a match
+    from a feature into an SAE of n features in d dimensions is compared with the best of n random
+    unit directions in d dimensions (`chance_top1`). A flow-graph link between two layers is a match
+    into the SAE of one of them, so this is the chance level of each layer pair. Cached (computed
+    once per distinct width)."""
 
-    def compute() -> dict[str, float]:
+    def compute() -> dict[Key, float]:
+        by_width: dict[int, float] = {}
         out = {}
-        for site in bundle.sites:
-            layer = next(l for l in bundle.layers if (l, site) in bundle.saes)
-            out[site] = round(float(chance_top1(bundle.width(layer, site), bundle.d_model, 1000).median()), 3)
+        for key in sorted(bundle.saes):
+            n = bundle.width(*key)
+            if n not in by_width:
+                by_width[n] = round(float(chance_top1(n, bundle.d_model, 1000).median()), 3)
+            out[key] = by_width[n]
         return out
 
-    return bundle.cached(("chance",), compute)
+    return bundle.cached(("chance", "per-sae"), compute)
 
 
 def _check_dims(src: torch.Tensor, dst: torch.Tensor) -> None:

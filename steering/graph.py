@@ -116,3 +116,24 @@ class FlowGraph:
         edges = [FlowEdge(parse_feature(e["source"]), parse_feature(e["target"]), e["cosine"]) for e in d["edges"]]
         return cls(parse_feature(d["seed"]), nodes, edges, d["l_start"], d["l_end"], d.get("t_res", T_RES),
                    d.get("t_module", T_MODULE), d.get("method", "top1_cosine"), list(d.get("notes", [])))
+
+
+def merge_graphs(graphs: list[FlowGraph]) -> FlowGraph:
+    """One graph for showing a seed set's flow graphs together: every node once (a node in two
+    graphs keeps its in-span version and the higher score), every edge once, the span from the
+    earliest l_start to the latest l_end, the first graph's seed (the others keep role ``seed``).
+    A single graph is returned as it is."""
+    if len(graphs) == 1:
+        return graphs[0]
+    nodes: dict[FeatureId, FlowNode] = {}
+    for g in graphs:
+        for n in g.nodes:
+            old = nodes.get(n.id)
+            if old is None or (n.in_span, n.role == "seed", n.score) > (old.in_span, old.role == "seed", old.score):
+                nodes[n.id] = n
+    edges = list({(e.source, e.target): e for g in graphs for e in g.edges}.values())
+    first = graphs[0]
+    notes = [f"seed set: the flow graphs of {', '.join(str(g.seed) for g in graphs)} merged"]
+    return FlowGraph(first.seed, list(nodes.values()), edges, min(g.l_start for g in graphs),
+                     max(g.l_end for g in graphs), first.t_res, first.t_module, first.method,
+                     notes + [x for g in graphs for x in g.notes])

@@ -11,13 +11,22 @@ LANE_NAMES = {2: "attention", 1: "residual", 0: "MLP"}
 SITE_COLORS = {"res": "#4C6EF5", "mlp": "#F59F00", "attn": "#12B886"}
 
 
+def _link_pair(graph: FlowGraph, node) -> str:
+    """The layer pair of the match a node's score measures (the link that gave it its score)."""
+    for e in graph.edges:
+        if node.id in (e.source, e.target) and abs(e.cosine - node.score) < 1e-6:
+            other = e.target if e.source == node.id else e.source
+            return f"{other.layer}/{other.site} → {node.layer}/{node.site}"
+    return f"{node.layer}/{node.site}"
+
+
 def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = None,
-                chance: dict[str, float] | None = None) -> go.Figure:
+                chance: dict[tuple[int, str], float] | None = None, d_model: int | None = None) -> go.Figure:
     """Layers on x, sites as lanes; node size and colour by score (or by the node's max live
     activation on a prompt when ``live`` is given); nodes outside l_start..l_end are faded;
-    edges drawn with width proportional to the cosine. ``chance`` ({site: chance cosine},
-    `steering.flow.chance_levels`) is shown in the hover and the colour bar, so a reader sees
-    what a score means."""
+    edges drawn with width proportional to the cosine. ``chance`` ({(layer, site): chance cosine of
+    a match into that SAE}, `steering.flow.chance_levels`) is shown in each node's hover for the
+    layer pair of its link and marked on the colour bar, so a reader sees what a score means."""
     pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
     layers = [n.layer for n in graph.nodes]
     fig = go.Figure()
@@ -28,16 +37,23 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
         fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
                                  line={"width": 1 + 5 * max(0.0, e.cosine), "color": "rgba(120,120,140,0.45)"}))
     live_max = {k: max(v[1:] or [0.0]) for k, v in (live or {}).get("acts", {}).items()}
+    levels = sorted({chance[(n.layer, n.site)] for n in graph.nodes if (n.layer, n.site) in (chance or {})})
     for in_span in (True, False):
         nodes = [n for n in graph.nodes if n.in_span == in_span]
         if not nodes:
             continue
         colour = [live_max.get(str(n.id), 0.0) if live else n.score for n in nodes]
+        bar = {"title": "max act." if live else "cosine", "len": 0.6}
+        if levels and not live:  # where chance lies on the cosine scale
+            shown = f"{levels[0]:.2f}" if levels[-1] - levels[0] < 0.005 else f"{levels[0]:.2f}-{levels[-1]:.2f}"
+            bar.update(title=f"cosine<br>(chance ≈ {shown})", tickvals=[0.0, levels[0], 0.5, 1.0],
+                       ticktext=["0", f"chance {shown}", "0.5", "1"])
         hover = []
         for n in nodes:
             lines = [f"<b>{n.id}</b> ({n.role})", n.label or "(no label)", f"score (cosine): {n.score:.3f}"]
-            if chance and n.site in chance:
-                lines.append(f"chance level of a cosine here: {chance[n.site]:.2f} (random directions)")
+            if chance and (n.layer, n.site) in chance and n.role != "seed":
+                lines.append(f"chance cosine for {_link_pair(graph, n)}: {chance[(n.layer, n.site)]:.2f} (best of as "
+                             f"many random unit directions{f' in {d_model} dims' if d_model else ''})")
             if n.site == "res":
                 fmt = [f"{name} {v:.2f}" for name, v in (("s(R)", n.s_res), ("s(M)", n.s_mlp), ("s(A)", n.s_attn))
                        if v is not None]
@@ -55,10 +71,7 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
             marker={"size": [10 + 22 * max(0.0, min(1.0, n.score)) for n in nodes], "color": colour,
                     "colorscale": "Viridis", "cmin": 0, "cmax": max(colour + [1.0]) if live else 1.0,
                     "line": {"width": [3 if n.role == "seed" else 1 for n in nodes], "color": "#222"},
-                    "showscale": in_span,
-                    "colorbar": {"title": "max act." if live else (
-                        f"cosine<br>(chance ≈ {chance['res']:.2f})" if chance and "res" in chance else "cosine"),
-                        "len": 0.6}}))
+                    "showscale": in_span, "colorbar": bar}))
     fig.add_vrect(x0=graph.l_start - 0.4, x1=graph.l_end + 0.4, fillcolor="#E7F5FF", opacity=0.5, line_width=0,
                   layer="below")
     fig.update_layout(

@@ -8,20 +8,24 @@ from typing import Iterable
 import torch
 
 from . import limits
-from .catalog.words import token_strings
+from .catalog.words import token_pieces, token_strings
 from .sinks import sink_mask
 
 
 @torch.no_grad()
-def features_for_text(bundle, text: str, k: int = 10, sites: Iterable[str] = ("res",)) -> dict:
+def features_for_text(bundle, text: str, k: int = 10, sites: Iterable[str] = ("res",), hide=None,
+                      keep_sinks: bool = False) -> dict:
     """The features most active on a text.
 
     Returns ``{"tokens": [...], "per_token": [[(fid, act), ...] per token], "top": [(fid, max_act,
     token_index), ...]}``: per token its k strongest features over the chosen sites, and overall the
-    k features with the largest activation anywhere (and where). Activations are in units of the
+    k features with the largest activation anywhere (and where); ``"pieces"``: the text rebuilt
+    from its tokens (`catalog.words.token_pieces`: no '\ufffd' where a character spans tokens),
+    ``[(text, [token positions]), ...]``. Activations are in units of the
     feature's typical activation (value / reference scale, paper §5.3 units), so features of
-    different layers compare. Attention sinks (position 0 and any by residual norm) are skipped;
-    their lists are empty.
+    different layers compare. Attention sinks (position 0 and any by residual norm) are skipped,
+    their lists empty, unless ``keep_sinks``. ``hide(layer, site)`` -> a bool per feature of that
+    SAE (True: leave it out, e.g. `Catalog.function_features`); None keeps every feature.
     """
     text = limits.clean_text("text", text, limits.MAX_PROMPT_CHARS)
     limits.check_int("k", k, 1, 100)
@@ -39,10 +43,14 @@ def features_for_text(bundle, text: str, k: int = 10, sites: Iterable[str] = ("r
     # with depth and would rank late-layer features first whatever the text is about.
     z = torch.cat([bundle.encode(*key, store[key][0]).cpu() / bundle.ref_scale(*key).clamp_min(1e-6)
                    for key in keys], dim=-1)  # [seq, sum of widths]
-    sinks = sink_mask(torch.stack([store[k][0] for k in res_keys])[:, None])[0].cpu() if res_keys else None
-    z[0] = 0  # attention sink
-    if sinks is not None:
-        z[sinks] = 0  # and any other sink (by residual norm)
+    if hide is not None:
+        hidden = [torch.as_tensor(hide(*key) or [False] * bundle.width(*key), dtype=torch.bool) for key in keys]
+        z[:, torch.cat(hidden)] = 0
+    if not keep_sinks:
+        sinks = sink_mask(torch.stack([store[k][0] for k in res_keys])[:, None])[0].cpu() if res_keys else None
+        z[0] = 0  # attention sink
+        if sinks is not None:
+            z[sinks] = 0  # and any other sink (by residual norm)
     names = [f"{l}/{s}/" for l, s in keys for _ in range(bundle.width(l, s))]
     offsets = [i for key in keys for i in range(bundle.width(*key))]
     ids = enc["input_ids"][0].tolist()
@@ -53,5 +61,6 @@ def features_for_text(bundle, text: str, k: int = 10, sites: Iterable[str] = ("r
     m, where = z.max(dim=0)  # [sum of widths]
     mv, mj = m.topk(min(k, len(m)))
     top = [(names[f] + str(offsets[f]), round(v, 4), int(where[f])) for v, f in zip(mv.tolist(), mj.tolist()) if v > 0]
-    return {"tokens": [strings[i] for i in ids], "per_token": per_token, "top": top}
+    return {"tokens": [strings[i] for i in ids], "per_token": per_token, "top": top,
+            "pieces": token_pieces(bundle.tokenizer, ids)}
 

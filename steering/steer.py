@@ -32,6 +32,7 @@ factors built here), reset in ``finally``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -148,11 +149,17 @@ def plan(graph: FlowGraph, condition: str = "cumulative", layer: int | None = No
     return specs
 
 
-def plan_run(bundle, settings) -> tuple[list[FlowGraph], list[SteerSpec]]:
+def plan_run(bundle, settings, graph_of=None) -> tuple[list[FlowGraph], list[SteerSpec]]:
     """The flow graphs of a run's seed feature(s) (`settings.SteerSettings`) and the union of their
     plans (a node shared by two graphs is steered once): what ``steer`` applies and ``export``
-    writes out. The seed-only condition needs no flow graph (a one-node graph stands in)."""
+    writes out. The seed-only condition needs no flow graph (a one-node graph stands in).
+    ``graph_of(feature, t_res, t_module)`` builds a graph (default: `flow.build_flow_graph`; the app
+    passes its own, which adds catalog labels)."""
     from .flow import build_flow_graph  # lazy: the flow engine is only needed here
+
+    if graph_of is None:
+        def graph_of(f, t_res, t_module):
+            return build_flow_graph(bundle, f, t_res=t_res, t_module=t_module)
 
     graphs = []
     for f in settings.features:
@@ -160,10 +167,20 @@ def plan_run(bundle, settings) -> tuple[list[FlowGraph], list[SteerSpec]]:
             seed = parse_feature(f, bundle)
             graphs.append(FlowGraph(seed, [FlowNode(seed, 1.0, "seed")], [], seed.layer, seed.layer))
         else:
-            graphs.append(build_flow_graph(bundle, f, t_res=settings.t_res, t_module=settings.t_module))
+            graphs.append(graph_of(f, settings.t_res, settings.t_module))
+    if len(graphs) > 1 and settings.include:  # a seed set: each graph includes the nodes it has
+        missing = [x for x in settings.include
+                   if not any(parse_feature(x) in {n.id for n in g.nodes} for g in graphs)]
+        if missing:
+            raise ValueError(f"cannot include {missing[0]}: not a node of the flow graphs of "
+                             f"{', '.join(str(g.seed) for g in graphs)}")
     specs, seen = [], set()
     for graph in graphs:
-        for s in plan_settings(graph, settings):
+        run = settings
+        if len(graphs) > 1 and settings.include:
+            have = {n.id for n in graph.nodes}
+            run = dataclasses.replace(settings, include=tuple(x for x in settings.include if parse_feature(x) in have))
+        for s in plan_settings(graph, run):
             if s.feature not in seen:
                 seen.add(s.feature)
                 specs.append(s)

@@ -8,6 +8,7 @@ mutable values. `Playground` is built once at start-up and only read afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 from . import limits
 from .bundle import Bundle, file_sha256, package_dir
 from .catalog import Catalog, theme_words
+from .catalog.search import GOOD_SCORE
 from .features import FeatureId, parse_feature
 from .flow import build_flow_graph
 from .batching import GenerationBatcher
@@ -31,7 +33,7 @@ from .judging import Judge, OfflineJudge, make_judge, unavailable
 from .presets import ASSETS, SITES
 from .probe import features_for_text
 from .settings import ALPHA, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS, SteerSettings
-from .steer import plan_settings, schedule_table
+from .steer import plan_run, schedule_table
 
 log = logging.getLogger(__name__)
 VARIANT_TITLES = {"unsteered": "Unsteered", "steered": "Steered", "single": "Steered: single layer",
@@ -41,6 +43,7 @@ VARIANT_TITLES = {"unsteered": "Unsteered", "steered": "Steered", "single": "Ste
 NEURONPEDIA_SOURCES = {"gemma-2-2b": "{layer}-gemmascope-{site}-16k", "llama3.1-8b": "{layer}-llamascope-{site}-32k"}
 NEURONPEDIA_SITE = {"res": "res", "mlp": "mlp", "attn": "att"}
 DEMO_FILE = ASSETS / "demo_examples.json"
+MAX_SEED_SET_CHARS = 400  # the feature box: an id or a seed set of ids separated by commas
 
 
 # ---- curated demo examples ----------------------------------------------------------------------
@@ -169,6 +172,14 @@ def _escape(text: str) -> str:
     return text
 
 
+def _verbatim(text: str) -> str:
+    """Generated text shown as written inside Markdown, never as Markdown: every character that
+    could format is escaped, newlines shown as ⏎, and a start that reads as a list item ("- ",
+    "+ ", "010. ", "1) ") or a heading is escaped too."""
+    text = _escape(text.strip()).replace("⏎", " ⏎ ")
+    return re.sub(r"^(\d+)([.)])", r"\1\\\2", re.sub(r"^([-+])", r"\\\1", text))
+
+
 def card_theme(card) -> str:
     """A judge theme from a feature card: whole words among its top tokens, else its label."""
     return ", ".join(theme_words(card.top_tokens)) or card.label[:100]
@@ -211,26 +222,52 @@ class Playground:
                    GenerationBatcher(bundle) if limits.MODEL_CONCURRENCY > 1 else None)
 
     # ---- picking a feature ---------------------------------------------------------------------
-    def search(self, query: str, k: int = 20) -> list[list]:
-        """Rows [feature, label, score, matched words] of the catalog search (res features)."""
+    def search(self, query: str, k: int = 20, researcher: bool = False) -> list[list]:
+        """Rows [feature, label, score, matched words] of the catalog search (res features), best
+        first; labels in whole words unless ``researcher`` (the catalog's raw labels)."""
         if self.catalog is None:
             raise ValueError("this preset has no feature catalog: pick a feature by id (layer/site/index)")
         hits = self.catalog.search(query, k)
         if not hits:
-            raise ValueError(f"search query {query.strip()[:80]!r}: no feature of this model matches it; try a "
+            raise ValueError(f"no good match for {query.strip()[:80]!r}: no feature of this model matches it; try a "
                              "related everyday word, or type a sentence in 'Which features fire?'")
-        return [[h.feature, h.label, round(h.score, 2), ", ".join(h.matched)] for h in hits]
+        return [[h.feature, self.label(h.feature, researcher), round(h.score, 2), ", ".join(h.matched)] for h in hits]
 
-    def text_features(self, text: str, k: int = 10) -> tuple[list[tuple[str, str | None]], list[list]]:
+    @staticmethod
+    def search_note(query: str, scores: list[float]) -> str:
+        """A plain sentence above the results when the best one matches only weakly ("" otherwise)."""
+        if not scores or max(scores) >= GOOD_SCORE:
+            return ""
+        return (f"**No good match for “{_escape(query.strip()[:80])}”** among this model's features. The closest "
+                "weak matches are listed (through a related word, or a word the feature rarely fires on). Try an "
+                "everyday word for the same idea, or type a sentence in *Which features fire?*")
+
+    def text_features(self, text: str, k: int = 10, show_all: bool = False,
+                      researcher: bool = False) -> tuple[list[tuple[str, str | None]], list[list]]:
         """Tokens tagged with their strongest feature, and rows [feature, label, max activation in units
-        of the feature's typical activation, token]."""
-        out = features_for_text(self.bundle, text, k)
-        spans = [(tok, feats[0][0] if feats else None) for tok, feats in zip(out["tokens"], out["per_token"])]
-        rows = [[fid, self.label(fid), round(act, 3), f"{out['tokens'][t]!r} (#{t})"] for fid, act, t in out["top"]]
+        of the feature's typical activation, token]. Attention sinks and features that fire on form
+        (punctuation, function words: `Catalog.function_features`) are left out unless ``show_all``.
+        A character split over several tokens is shown once, whole (`catalog.words.token_pieces`)."""
+        hide = self.catalog.function_features if self.catalog is not None and not show_all else None
+        out = features_for_text(self.bundle, text, k, hide=hide, keep_sinks=show_all)
+        spans, where = [], {}
+        for piece, positions in out["pieces"]:
+            best = max((f for p in positions for f in out["per_token"][p][:1]), key=lambda fa: fa[1], default=None)
+            spans.append((piece, best[0] if best else None))
+            where.update({p: piece for p in positions})
+        rows = [[fid, self.label(fid, researcher), round(act, 3), f"{where.get(t, out['tokens'][t])!r} (#{t})"]
+                for fid, act, t in out["top"]]
         return spans, rows
 
-    def label(self, fid: str) -> str:
-        return self.catalog.label(fid) if self.catalog else ""
+    def label(self, fid: str, researcher: bool = False) -> str:
+        """The catalog's label: in whole words for a lay reader, raw (word pieces, logit lens) for a researcher."""
+        if self.catalog is None:
+            return ""
+        return self.catalog.label(fid) if researcher else self.catalog.plain_label(fid)
+
+    def relabel(self, rows: list[list], researcher: bool = False) -> list[list]:
+        """The same table rows (feature id first, label second) with labels for the chosen view."""
+        return [[r[0], self.label(r[0], researcher), *r[2:]] for r in rows if r and r[0]]
 
     def default_theme(self, fid: str) -> str:
         """Judge theme derived from the catalog: whole words among the feature's top tokens, else its
@@ -242,20 +279,36 @@ class Playground:
         except ValueError:
             return ""
 
-    def card_markdown(self, fid: str) -> tuple[str, str]:
-        """Markdown card of a feature and a default theme for the judge."""
-        f = parse_feature(limits.clean_text("feature id", fid, 100), self.bundle)
+    def seed_set(self, feature: str) -> list[FeatureId]:
+        """The feature id(s) typed in the feature box: one id, or a seed set separated by commas."""
+        text = limits.clean_text("feature id", feature, MAX_SEED_SET_CHARS)
+        ids = [parse_feature(x.strip(), self.bundle) for x in text.split(",") if x.strip()]
+        if not ids:
+            raise ValueError("feature: give a feature id layer/site/index, or several separated by commas")
+        return list(dict.fromkeys(ids))
+
+    def card_markdown(self, fid: str, researcher: bool = False) -> tuple[str, str]:
+        """Markdown card of a feature (of the first of a seed set, named above it) and a default
+        theme for the judge. Its label in whole words; the raw label and the logit-lens tokens in the
+        ``researcher`` view only."""
+        seeds = self.seed_set(fid)
+        f = seeds[0]
         lines, theme = [f"### Feature `{f}`"], ""
+        if len(seeds) > 1:
+            lines.insert(0, f"**Seed set of {len(seeds)} features**: {', '.join(f'`{x}`' for x in seeds)}; their "
+                            "flow graphs are merged for steering (the card shows the first).\n")
         scale = float(self.bundle.ref_scale(f.layer, f.site)[f.index])
         if self.catalog is not None:
             c = self.catalog.card(f)  # built once per keystroke: the theme comes from the same card
             theme = card_theme(c)
-            lines += [f"**{c.label}** _({c.label_source} label)_", "",
+            raw = f" · raw: <code>{_escape(c.label)}</code>" if researcher and c.label_source != "llm" else ""
+            lines += [f"**{self.label(str(f), researcher)}** <small>({c.label_source} label{raw})</small>", "",
                       f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
                       f"mean when active **{c.mean_act:.2f}**", "",
-                      f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  ",
-                      f"Promotes (logit lens): {', '.join(repr(t) for t in c.promoted_tokens[:6])}", "",
-                      "**Top contexts** (the token where it fires is highlighted):"]
+                      f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  "]
+            if researcher:
+                lines.append(f"Promotes (logit lens): {', '.join(repr(t) for t in c.promoted_tokens[:6])}")
+            lines += ["", "**Top contexts** (the token where it fires is highlighted):"]
             for ctx in c.contexts:
                 toks = [_escape(t) for t in ctx["tokens"]]
                 i = ctx["index"]
@@ -278,6 +331,10 @@ class Playground:
         labels = self.catalog.labels() if self.catalog else None
         return build_flow_graph(self.bundle, fid, float(t_res), float(t_module), "both", labels)
 
+    def flows(self, feature: str, t_res: float = T_RES, t_module: float = T_MODULE) -> list[FlowGraph]:
+        """The flow graph of each feature of a seed set (one id: a list of one graph)."""
+        return [self.flow(f, t_res, t_module) for f in self.seed_set(feature)]
+
     def live(self, graph: FlowGraph, prompt: str) -> dict:
         return live_activations(self.bundle, graph, prompt)
 
@@ -291,15 +348,35 @@ class Playground:
 
     # ---- steering ------------------------------------------------------------------------------------
     def settings(self, feature, **form) -> SteerSettings:
-        """A run's settings from the form or API fields, validated once (`SteerSettings.create`)."""
-        s = SteerSettings.create(feature, n_layers=self.bundle.n_layers, **form)
-        if len(s.features) > 1:
-            raise ValueError("feature: the playground steers one seed feature; use the CLI for a seed set")
-        return s
+        """A run's settings from the form or API fields, validated once (`SteerSettings.create`);
+        ``feature`` may be a seed set (ids separated by commas)."""
+        return SteerSettings.create(feature, n_layers=self.bundle.n_layers, **form)
 
-    def plan(self, graph: FlowGraph, settings: SteerSettings, condition: str | None = None) -> list:
-        """Steering specs of the run's condition (or ``condition``) on ``graph`` (`steer.plan`)."""
-        return plan_settings(graph, settings, condition)
+    def plan(self, settings: SteerSettings, condition: str | None = None) -> list:
+        """Steering specs of the run's condition (or ``condition``): the union of the plans of its
+        seed features' flow graphs, a node shared by two graphs steered once (`steer.plan_run`)."""
+        s = settings if condition is None else dataclasses.replace(settings, condition=condition)
+        return plan_run(self.bundle, s, self.flow)[1]
+
+    @staticmethod
+    def carried_markdown(title: str, s: SteerSettings) -> str:
+        """What "Open it in the Playground" put into the form, said once above it."""
+        push = (f"strength s = {s.strength:g}, schedule {s.schedule}, alpha = {s.alpha:g}" if s.task == "activate"
+                else f"rescale r = {s.r:g}")
+        parts = [f"feature `{s.feature}`", f"task {s.task}", f"condition {s.condition}",
+                 f"layer {'of the seed' if s.layer is None else s.layer}", push, f"prompt «{_escape(s.prompt)}»",
+                 f"judge theme “{_escape(s.theme)}”", f"{s.samples} samples from seed {s.seed}",
+                 f"{s.max_new_tokens} new tokens", f"t(R) = {s.t_res:g}, t(M/A) = {s.t_module:g}",
+                 "controls: " + (", ".join(s.controls) or "none"), f"token scope {s.scope}",
+                 f"chat template {'on' if s.chat else 'off'}", "no excluded or extra nodes"]
+        return (f"**Settings carried from the demo example “{_escape(title)}”** (they stay until you change them): "
+                + "; ".join(parts) + ".")
+
+    @staticmethod
+    def prompt_line(prompt: str, chat: bool = False) -> str:
+        """The line above the output columns: the prompt every column continues."""
+        how = " (through the chat template)" if chat else ""
+        return f"**Prompt**, the same for every column{how}: «{_escape(prompt or '')}»"
 
     def schedule_rows(self, specs: list) -> list[dict]:
         return schedule_table(specs, self.bundle)
@@ -352,8 +429,7 @@ class Playground:
                 continue
             if tok.eos_token_id in ids:
                 ids = ids[: ids.index(tok.eos_token_id)]
-            text = _escape(tok.decode(ids, skip_special_tokens=True).strip()).replace("⏎", " ⏎ ") or "…"
-            text = re.sub(r"^([-+])", r"\\\1", re.sub(r"^(\d+)\.", r"\1\\.", text))  # text, not Markdown
+            text = _verbatim(tok.decode(ids, skip_special_tokens=True)) or "…"
             lines.append(f"**seed {seed}**\n\n> {text}\n")
         return "\n".join(lines)
 
@@ -362,9 +438,8 @@ class Playground:
         """One side-by-side column: each sample's text, scores and local metrics (with the mean
         activation of the ``focus`` feature, e.g. the seed, on the generated tokens)."""
         lines = [f"### {VARIANT_TITLES.get(variant, variant)}"]
-        if variant in ("unsteered", "prompted"):
-            shown = "(the theme request, then) " if variant == "prompted" else ""
-            lines.append(f"<small>prompt: {shown}«{_escape(result.get('prompt', ''))}»</small>\n")
+        if variant == "prompted":  # the others continue the prompt shown above the columns (prompt_line)
+            lines.append(f"<small>prompt: (the theme request, then) «{_escape(result.get('prompt', ''))}»</small>\n")
         mean = Playground.summary(result).get(variant)
         if mean:
             lines.append(f"mean theme **{mean['behavioral']:.2f}** · coherence **{mean['coherence']:.2f}** · "
@@ -372,9 +447,7 @@ class Playground:
         for g, s in zip(result["generations"], result["scores"]):
             if g.variant != variant:
                 continue
-            text = _escape(g.text.strip()).replace("⏎", " ⏎ ") or "(empty)"  # verbatim, never Markdown
-            text = re.sub(r"^(\d+)\.", r"\1\\.", text)  # "010. What" is text, not a numbered list
-            text = re.sub(r"^([-+])", r"\\\1", text)
+            text = _verbatim(g.text) or "(empty)"
             lines.append(f"**seed {g.seed}**\n\n> {text}\n")
             if s.available:
                 tag = "offline fallback judge" if s.offline else s.judge

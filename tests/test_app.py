@@ -45,11 +45,13 @@ def test_every_event_is_a_named_endpoint(client):
 
 
 def test_search_matches_the_cli(client, live_app):
-    rows = client.predict(live_app["word"], api_name="/search")
-    rows = rows["data"] if isinstance(rows, dict) else rows
+    plain = client.predict(live_app["word"], api_name="/search")  # lay labels by default
+    rows = client.predict(live_app["word"], True, api_name="/search")  # the researcher view: raw labels
+    plain, rows = (x["data"] if isinstance(x, dict) else x for x in (plain, rows))
     expected = cli("catalog", "search", live_app["word"], "--preset", live_app["preset"])["hits"]
-    assert rows and [r[0] for r in rows] == [h["feature"] for h in expected]
+    assert rows and [r[0] for r in rows] == [h["feature"] for h in expected] == [r[0] for r in plain]
     assert [r[1] for r in rows] == [h["label"] for h in expected]
+    assert [r[1] for r in plain] == [live_app["catalog"].plain_label(r[0]) for r in plain]
 
 
 def test_flow_matches_the_cli(client, live_app):
@@ -212,13 +214,18 @@ def test_concurrent_sessions_get_their_own_results(live_app):
 # ---- in process: handlers called directly, no server ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def app_fns(live_app):
+def built_app(live_app):
     import app
     from steering.ui import Playground
 
-    pg = Playground.create(live_app["bundle"])
-    demo = app.build_app(pg)
-    return {f.api_name: f.fn for f in demo.fns.values() if f.api_name}, live_app["bundle"]
+    with pytest.MonkeyPatch.context() as mp:  # the tiny demo example, as the live app has it
+        mp.setenv("FFP_DEMO_FILE", live_app["demo_file"])
+        return app.build_app(Playground.create(live_app["bundle"]))
+
+
+@pytest.fixture(scope="module")
+def app_fns(built_app, live_app):
+    return {f.api_name: f.fn for f in built_app.fns.values() if f.api_name}, live_app["bundle"]
 
 
 def test_handlers_leave_no_hooks_even_on_errors(app_fns):
@@ -274,6 +281,84 @@ def test_schedule_preview_follows_the_schedule(app_fns):
     graph = build_flow_graph(bundle, TINY_FEATURE)
     assert rows == schedule_table(plan(graph, "cumulative", None, 6.0, "exp", -0.5), bundle)
     assert sum(len(t.x) for t in fig.data) == len(rows)
+
+
+def test_one_message_per_error_and_no_stale_results(built_app):
+    """Issue 17: a bad id in the flow box raises one toast (the plan preview runs only after the graph
+    succeeded), and a failed run empties what the previous run left in its outputs."""
+    deps = built_app.get_config_file()["dependencies"]
+    by_name = {d["api_name"]: d for d in deps}
+    flow, schedule = by_name["flow"], by_name["schedule"]
+    assert schedule["trigger_after"] == flow["id"] and schedule["trigger_only_on_success"]
+    clicks = [d for d in deps if any(t in [tuple(x) for x in flow["targets"]] for t in map(tuple, d["targets"]))]
+    assert clicks == [flow]  # nothing else listens to the button itself
+    for name in ("search", "features_for_text", "flow", "steer", "demo"):
+        main = by_name[name]
+        failed = [d for d in deps if d["trigger_after"] == main["id"] and d["trigger_only_on_failure"]]
+        assert len(failed) == 1, name
+        assert set(main["outputs"][:3]) <= set(failed[0]["outputs"]), name
+        fn = built_app.fns[failed[0]["id"]].fn
+        assert all(v is None for v in (fn() if len(failed[0]["outputs"]) > 1 else [fn()])), name
+
+
+def test_prompt_shown_with_each_run_and_carried_settings_kept(built_app):
+    """Issue 17: the prompt line above the columns fills when a run starts; the task's default prompt
+    replaces the prompt only when a person changes the task, not when an example sets it."""
+    deps = built_app.get_config_file()["dependencies"]
+    fn = {d["id"]: getattr(built_app.fns[d["id"]].fn, "__name__", "") for d in deps}
+    steer = next(d for d in deps if d["api_name"] == "steer")
+    prompt = next(d for d in deps if fn[d["id"]] == "prompt_line")
+    assert prompt["targets"] == steer["targets"]
+    assert [t[1] for d in deps if fn[d["id"]] == "task_defaults" for t in d["targets"]] == ["input"]
+
+
+def test_playground_steers_a_seed_set(app_fns):
+    """Issue 18: ids separated by commas in the feature box: card, merged flow graph, plan and run."""
+    fns, _ = app_fns
+    seeds = f"{TINY_FEATURE}, 2/res/5"
+    card, _ = fns["card"](seeds)
+    assert "Seed set of 2 features" in card and f"### Feature `{TINY_FEATURE}`" in card
+    fig, rows, graphs, *_ = fns["flow"](seeds, 0.5, 0.15, "")
+    assert [g["seed"] for g in graphs] == [TINY_FEATURE, "2/res/5"] and "seed set" in fig.layout.title.text
+    assert {r[0] for r in rows} == {n["id"] for g in graphs for n in g["nodes"]}
+    out = last(fns["steer"](*steer_args(feature=seeds, max_new_tokens=4)))
+    record = out[5]
+    assert record["settings"]["features"] == [TINY_FEATURE, "2/res/5"]
+    assert {r["feature"] for r in record["schedules"]["steered"]} >= {TINY_FEATURE, "2/res/5"}
+    _, plan_rows = fns["schedule"](seeds, 0.5, 0.15, "activate", "cumulative", -1, 4.0, "exp", -0.25, 1.0, 0, [], [])
+    assert plan_rows == record["schedules"]["steered"]
+
+
+def test_finding_features_views(app_fns, live_app):
+    """Issue 17: lay labels by default, raw ones in the researcher view; the probe hides sinks and
+    form features unless asked; the tables relabel in place."""
+    fns, _ = app_fns
+    h = fns["search"].__self__
+    cat = live_app["catalog"]
+    plain = fns["search"](live_app["word"])
+    raw = fns["search"](live_app["word"], True)
+    assert [r[1] for r in raw] == [cat.label(r[0]) for r in raw]
+    assert [r[1] for r in plain] == [cat.plain_label(r[0]) for r in plain] and all("→" not in r[1] for r in plain)
+    assert [r[2] for r in plain] == sorted((r[2] for r in plain), reverse=True)
+    assert h.relabel(plain, [], True) == (raw, [])
+    lay_card, researcher_card = fns["card"](TINY_FEATURE)[0], fns["card"](TINY_FEATURE, True)[0]
+    assert "logit lens" not in lay_card and "Promotes (logit lens)" in researcher_card
+    assert f"**{cat.plain_label(TINY_FEATURE)}**" in lay_card and f"**{cat.label(TINY_FEATURE)}**" in researcher_card
+    assert h.card_view(TINY_FEATURE, True) == researcher_card
+    spans, rows = fns["features_for_text"]("the bride and the groom")
+    spans_all, rows_all = fns["features_for_text"]("the bride and the groom", True)
+    assert spans[0][1] is None and spans_all[0][1] is not None  # the sink, shown on request
+    form = {f"{l}/{s}/{i}" for l, s in live_app["bundle"].saes for i, x in enumerate(cat.function_features(l, s)) if x}
+    assert not {r[0] for r in rows} & form and not {t for _, t in spans if t} & form
+    assert "".join(t for t, _ in spans) == "the bride and the groom"
+
+
+def test_open_in_playground_carries_every_setting_and_says_so(app_fns, live_app):
+    fns, _ = app_fns
+    h = fns["steer"].__self__
+    out = h.open_in_playground("Tiny example")
+    assert out[1] == TINY_FEATURE and out[-1].startswith("**Settings carried from the demo example “Tiny example”**")
+    assert "1 samples from seed 0" in out[-1] and "8 new tokens" in out[-1]
 
 
 # ---- curated demo examples ------------------------------------------------------------------------

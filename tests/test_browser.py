@@ -119,6 +119,8 @@ def test_bad_input_shows_a_short_error(browser, live_app):
     toast.wait_for()
     msg = toast.inner_text()
     assert "valid layers" in msg and "Traceback" not in msg
+    pg.wait_for_timeout(2000)  # a second event would have answered by now
+    assert pg.locator(".toast-body").count() == 1 and msg.count("valid layers") == 1  # one message per error
     page.shot("tiny-error")
 
 

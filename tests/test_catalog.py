@@ -305,3 +305,71 @@ def test_theme_words_keep_whole_words_only():
     assert theme_words([" food", " dish", "erve", " food", " eat", "(", "K", " 42"]) == ["food", "dish", "eat"]
     assert theme_words(["\n", "0", " a"]) == []
     assert theme_words([" physics", " chemistry", " science", " mechanics", " energy"], n=2) == ["physics", "chemistry"]
+
+
+def test_readable_labels_use_whole_words_and_name_form_features():
+    """Issue 17: a lay label has whole words only (no word pieces, no logit-lens tokens); a feature
+    that fires on punctuation or function words is said to, and `function_share` measures it."""
+    from steering.catalog.labels import FUNCTION_SHARE, function_share, readable_label
+
+    cake = [(" cake", 0.4), (" co", 0.2), (" cakes", 0.1), ("uled", 0.1)]
+    assert readable_label(cake, ["chocolate", "pan", "180"], []) == "cake, cakes (in texts with chocolate, pan)"
+    assert function_share(cake) < FUNCTION_SHARE
+    small = [(" ", 0.2), (" is", 0.1), (" had", 0.1), ("Ver", 0.05)]
+    assert function_share(small) >= FUNCTION_SHARE and readable_label(small, [], []) == "small words (is, had)"
+    punct = [(",", 0.6), (" ", 0.2), (" faith", 0.04)]
+    assert readable_label(punct, [], ["punctuation"]) == "punctuation"
+    assert readable_label([("self", 0.5)], ["def", "repr"], ["code"]) == "texts with def, repr in code"
+    assert readable_label([(" God", 0.3), (" moon", 0.2), (" Moon", 0.1)], [], []) == "God, moon"
+
+
+def test_catalog_plain_labels_and_form_features(built):
+    _, loaded, *_ = built
+    for fid in ("0/res/1", "2/res/7", "1/res/3"):
+        plain = loaded.plain_label(fid)
+        assert plain and "→" not in plain and "ctx:" not in plain
+    assert loaded.plain_label("garbage") == ""
+    flags = loaded.function_features(0, "res")
+    assert len(flags) == len(loaded.summary[(0, "res")]["label"]) and any(flags) and not all(flags)
+    assert loaded.function_features(99, "res") == []
+
+
+def test_text_probe_hides_form_features_and_sinks_unless_asked(tiny_bundle):
+    """Issue 17: the probe leaves out features a `hide` flags and attention sinks by default."""
+    text = "The bride smiled at the wedding"
+    everything = features_for_text(tiny_bundle, text, k=5, keep_sinks=True)
+    assert everything["per_token"][0]  # the sink shows when asked for
+    shown = features_for_text(tiny_bundle, text, k=5)
+    assert shown["per_token"][0] == []
+    layer = int(shown["top"][0][0].split("/")[0])
+    hidden = features_for_text(tiny_bundle, text, k=5,
+                               hide=lambda l, s: [l == layer] * tiny_bundle.width(l, s))
+    assert hidden["top"] and all(not f.startswith(f"{layer}/") for f, _, _ in hidden["top"])
+    assert all(not f.startswith(f"{layer}/") for row in hidden["per_token"] for f, _ in row)
+
+
+def test_token_pieces_rebuild_characters_split_over_tokens(tiny_bundle):
+    """Issue 17: byte-level pieces of one character are shown together, never as '\ufffd'."""
+    tok = tiny_bundle.tokenizer
+    text = "the café 🎂 cake"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the tiny tokenizer splits these characters
+    pieces = W.token_pieces(tok, ids)
+    assert "".join(p for p, _ in pieces) == text and not any("\ufffd" in p for p, _ in pieces)
+    assert [i for _, pos in pieces for i in pos] == list(range(len(ids)))
+    assert "🎂" in [p.strip() for p, _ in pieces]
+    out = features_for_text(tiny_bundle, text, k=3)
+    assert "".join(p for p, _ in out["pieces"]) == text
+
+
+def test_weak_search_results_are_said_plainly(built):
+    """Issue 17: results only through a related word or a rare top token are flagged as no good match."""
+    from steering.catalog.search import GOOD_SCORE
+    from steering.ui import Playground
+
+    _, loaded, *_ = built
+    hits = loaded.search("wedding", k=10_000)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    note = Playground.search_note("anger", [GOOD_SCORE - 0.5, 0.3])
+    assert note.startswith("**No good match for “anger”**")
+    assert Playground.search_note("wedding", [GOOD_SCORE + 1, 0.3]) == "" == Playground.search_note("x", [])

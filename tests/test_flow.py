@@ -285,3 +285,14 @@ def test_cli_flow_method_option(hand_bundle, capsys):
     assert out["method"] == "permutation" and (out["l_start"], out["l_end"]) == (0, 4)  # 0.3 link kept at t 0.2
     assert main(["flow", "0/res/2", "--preset", preset, "--method", "nearest"]) == 2
     assert "valid: top1_cosine, random_top5, permutation" in capsys.readouterr().err
+
+
+def test_chance_levels_per_sae_follow_its_width(tiny_bundle):
+    """The chance cosine of a match into each SAE: best of as many random unit directions in d dims."""
+    from steering.flow import chance_levels, chance_top1
+
+    levels = chance_levels(tiny_bundle)
+    assert set(levels) == set(tiny_bundle.saes)
+    for key, v in levels.items():
+        expected = float(chance_top1(tiny_bundle.width(*key), tiny_bundle.d_model, 1000).median())
+        assert v == pytest.approx(expected, abs=1e-3) and 0 < v < 1

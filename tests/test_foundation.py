@@ -41,6 +41,7 @@ def test_presets_describe_the_papers_setup():
 def test_feature_id_parsing(tiny_bundle):
     assert parse_feature("2/mlp/5", tiny_bundle) == FeatureId(2, "mlp", 5)
     assert str(parse_feature(" 1 / res / 0 ")) == "1/res/0"
+    assert parse_feature("2/MLP/5", tiny_bundle) == parse_feature("2/Mlp/5") == FeatureId(2, "mlp", 5)  # as shown
     for bad, msg in [("1/foo/3", "valid sites"), ("7/res/1", r"valid layers: 0..2"),
                      ("1/res/128", r"valid indices for 1/res: 0..127"), ("res/1", "malformed"),
                      ("1/res/-1", "malformed")]:

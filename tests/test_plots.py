@@ -51,3 +51,19 @@ def test_schedule_and_scores_figures():
                        "steered": {"behavioral": 0.7, "coherence": 0.8, "metric": 0.56}}, {"steered": "Steered"})
     theme = next(t for t in s.data if t.name == "theme")
     assert list(theme.x) == ["unsteered", "Steered"] and list(theme.y) == [0.1, 0.7]
+
+
+def test_flow_figure_shows_the_chance_cosine_of_each_layer_pair():
+    """Issue 17: each node's hover names the layer pair of its link and that pair's chance cosine;
+    the colour bar marks where chance lies (here two widths: two levels)."""
+    chance = {(l, "res"): 0.12 for l in range(4)} | {(2, "mlp"): 0.19}
+    inside = [t for t in flow_figure(_graph(), chance=chance, d_model=64).data if t.mode == "markers+text"][0]
+    hover = dict(zip([int(x) for x in inside.x], inside.hovertext))  # the in-span res nodes by layer (last: mlp)
+    assert "chance cosine for 2/res → 3/res: 0.12" in hover[3] and "in 64 dims" in hover[3]
+    assert "chance cosine for 1/res → 2/res" not in inside.hovertext[1]  # the seed: no link of its own
+    assert "chance cosine for 2/res → 2/mlp: 0.19" in inside.hovertext[3]
+    bar = inside.marker.colorbar
+    assert "chance ≈ 0.12-0.19" in bar.title.text and 0.12 in bar.tickvals and "chance 0.12-0.19" in bar.ticktext
+    live = [t for t in flow_figure(_graph(), {"tokens": ["a"], "acts": {}}, chance=chance).data
+            if t.mode == "markers+text"][0]
+    assert "chance" not in live.marker.colorbar.title.text  # coloured by activation: no cosine scale

@@ -345,3 +345,33 @@ def test_unknown_scope_is_refused(tiny_bundle):
     with pytest.raises(ValueError, match="unknown scope"):
         with steering(tiny_bundle, [[]], None, scope="everything"):
             pass
+
+
+def test_a_seed_set_merges_its_flow_graphs_and_steers_each_node_once(tiny_bundle):
+    """Issue 18: several seed features: the union of their plans; an extra node is included in the
+    graphs that have it; a node in none is refused."""
+    from steering.flow import build_flow_graph
+    from steering.graph import merge_graphs
+    from steering.settings import SteerSettings
+    from steering.steer import plan_run
+
+    a, b = "1/res/3", "2/res/5"
+    one = {x: plan_run(tiny_bundle, SteerSettings.create(x, t_res=0.0))[1] for x in (a, b)}
+    graphs, both = plan_run(tiny_bundle, SteerSettings.create(f"{a}, {b}", t_res=0.0))
+    assert [str(g.seed) for g in graphs] == [a, b]
+    assert [s.feature for s in both] == list(dict.fromkeys(s.feature for x in (a, b) for s in one[x]))
+    in_a = {n.id for n in graphs[0].nodes}
+    extra = next(n for n in build_flow_graph(tiny_bundle, b, t_res=0.9).nodes if not n.in_span and n.id not in in_a)
+    _, plus = plan_run(tiny_bundle, SteerSettings.create(f"{a}, {b}", t_res=0.9, include=[str(extra.id)]))
+    assert extra.id in {s.feature for s in plus}  # only b's graph has it: included there, not refused by a's
+    everywhere = {n.id for g in graphs for n in g.nodes}
+    outside = next(FeatureId(l, "res", i) for l in tiny_bundle.layers for i in range(tiny_bundle.width(l, "res"))
+                   if FeatureId(l, "res", i) not in everywhere)
+    with pytest.raises(ValueError, match="not a node of the flow graphs of"):
+        plan_run(tiny_bundle, SteerSettings.create(f"{a}, {b}", include=[str(outside)]))
+    merged = merge_graphs(graphs)
+    assert {n.id for n in merged.nodes} == {n.id for g in graphs for n in g.nodes}
+    assert len(merged.nodes) == len({n.id for n in merged.nodes})
+    assert merged.l_start == min(g.l_start for g in graphs) and merged.l_end == max(g.l_end for g in graphs)
+    assert {str(n.id) for n in merged.nodes if n.role == "seed"} == {a, b}
+    assert merge_graphs(graphs[:1]) is graphs[0]

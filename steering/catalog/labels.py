@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from .words import common_promoted, show_token, text_words
+from .words import common_promoted, show_token, text_words, theme_words
 
 log = logging.getLogger(__name__)
 LLM_MODEL = "gpt-4o-mini"
@@ -61,6 +61,42 @@ def offline_label(top: list[tuple[str, float]], context_words: list[str], promot
     label += f" · ctx: {', '.join(ctx)}" if ctx else ""
     label += f" → {', '.join(out)}" if out else ""
     return label + (f" [{', '.join(tags)}]" if tags else "")
+
+
+FUNCTION_SHARE = 0.5  # see function_share
+PLAIN_TAGS = {"punctuation": "punctuation", "whitespace": "spaces and line breaks", "number": "numbers"}
+
+
+def function_share(top: list[tuple[str, float]]) -> float:
+    """Share of a feature's listed top-token mass on tokens with no content word (punctuation,
+    spaces, stop words such as 'the' or 'is', pieces such as "'s"): a feature at or above
+    FUNCTION_SHARE fires on form, not on a topic (the text probe hides such features by default)."""
+    total = sum(share for _, share in top)
+    if total <= 0:
+        return 0.0
+    return sum(share for tok, share in top if not text_words(tok.replace("\\n", " "))) / total
+
+
+def readable_label(top: list[tuple[str, float]], context_words: list[str], tags: list[str]) -> str:
+    """A label for a lay reader: whole words only (top tokens that start a word, >= 3 letters, then
+    words its top contexts share), never word pieces or logit-lens tokens. A feature that fires on
+    form (`function_share`) is named by its tags ('punctuation', 'numbers') or as 'small words
+    (is, had)'; a domain tag is said in words ('in code')."""
+    words = list({w.lower(): w for w in reversed(theme_words([t for t, _ in top], n=8)) if len(w) >= 3}.values())
+    words = words[::-1][:3]
+    seen = {w.lower() for w in words}
+    ctx = [w for w in context_words if w.isalpha() and len(w) >= 3 and w.lower() not in seen][:2]
+    domain = [f"in {t}" for t in tags if t in DOMAIN_TAGS]
+    named = [PLAIN_TAGS[t] for t in tags if t in PLAIN_TAGS]
+    if function_share(top) < FUNCTION_SHARE and not words and ctx:
+        main = f"texts with {', '.join(ctx)}"
+    elif function_share(top) >= FUNCTION_SHARE or not words:
+        small = [w for w in dict.fromkeys(t.strip().lower() for t, _ in top if not text_words(t))
+                 if w.isalpha() and len(w) > 1][:3]
+        main = " and ".join(named) or (f"small words ({', '.join(small)})" if small else "word pieces")
+    else:
+        main = ", ".join(words) + (f" (in texts with {', '.join(ctx)})" if ctx else "")
+    return " ".join([main] + domain)
 
 
 

@@ -27,6 +27,8 @@ class Hit(NamedTuple):
         return self._asdict()
 
 
+GOOD_SCORE = 1.5  # a hit below this matched only weakly: a related word or a rare top token
+# (an exact top-token match scores >= 3 x 0.4 x 2 = 2.4 before the specificity factor)
 _FIELD_WEIGHT = {"label": 4.0, "top": 3.0, "tag": 2.5, "context": 1.0, "promoted": 0.8}
 _STRONG = {"label", "top", "tag"}  # matches here rank above promoted / context-only matches
 

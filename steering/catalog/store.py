@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..features import FeatureId, parse_feature
-from .labels import relabel_offline
+from .labels import FUNCTION_SHARE, function_share, readable_label, relabel_offline
 from .search import Hit, search, site_index
 from .words import N_RELATED, RELATED_MIN_SIM, catalog_words, minilm_embedder, related_words
 
@@ -214,6 +214,28 @@ class Catalog:
             return self.columns(f)["label"][f.index]
         except ValueError:
             return ""
+
+    def plain_label(self, fid) -> str:
+        """The feature's label for a lay reader (`labels.readable_label`: whole words, no word
+        pieces or logit-lens tokens; an LLM label as written), or "" when the catalog does not have it."""
+        try:
+            f = parse_feature(fid)
+            cols = self.columns(f, detail=True)
+        except ValueError:
+            return ""
+        i = f.index
+        if cols["src"][i] == "l":
+            return cols["label"][i]
+        return readable_label([tuple(x) for x in cols["top"][i]], [w for w, _ in cols["cw"][i]], cols["tags"][i])
+
+    def function_features(self, layer: int, site: str) -> list[bool]:
+        """Per feature of one SAE: True where it fires on form rather than a topic (punctuation,
+        spaces, function words: `labels.function_share` >= FUNCTION_SHARE)."""
+        cols = self.summary.get((layer, site))
+        if cols is None:
+            return []
+        self._detailed(site)
+        return [function_share([tuple(x) for x in top]) >= FUNCTION_SHARE for top in cols["top"]]
 
     def labels(self) -> dict[str, str]:
         """``{"layer/site/index": label}`` for every feature (flow graphs)."""

@@ -60,6 +60,24 @@ def token_strings(tokenizer, ids: Iterable[int]) -> dict[int, str]:
     return out
 
 
+def token_pieces(tokenizer, ids: list[int]) -> list[tuple[str, list[int]]]:
+    """The text split at token boundaries where it can be: ``[(text, [positions]), ...]``, newlines
+    as ``\\n``. A character that byte-level BPE splits over several tokens (an emoji, an accented
+    letter) would show as '\\ufffd' token by token; its tokens are decoded together into one piece.
+    Pieces are differences of decoded prefixes, so they join to the decoded text."""
+    out: list[tuple[str, list[int]]] = []
+    ids = [int(x) for x in ids]
+    done, start = "", 0
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[:i + 1], clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            continue  # an incomplete UTF-8 sequence: take the next token too
+        piece = text[len(done):] if text.startswith(done) else tokenizer.decode(ids[start:i + 1])
+        out.append((piece.replace("\n", "\\n"), list(range(start, i + 1))))
+        done, start = text, i + 1
+    return out
+
+
 def show_token(tok: str) -> str:
     t = tok.strip()
     return t if t and t.replace("\\n", "") else repr(tok.replace("\\n", "\n"))
