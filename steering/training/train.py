@@ -281,11 +281,10 @@ class StackedTopK(torch.nn.Module):
         tests/test_training.py checks these gradients against dense autograd.
 
         ``backend="dense"`` computes the same gradients (still only through the k active latents:
-        the code matrix is zero elsewhere) with dense batched matmuls in ``enc_dtype``; on the
-        2-core CPU with bf16 this is faster than the CSR kernels at these widths (docs/saes.md).
-
-        ``backend="fused"`` runs `fused_topk_step` (the dense backend's math as one pure function,
-        compiled by torch.compile when ``compile``): the default of the training run.
+        the code matrix is zero elsewhere) with dense batched matmuls in ``enc_dtype``
+        (`fused_topk_step`, run eagerly); on the 2-core CPU with bf16 this is faster than the CSR
+        kernels at these widths (docs/saes.md). ``backend="fused"`` is the same function compiled
+        by torch.compile when ``compile``: the default of the training run.
 
         ``inv_scale`` [n, 1, 1]: the SAEs read ``x * inv_scale`` (x may then be the model's raw
         bf16 activations; the fused backend applies the scale inside its fused passes).
@@ -295,10 +294,10 @@ class StackedTopK(torch.nn.Module):
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "fused":
+        if backend in ("fused", "dense"):
             inv = inv_scale if inv_scale is not None else torch.ones(x.shape[0], 1, 1, device=x.device)
             out = run_fused_step(self.W_enc, self.b_enc, self.W_dec, self.b_dec, x, inv, self.k, enc_dtype,
-                                 compile=compile)
+                                 compile=compile and backend == "fused")
             self.W_enc.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = out[:4]
             return out[4:]
         x = x.float() if inv_scale is None else x.float() * inv_scale
@@ -312,8 +311,6 @@ class StackedTopK(torch.nn.Module):
         vals = vals.float()
         del pre
         a = vals.relu()
-        if backend == "dense":
-            return self._dense_grads(x, xc, vals, a, idx, enc_dtype)
         w = self.W_dec.shape[1]
         # One block-diagonal CSR matrix for all n SAEs: row (i, t), column (i, j).
         crow = torch.arange(0, n * N * self.k + 1, self.k, device=x.device)
@@ -336,28 +333,6 @@ class StackedTopK(torch.nn.Module):
         grads[self.b_dec] = (g.view(n, N, d).sum(1) - torch.bmm(self.W_enc, db_enc[..., None])[..., 0])[:, None, :]
         for p, gr in grads.items():
             p.grad = gr
-        return x_hat, a, idx, nmse
-
-    def _dense_grads(self, x, xc, vals, a, idx, dt):
-        """`grad_step` with dense codes: Z [n, N, w] is zero outside the top-k."""
-        n, N, d = x.shape
-        w = self.W_dec.shape[1]
-        W_dec = self.W_dec.to(dt)
-        Z = torch.zeros(n, N, w, dtype=dt, device=x.device).scatter_(-1, idx, a.to(dt))
-        x_hat = torch.bmm(Z, W_dec).float() + self.b_dec
-        err = x_hat - x
-        var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))  # [n]
-        nmse = err.pow(2).sum((1, 2)) / var
-        g = 2 * err / var[:, None, None]  # [n, N, d]
-        gd = g.to(dt)
-        self.W_dec.grad = torch.bmm(Z.transpose(1, 2), gd).float()
-        dpre = torch.bmm(gd, W_dec.transpose(1, 2)).gather(-1, idx).float() * (vals > 0)  # [n, N, k]
-        del Z
-        D = torch.zeros(n, N, w, dtype=dt, device=x.device).scatter_(-1, idx, dpre.to(dt))
-        self.W_enc.grad = torch.bmm(xc.to(dt).transpose(1, 2), D).float()
-        db_enc = torch.zeros(n, w, device=x.device).scatter_add_(-1, idx.reshape(n, -1), dpre.reshape(n, -1))
-        self.b_enc.grad = db_enc[:, None, :]
-        self.b_dec.grad = (g.sum(1) - torch.bmm(self.W_enc, db_enc[..., None])[..., 0])[:, None, :]
         return x_hat, a, idx, nmse
 
     @torch.no_grad()
