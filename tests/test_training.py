@@ -6,7 +6,8 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from steering.training.train import BACKENDS, StackedTopK, alignment_penalty_grad, load_stacked, save_sae
+from steering.training.stacked import BACKENDS, StackedTopK, alignment_penalty_grad
+from steering.training.train import load_stacked, save_sae
 
 warnings.filterwarnings("ignore", message="Sparse")
 
@@ -164,7 +165,7 @@ def test_alignment_penalty_gradient_equals_autograd():
 def test_compile_failure_falls_back_to_the_eager_step(monkeypatch, caplog):
     """A machine where inductor cannot compile (e.g. a GPU image without Triton) still trains:
     the failure is logged once and the same step runs eagerly."""
-    from steering.training import train as T
+    from steering.training import stacked as T
 
     def broken(*_a, **_k):
         def fn(*_args):
