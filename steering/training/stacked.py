@@ -79,9 +79,10 @@ def run_fused_step(*args, compile: bool = True):
     C++ compiler, no Triton on a GPU image), the failure is logged once and every later step runs
     the same function eagerly."""
     if compile and not _COMPILED.get("failed"):
-        fn = _COMPILED.setdefault("fn", torch.compile(fused_topk_step, dynamic=True))
+        if "fn" not in _COMPILED:  # wrap once: setdefault would build a new wrapper every step
+            _COMPILED["fn"] = torch.compile(fused_topk_step, dynamic=True)
         try:
-            return fn(*args)
+            return _COMPILED["fn"](*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure; the eager path is the same math
             _COMPILED["failed"] = True
             log.warning("torch.compile of the fused SAE step failed (%s: %s); running it eagerly",
