@@ -113,6 +113,7 @@ def run(args, bundle) -> dict:
             "max_targets": args.max_targets, "seed": args.seed, "loss": args.loss,
             "max_length": args.max_length, "show": not args.quiet and not args.workers,
             "pearson_fit": fit if args.workers else None, "pearson_tokens": args.pearson_tokens}))
+
     def fit_once() -> None:  # serially the tables are fitted once and kept on the bundle
         if fit:
             pearson_tables(bundle, fit, layers=layers, max_tokens=args.pearson_tokens, max_length=args.max_length)

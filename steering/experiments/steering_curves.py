@@ -127,11 +127,6 @@ def specs_for(graph, condition: str, layer: int, strength: float, task: str, alp
     return plan(graph, "cumulative", layer, strength, condition, alpha, s_end)
 
 
-def score_texts(judge, texts: list[str], theme: str, task: str, perplexities: list) -> list:
-    """Every judge takes the perplexities (the offline judge's coherence uses them)."""
-    return judge.score(texts, theme, task, perplexities=perplexities)
-
-
 def run_unit(bundle, judge, graph, theme: dict, task: str, condition: str, strength: float | None,
              layers: list[int], seeds: list[int], max_new_tokens: int, alpha: float, s_end: float) -> dict:
     """Generate and judge every layer x seed of one condition; returns rows with texts and scores."""
@@ -158,8 +153,9 @@ def run_unit(bundle, judge, graph, theme: dict, task: str, condition: str, stren
         chunk = {str(n): variants[n] for n in names[i:i + per_call]}
         gens += generate_variants(bundle, prompt, chunk, seeds, max_new_tokens, instruction=ask)
         keys += [n for n in names[i:i + per_call] for _ in seeds]
-    scores = score_texts(judge, [g.text for g in gens], theme["judge_theme"], task,
-                         [g.metrics.get("perplexity") for g in gens])
+    # every judge takes the perplexities (the offline judge's coherence uses them)
+    perplexities = [g.metrics.get("perplexity") for g in gens]
+    scores = judge.score([g.text for g in gens], theme["judge_theme"], task, perplexities=perplexities)
     seed_f = theme["feature"]
     rows = []
     for key, g, s in zip(keys, gens, scores):
