@@ -2,10 +2,11 @@
 
     python -m steering.experiments.demo_sweep --preset default          # ~15 min on 2 CPU cores
 
-For each theme a lay audience knows, candidate residual features come from the logit lens (the
-features whose decoder direction most raises the theme's words in the output, `lens_candidates`)
-and from the catalog search (the theme's word); the text probe (features most active on a sentence
-about the theme) is an option (``n_probe``). Each candidate is swept over condition (baseline =
+For each theme a lay audience knows, candidate residual features come from four sentences about
+the theme against the other themes' sentences (features that fire on the theme and not elsewhere,
+`contrast_candidates`), from the logit lens (the features whose decoder direction most raises the
+theme's words in the output, `lens_candidates`) and from the catalog search (the theme's word).
+Each candidate is swept over condition (baseline =
 the seed feature alone, single = its flow-graph nodes at its layer, cumulative = the graph from
 l_start to its layer with the exponential schedule, paper §5.3 / App. B.2) and strength, with 8
 seeds at the paper's sampling settings (prompt "I think ", 36 tokens, T = 1.27, top-p 0.7).
@@ -36,6 +37,7 @@ import re
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .. import limits
@@ -52,52 +54,83 @@ ALPHA = -0.05  # paper App. B.2
 # direction per layer of a graph that spans ~20 layers, so it needs a far smaller s than one feature.
 # The first sweep (s = 4 / 8 alone, 0.5 / 1 cumulative, late-layer candidates) found s = 8 word salad
 # (median perplexity 240-770) and cumulative s <= 1 too weak; this grid sits between.
-GRID = [("baseline", 3.0), ("baseline", 5.0), ("single", 4.0), ("cumulative", 1.0), ("cumulative", 2.0)]
+GRID = [("baseline", 3.0), ("baseline", 5.0), ("single", 4.0), ("single", 6.0), ("cumulative", 1.0),
+        ("cumulative", 2.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
 
 THEMES = {
     "Weddings": {"query": "wedding", "theme": "weddings and marriage",
-                 "probe": "The bride and groom said their vows at the wedding, and the marriage began.",
+                 "probes": ["The bride and groom said their vows at the wedding, and the marriage began.",
+                           "My sister got married in June; the bride wore white and the groom cried at the ceremony.",
+                           "They sent wedding invitations, chose a cake and planned the honeymoon.",
+                           "He proposed to her with a ring, and a year later they became husband and wife."],
                  "words": "wedding weddings bride brides groom marriage married marry marrying ceremony "
                           "honeymoon vows spouse husband wife bridal engaged engagement fiance fiancee"},
     "Food": {"query": "food", "theme": "food and cooking",
-             "probe": "We cooked a delicious dinner: soup, bread, cheese and a chocolate cake.",
+             "probes": ["We cooked a delicious dinner: soup, bread, cheese and a chocolate cake.",
+                           "For lunch I ate a bowl of rice with grilled chicken and fresh vegetables.",
+                           "The chef tasted the sauce, added salt and served the pasta hot from the kitchen.",
+                           "She baked bread and cookies while a pot of soup was cooking on the stove."],
              "words": "food foods cook cooking cooked recipe recipes meal meals dinner lunch breakfast eat eating "
                       "ate delicious dish dishes bake baking kitchen flavor taste tasty bread cake soup chocolate "
                       "meat beef pork chicken fish rice pasta salad sauce cheese vegetables fruit restaurant chef "
                       "dessert snack fried roasted grilled"},
     "Anger": {"query": "angry", "theme": "anger and frustration",
-              "probe": "I was so angry and furious that I shouted at him in rage.",
+              "probes": ["I was so angry and furious that I shouted at him in rage.",
+                           "He slammed the door, furious that they had lied to him again.",
+                           "I hate it when people are rude; it makes me so mad I want to scream.",
+                           "She was annoyed and frustrated, and her voice shook with anger."],
               "words": "angry anger furious rage mad frustrated frustration frustrating annoyed hate hated "
                        "yelled shouted irritated outraged"},
     "Sadness": {"query": "sad", "theme": "sadness and grief",
-                "probe": "She felt sad and lonely, and cried with grief after the funeral.",
+                "probes": ["She felt sad and lonely, and cried with grief after the funeral.",
+                           "He was heartbroken and cried alone in his room for days.",
+                           "After her dog died she felt empty, sad and full of sorrow.",
+                           "Tears ran down his face as he mourned his grandmother."],
                 "words": "sad sadness cry cried crying tears grief grieving lonely depressed heartbroken sorrow "
                          "mourning unhappy"},
     "Sport": {"query": "football", "theme": "sports and games",
-              "probe": "The football team scored a goal and won the match against the champions.",
+              "probes": ["The football team scored a goal and won the match against the champions.",
+                           "The players trained hard all season and the coach was proud of the team.",
+                           "She won the tennis tournament and the fans cheered in the stadium.",
+                           "The basketball game went to overtime before the home team scored."],
               "words": "sport sports football soccer basketball baseball tennis team teams match player players "
                        "goal goals coach league athlete athletes championship tournament "
                        "olympic olympics game games score scored stadium season fans"},
     "Music": {"query": "music", "theme": "music and songs",
-              "probe": "The band played a song on guitar and piano at the concert.",
+              "probes": ["The band played a song on guitar and piano at the concert.",
+                           "She sings in a choir and practises the violin every evening.",
+                           "The singer released a new album of jazz songs with drums and piano.",
+                           "We danced to the music while the orchestra played a beautiful melody."],
               "words": "music musical song songs sing singing singer guitar piano band concert melody album "
                        "musician musicians rhythm jazz rock pop lyrics drums violin orchestra tune"},
     "Animals": {"query": "dog", "theme": "animals and pets",
-                "probe": "My dog and the cat played with the puppy on the farm with the horses.",
+                "probes": ["My dog and the cat played with the puppy on the farm with the horses.",
+                           "Our cat sleeps on the sofa and the dog barks at the birds outside.",
+                           "The kitten chased a mouse while the puppy wagged its tail.",
+                           "At the zoo we saw lions, elephants, monkeys and a giraffe."],
                 "words": "animal animals dog dogs cat cats pet pets puppy puppies kitten bird birds horse horses "
                          "farm wildlife"},
     "Religion": {"query": "god", "theme": "religion, church and God",
-                 "probe": "They prayed to God in the church and read the Bible with faith.",
+                 "probes": ["They prayed to God in the church and read the Bible with faith.",
+                           "The priest spoke about Jesus and the people prayed together.",
+                           "She has a strong faith and goes to church every Sunday to worship the Lord.",
+                           "The holy book teaches that God loves everyone, and the believers sang hymns."],
                  "words": "god gods church churches prayer prayers pray prayed faith jesus christ bible religion "
                           "religious spiritual lord holy"},
     "Python code": {"query": "python", "theme": "programming and Python code",
-                    "probe": "def main():\n    import os\n    print(os.path.join('a', 'b'))",
+                    "probes": ["def main():\n    import os\n    print(os.path.join('a', 'b'))",
+                           "The Python function returns a list, and the variable is printed in a for loop.",
+                           "import numpy as np\nx = np.zeros(3)\nfor i in range(3):\n    x[i] = i * 2",
+                           "The programmer wrote code to parse the file and fixed a bug in the class."],
                     "words": "code coding python function functions programming program programs variable "
                              "variables def import print return software computer algorithm"},
 }
 REMOVAL = {"title": "Physics (remove it)", "query": "physics", "theme": "scientific concepts and entities",
-           "probe": "Quantum mechanics and general relativity describe particles, energy and gravity.",
+           "probes": ["Quantum mechanics and general relativity describe particles, energy and gravity.",
+                           "Einstein showed that mass and energy are related and that light bends near a star.",
+                           "The electron and the photon are particles studied in physics experiments.",
+                           "Gravity pulls objects toward the earth with a force that depends on their mass."],
            "words": "physics physical quantum particle particles energy theory theories relativity gravity "
                     "universe mass einstein matter mechanics spacetime electron electrons photon"}
 
@@ -150,24 +183,70 @@ def lens_candidates(bundle, words: set[str], n: int = 2, layers: range | None = 
     return [fid for _, fid in sorted(best, reverse=True)[:n]]
 
 
-def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_probe: int = 0, n_lens: int = 2) -> list[str]:
-    from ..probe import features_for_text
+_MAX_ACTS: dict = {}  # id(bundle) -> {(text, key): max activation per feature [w]}
 
+
+@torch.no_grad()
+def contrast_candidates(bundle, theme_texts: list[str], other_texts: list[str], layers: range, n: int = 1,
+                        min_share: float = 0.75) -> list[str]:
+    """Residual features that fire on the theme's sentences and not on other themes' (the input side
+    of a feature, what the catalog and the probe show). Per text, a feature's activation is its
+    maximum over tokens (sinks and padding left out) in units of its typical activation
+    (`Bundle.ref_scale`); a feature scores mean(theme) - mean(others) and counts only if it fires on
+    >= ``min_share`` of the theme's sentences. One best feature per layer, then the ``n`` best."""
+    from ..sinks import sink_mask
+
+    keys = [(l, "res") for l in layers if (l, "res") in bundle.saes]
+    if not keys:
+        return []
+
+    def per_text(texts: list[str]) -> dict:  # {key: [n_texts, w]}, each text computed once per bundle
+        cache = _MAX_ACTS.setdefault(id(bundle), {})
+        todo = [t for t in dict.fromkeys(texts) if any((t, k) not in cache for k in keys)]
+        for i in range(0, len(todo), 8):
+            chunk = todo[i:i + 8]
+            enc = bundle.tokenize(chunk)
+            store, _ = bundle.activations(enc, keys)
+            mask = enc["attention_mask"].bool().cpu()  # [b, seq]
+            mask[:, 0] = False  # attention sink
+            mask &= ~sink_mask(torch.stack([store[k].float().cpu() for k in keys]), enc["attention_mask"].cpu())
+            for key in keys:
+                z = bundle.encode(*key, store[key]).cpu() / bundle.ref_scale(*key).clamp_min(1e-6)  # [b, seq, w]
+                for t, row in zip(chunk, z.masked_fill(~mask[..., None], 0).amax(1)):  # [w] per text
+                    cache[(t, key)] = row
+        return {key: torch.stack([cache[(t, key)] for t in texts]) for key in keys}
+
+    on, off = per_text(theme_texts), per_text(other_texts)
+    best = []
+    for key in keys:
+        score = on[key].mean(0) - off[key].mean(0)  # [w]
+        score[(on[key] > 0).float().mean(0) < min_share] = float("-inf")
+        i = int(score.argmax())
+        if score[i] > 0:
+            best.append((float(score[i]), f"{key[0]}/res/{i}"))
+    return [fid for _, fid in sorted(best, reverse=True)[:n]]
+
+
+def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_contrast: int = 2, n_lens: int = 1) -> list[str]:
+    """Candidate residual features of a theme: the best contrastive ones (`contrast_candidates`:
+    ``n_contrast`` from the middle layers, one from the late ones), the best logit-lens ones
+    (`lens_candidates`) and the catalog search's first hit."""
     words = set(spec["words"].split())
     L = bundle.n_layers
+    others = [t for o in [*THEMES.values(), REMOVAL] if o is not spec for t in o["probes"]]
     if L >= 8:  # the paper steers a middle layer (12 of 26); the logit lens alone picks late ones
-        out: list[str] = lens_candidates(bundle, words, n_lens, range(L // 4, 2 * L // 3))
-        out += lens_candidates(bundle, words, 1, range(2 * L // 3, L - 2))
+        mid, late = range(L // 4, 2 * L // 3), range(2 * L // 3, L - 2)
+        out = contrast_candidates(bundle, spec["probes"], others, mid, n_contrast)
+        out += contrast_candidates(bundle, spec["probes"], others, late, 1)
+        out += lens_candidates(bundle, words, n_lens, mid)
     else:
-        out = lens_candidates(bundle, words, n_lens)
+        out = contrast_candidates(bundle, spec["probes"], others, range(L), n_contrast)
+        out += lens_candidates(bundle, words, n_lens)
     # the first and last layers hold few themes (token identity, next-token form)
     lo, hi = (2, bundle.n_layers - 3) if bundle.n_layers >= 8 else (0, bundle.n_layers - 1)
     if catalog is not None:
         out += [h.feature for h in catalog.search(spec["query"], 20)
                 if lo <= int(h.feature.split("/")[0]) <= hi][:n_search]
-    if n_probe:
-        probe = features_for_text(bundle, spec["probe"], k=20)
-        out += [fid for fid, _, _ in probe["top"] if lo <= int(fid.split("/")[0]) <= hi][:n_probe]
     return list(dict.fromkeys(out))
 
 
