@@ -373,3 +373,12 @@ def test_weak_search_results_are_said_plainly(built):
     note = Playground.search_note("anger", [GOOD_SCORE - 0.5, 0.3])
     assert note.startswith("**No good match for “anger”**")
     assert Playground.search_note("wedding", [GOOD_SCORE + 1, 0.3]) == "" == Playground.search_note("x", [])
+
+
+def test_labels_show_whitespace_tokens_as_symbols_and_leave_out_partial_characters():
+    """Issue 17: catalog labels had "'\\n'" and '\ufffd' in them."""
+    top = [("\ufffd", 0.4), ("\\n", 0.3), (" wedding", 0.2), (" \ufffd", 0.1)]
+    label = offline_label(top, [], [], [])
+    assert label == "⏎, wedding"
+    assert "\ufffd" not in label and "\\n" not in label
+    assert W.show_token("  ") == "␣␣" and W.show_token("\\n\\n") == "⏎⏎"

@@ -51,7 +51,7 @@ def offline_label(top: list[tuple[str, float]], context_words: list[str], promot
     """
     if not top:
         return "(never fired)"
-    toks = list(dict.fromkeys(show_token(t) for t, _ in top))[:3]
+    toks = [t for t in dict.fromkeys(show_token(t) for t, _ in top) if t][:3]
     seen = {t.lower() for t in toks}
     ctx = [w for w in context_words if w not in seen][:3]
     seen |= set(ctx)

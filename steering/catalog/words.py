@@ -79,8 +79,15 @@ def token_pieces(tokenizer, ids: list[int]) -> list[tuple[str, list[int]]]:
 
 
 def show_token(tok: str) -> str:
+    """A token as a label shows it: stripped; a token of only whitespace as symbols (⏎ for a line
+    break, ␣ for a space, ⇥ for a tab); a token holding part of a character (byte-level BPE
+    splits emoji and accented letters, '\ufffd' alone) as '' (callers leave it out)."""
+    if "\ufffd" in tok:
+        return ""
     t = tok.strip()
-    return t if t and t.replace("\\n", "") else repr(tok.replace("\\n", "\n"))
+    if t and t.replace("\\n", ""):
+        return t
+    return tok.replace("\\n", "⏎").replace("\n", "⏎").replace("\t", "⇥").replace(" ", "␣") or "␣"
 
 
 # ---- related words (query expansion) ----------------------------------------------------------
