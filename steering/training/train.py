@@ -378,6 +378,7 @@ def _save_all(out: Path, cfg: TrainConfig, saes, scale, act_sum, act_cnt, token_
                      W_dec=sae.W_dec[l].cpu(), b_dec=(sae.b_dec[l, 0] * c).cpu(), k=sae.k,
                      ref_scale=ref, extra={"input_scale": float(c), "init": cfg.init,
                                            "continued_from": cfg.init_from,
+                                           "align_weight": cfg.align_weight if s == "res" else 0.0,
                                            "trained_tokens": int(tokens_seen)})
     (out / "train_config.json").write_text(json.dumps({
         "config": asdict(cfg), "tokens_seen": tokens_seen, "steps": steps, "seconds": round(seconds, 1),
