@@ -343,7 +343,7 @@ def _add_judge(p: argparse.ArgumentParser) -> None:
 def cmd_judge(args) -> dict:
     from .judging.calibration import calibrate
 
-    result = calibrate(perplexity_preset=args.perplexity_preset)
+    result = calibrate(perplexity_preset=args.perplexity_preset, previous=args.out)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     log.info("wrote %s", args.out)
     return {"out": str(args.out), "evaluation": result["evaluation"]}

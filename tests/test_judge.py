@@ -371,19 +371,75 @@ def test_offline_empty_text_and_json(offline):
 
 
 def test_calibration_is_current_and_meets_its_held_out_targets():
-    """Issue 17: >= 300 texts over >= 10 themes; on the held-out items off-theme texts score <= 1/5
-    in >= 90% and word salad <= 1/5 coherence in >= 90% (Spearman is reported, target 0.8 not met)."""
+    """Issue 17: >= 300 hand-written texts over >= 10 themes; on the held-out items off-theme texts
+    score <= 1/5 in >= 90% and word salad <= 1/5 coherence in >= 90%. Spearman over all theme
+    items cannot pass its ceiling (most labels are 0); the scorer must beat the whole-text
+    baseline on the hand-labelled held-out texts."""
     cal = O.load_calibration()
     n_rows = sum(1 for line in (B.JUDGE_DIR / "labelled.jsonl").read_text().splitlines() if line)
-    assert n_rows == cal["n_labelled"] and cal["n_themes"] >= 10 and cal["n_texts"] >= 300
-    ev = cal["evaluation"]
-    assert ev["off_theme_scored_le_1"] >= 0.9 and ev["n_off_theme"] >= 100
+    assert n_rows == cal["n_labelled"] >= 300 and cal["n_themes"] >= 10 and cal["n_texts"] >= 300
+    ev, base = cal["evaluation"], cal["evaluation_whole_text_baseline"]
+    assert ev["off_theme_scored_le_1"] >= 0.9 and ev["n_off_theme"] >= 200
     assert ev["word_salad_coherence_le_1"] >= 0.9 and ev["fluent_coherence_ge_4"] >= 0.9
-    assert ev["spearman_behavioral"] > 0.5 and ev["spearman_coherence"] > 0.8
-    # the logistic map is monotone and stays within 0-5
-    xs = [-0.5, -0.1, 0.0, 0.1, 0.5]
-    ys = [O.logistic(x, cal["behavioral"]["a"], cal["behavioral"]["b"]) for x in xs]
-    assert ys == sorted(ys) and 0 <= ys[0] and ys[-1] <= 5
+    assert ev["n_hand_labelled"] >= 75 and ev["spearman_coherence"] > 0.8
+    assert ev["spearman_behavioral"] <= ev["spearman_behavioral_ceiling"]
+    assert ev["spearman_behavioral_hand_labelled"] > base["spearman_behavioral_hand_labelled"]
+    assert cal["evaluation_before"]["spearman_behavioral"] == 0.624  # the figures before issue 17, kept
+    fit = cal["behavioral"]
+    assert fit["features"] == list(O.THEME_FEATURES) == cal["similarity_method"]["features"]
+    for f in ([-0.3] * 8, [0.6] * 8, fit["mean"]):
+        assert 0 <= O.theme_score(f, fit) <= 5
+
+
+def test_calibration_reproduces_its_stored_theme_figures(offline):
+    """The stored weights, applied by the judge to the held-out items, give the stored figures."""
+    from steering.judging import calibration as C
+
+    cal = O.load_calibration()
+    items = C.build_items(C.load_rows())
+    held = [dict(it) if C.held_out(it) and it["behavioral"] is not None else {**it, "behavioral": None}
+            for it in items]
+    feats = C.theme_item_features(held, offline)
+    pred = {i: O.theme_score(f, cal["behavioral"]) for i, f in enumerate(feats) if f is not None}
+    ev = C.evaluate(items, pred, [it["coherence"] for it in items], cal["behavioral"]["interval_half_widths"])
+    for key in ("off_theme_scored_le_1", "hand_labelled_off_theme_scored_le_1", "on_theme_scored_ge_3",
+                "spearman_behavioral", "spearman_behavioral_hand_labelled", "interval_holds_label", "share_uncertain"):
+        assert ev[key] == pytest.approx(cal["evaluation"][key], abs=0.002), key
+
+
+# Texts written for these tests, not taken from assets/judge/labelled.jsonl.
+@pytest.mark.parametrize("theme, text", [
+    ("food and cooking", "I think every cloud has a silver lining, and you should not cry over spilt milk."),
+    ("animals and pets", "I think the new manager is a dark horse; nobody expected her to win the vote."),
+    ("sports", "I think the lawyer threw in the towel once the judge read out the evidence."),
+    ("music and songs", "I think the tax reform is the same old song, and the voters are tired of it."),
+])
+def test_offline_idiom_only_theme_word_scores_low(offline, theme, text):
+    [s] = offline.score([text], theme, "activate")
+    assert s.behavioral <= 1.5, (s.behavioral, s.reason)
+
+
+@pytest.mark.parametrize("theme, text", [
+    ("programming and code", "I think the goalkeeper saved two penalties and the fans sang until midnight."),
+    ("religion and God", "I think the bakery's rye bread is best toasted with a little butter."),
+    ("wedding and marriage", "I think the printer on the third floor jams whenever someone prints in colour."),
+    ("mental health issues", "I think the bridge over the river was painted green last summer."),
+])
+def test_offline_clearly_off_theme_text_scores_at_most_1(offline, theme, text):
+    [s] = offline.score([text], theme, "activate")
+    assert s.behavioral <= 1.0 and not s.uncertain, (s.behavioral, s.reason)
+
+
+def test_offline_word_salad_and_loops_score_low_coherence(offline):
+    loops = ["pasta pasta pasta pasta pasta pasta pasta pasta pasta pasta", "the soup is the soup is the soup is the soup"]
+    for s in offline.score(loops, "food and cooking", "activate"):
+        assert s.coherence <= 1.0, (s.coherence, s.reason)
+    # shuffled words of a fluent text (no repetition, real words) score low only once their perplexity
+    # under the unsteered model is known: at the top of the calibrated ramp
+    hi = O.load_calibration()["coherence"]["ppl_hi"]
+    salad = "dinner the cooked soup we and a for pot big of"
+    [s, t] = offline.score([salad, salad], "food and cooking", "activate", perplexities=[hi, None])
+    assert s.coherence <= 1.0 < t.coherence
 
 
 def test_calibration_items_follow_their_rules():

@@ -14,13 +14,18 @@ it by rules that need no further judgement:
   ``repetition``: its first three words looped to the same length (what oversteering produces):
   coherence label 0 (no theme label).
 
-A quarter of the texts (every 4th, with all of their items) is held out: the theme map (a
-logistic of the relative embedding similarity) and the perplexity range of the coherence score
-are fitted on the rest, and every figure of ``evaluation`` is computed on the held-out items:
-the share of off-theme items (label <= 1) scored <= 1/5, the share of word salad scored <= 1/5
-coherence, Spearman correlations with the labels, and how often the reported interval holds the
-label. The interval: score +- the 80th percentile of the absolute theme-score error on the
-fitting items whose score fell in the same bin (`offline.BINS`); a score whose interval spans more
+A quarter of the texts (every 4th by position in the file, index % 4 == 0, with all of their
+items; a fixed rule, never chosen by looking at scores) is held out: the theme map (weights of a
+logistic over `offline.THEME_FEATURES`: whole-text, clause and word similarities) and the
+perplexity range of the coherence score are fitted on the rest, and every figure of
+``evaluation`` is computed on the held-out items: the share of off-theme items (label <= 1)
+scored <= 1/5, the share of word salad scored <= 1/5 coherence, Spearman correlations with the
+labels, and how often the reported interval holds the label. Spearman is given over all theme
+items (``spearman_behavioral``; most of them are label 0, so even a perfect scorer without ties
+stays at ``spearman_behavioral_ceiling``) and over the hand-labelled texts alone
+(``spearman_behavioral_hand_labelled``, labels spread over 0-5). The interval: score +- the
+80th percentile of the absolute theme-score error on the fitting items whose score fell in the
+same bin (`offline.BINS`); a score whose interval spans more
 than ``offline.UNCERTAIN_WIDTH`` points is reported as "uncertain" (`offline.interval`).
 """
 
@@ -34,8 +39,8 @@ from pathlib import Path
 from ..embeddings import minilm_vocab
 from ..metrics import model_perplexity_fn
 from .base import JUDGE_DIR
-from .offline import (BINS, PPL_HI, PPL_LO, SIMILARITY_METHOD, UNCERTAIN_WIDTH, OfflineJudge, coherence_score,
-                      coherence_signals, interval, is_uncertain, load_calibration, logistic, score_bin)
+from .offline import (BINS, PPL_HI, PPL_LO, SIMILARITY_METHOD, THEME_FEATURES, UNCERTAIN_WIDTH, OfflineJudge,
+                      coherence_score, coherence_signals, interval, is_uncertain, logistic, score_bin, theme_score)
 
 RELATED = (frozenset({"anger and frustration", "mental health issues"}),
            frozenset({"scientific concepts and entities", "programming and code"}))
@@ -99,13 +104,24 @@ def _quantile(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))] if v else 0.0
 
 
-def evaluate(items: list[dict], sims: list[float], cohs: list[float], a: float, b: float,
-             halves: list[float]) -> dict:
-    """Figures of the held-out items for a theme map (a, b) and per-bin interval half-widths."""
+def _spearman_ceiling(gold: list[float]) -> float:
+    """The highest Spearman any scorer without ties can reach against labels with these ties
+    (it ranks every tied group in some order: the gold ranks are averaged, the predicted are not)."""
+    pred = [0.0] * len(gold)
+    for rank, i in enumerate(sorted(range(len(gold)), key=lambda i: gold[i])):
+        pred[i] = float(rank)
+    return _spearman(pred, gold)
+
+
+def evaluate(items: list[dict], pred: dict[int, float], cohs: list[float], halves: list[float]) -> dict:
+    """Figures of the held-out items for theme scores ``pred`` (item index -> 0-5, every held-out
+    item with a theme label), coherence scores ``cohs`` (one per item) and per-bin interval
+    half-widths."""
     idx = [i for i, it in enumerate(items) if held_out(it)]
     theme_idx = [i for i in idx if items[i]["behavioral"] is not None]
-    pred = {i: logistic(sims[i], a, b) for i in theme_idx}
+    hand = [i for i in theme_idx if items[i]["kind"] == "labelled"]
     off = [i for i in theme_idx if items[i]["behavioral"] <= 1]
+    hand_off = [i for i in hand if items[i]["behavioral"] <= 1]
     on = [i for i in theme_idx if items[i]["behavioral"] >= 4]
     salad = [i for i in idx if items[i]["kind"] in ("word salad", "repetition")]
     fluent = [i for i in idx if items[i]["coherence"] >= 4 and items[i]["kind"] == "labelled"]
@@ -114,14 +130,20 @@ def evaluate(items: list[dict], sims: list[float], cohs: list[float], a: float, 
               <= interval(pred[i], halves)[1]]
     uncertain = [i for i in theme_idx if is_uncertain(pred[i], halves)]
     confident_off = [i for i in off if not is_uncertain(pred[i], halves)]
+    gold = [items[i]["behavioral"] for i in theme_idx]
     return {
         "n_items": len(idx), "n_texts": len({items[i]["text_id"] for i in idx}),
         "off_theme_scored_le_1": round(sum(pred[i] <= 1 for i in off) / max(1, len(off)), 3), "n_off_theme": len(off),
+        "hand_labelled_off_theme_scored_le_1": round(sum(pred[i] <= 1 for i in hand_off) / max(1, len(hand_off)), 3),
+        "n_hand_labelled_off_theme": len(hand_off),
         "on_theme_scored_ge_3": round(sum(pred[i] >= 3 for i in on) / max(1, len(on)), 3), "n_on_theme": len(on),
         "word_salad_coherence_le_1": round(sum(cohs[i] <= 1 for i in salad) / max(1, len(salad)), 3),
         "n_word_salad": len(salad),
         "fluent_coherence_ge_4": round(sum(cohs[i] >= 4 for i in fluent) / max(1, len(fluent)), 3),
-        "spearman_behavioral": _spearman([pred[i] for i in theme_idx], [items[i]["behavioral"] for i in theme_idx]),
+        "spearman_behavioral": _spearman([pred[i] for i in theme_idx], gold),
+        "spearman_behavioral_ceiling": _spearman_ceiling(gold),
+        "spearman_behavioral_hand_labelled": _spearman([pred[i] for i in hand], [items[i]["behavioral"] for i in hand]),
+        "n_hand_labelled": len(hand),
         "spearman_coherence": _spearman([cohs[i] for i in coh_idx], [items[i]["coherence"] for i in coh_idx]),
         "interval_holds_label": round(len(inside) / max(1, len(theme_idx)), 3),
         "share_uncertain": round(len(uncertain) / max(1, len(theme_idx)), 3),
@@ -129,36 +151,54 @@ def evaluate(items: list[dict], sims: list[float], cohs: list[float], a: float, 
     }
 
 
-def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict:
+def theme_item_features(items: list[dict], judge: OfflineJudge | None = None) -> list[list[float] | None]:
+    """`THEME_FEATURES` of every item for its theme (None for items without a theme label)."""
+    judge = judge or OfflineJudge(calibration={})
+    feats: list[list[float] | None] = [None] * len(items)
+    for theme in sorted({it["theme"] for it in items}):
+        idx = [i for i, it in enumerate(items) if it["theme"] == theme and it["behavioral"] is not None]
+        for i, f in zip(idx, judge.theme_features([items[i]["text"] for i in idx], theme)):
+            feats[i] = f
+    return feats
+
+
+def _halves(pred: list[float], gold: list[float]) -> list[float]:
+    """Per-bin interval half-widths: the INTERVAL_QUANTILE of |score - label| of the fitting items
+    whose score fell in each bin (5.0, as unsure as can be, for a bin never seen)."""
+    errs = [(p, abs(p - g)) for p, g in zip(pred, gold)]
+    return [round(_quantile([e for p, e in errs if score_bin(p) == k], INTERVAL_QUANTILE), 3)
+            if any(score_bin(p) == k for p, _ in errs) else 5.0 for k in range(len(BINS) + 1)]
+
+
+def calibrate(labelled: Path | None = None, perplexity_preset: str = "", previous: Path | None = None) -> dict:
     """Fit the offline judge on the fitting part of the items and evaluate it on the held-out
-    part (module docstring); also evaluates the calibration in use before the fit, when there
-    is one. With ``perplexity_preset`` every text's perplexity under that preset's model (no
-    SAEs) feeds the coherence score, as in the app."""
+    part (module docstring). Also evaluates, on the same split, the whole-text baseline (one
+    logistic of the whole text's relative similarity, the method before issue 17), and keeps the
+    figures the previous calibration file reported for an older method as ``evaluation_before``.
+    With ``perplexity_preset`` every text's perplexity under that preset's model (no SAEs) feeds
+    the coherence score, as in the app."""
     rows = load_rows(labelled)
     items = build_items(rows)
-    judge = OfflineJudge(calibration={})
-    sims = [0.0] * len(items)
-    for theme in sorted({it["theme"] for it in items}):
-        idx = [i for i, it in enumerate(items) if it["theme"] == theme]
-        for i, s in zip(idx, judge.similarity([items[i]["text"] for i in idx], theme)):
-            sims[i] = s
+    feats = theme_item_features(items)
     ppl = text_perplexities(items, perplexity_preset) if perplexity_preset else [None] * len(items)
     fit = [i for i, it in enumerate(items) if not held_out(it)]
     fit_b = [i for i in fit if items[i]["behavioral"] is not None]
-    a, b = _fit_logistic([sims[i] for i in fit_b], [items[i]["behavioral"] for i in fit_b])
-    errs = [(logistic(sims[i], a, b), abs(logistic(sims[i], a, b) - items[i]["behavioral"])) for i in fit_b]
-    halves = [round(_quantile([e for p, e in errs if score_bin(p) == k], INTERVAL_QUANTILE), 3)
-              if any(score_bin(p) == k for p, _ in errs) else 5.0  # a bin never seen: as unsure as can be
-              for k in range(len(BINS) + 1)]
+    theme_idx = [i for i, it in enumerate(items) if it["behavioral"] is not None]
+    gold = [items[i]["behavioral"] for i in fit_b]
+    weights = fit_theme_weights([feats[i] for i in fit_b], gold)
+    pred = {i: theme_score(feats[i], weights) for i in theme_idx}
+    halves = _halves([pred[i] for i in fit_b], gold)
     vocab = minilm_vocab()
     sigs = [coherence_signals(it["text"], p, vocab) for it, p in zip(items, ppl)]
     lo, hi = (PPL_LO, PPL_HI)
     if perplexity_preset:
         lo, hi = _fit_ppl_range([sigs[i] for i in fit], [items[i]["coherence"] for i in fit])
     cohs = [coherence_score(s, lo, hi) for s in sigs]
+    a, b = _fit_logistic([feats[i][0] for i in fit_b], gold)  # the whole-text baseline
+    base = {i: logistic(feats[i][0], a, b) for i in theme_idx}
     result = {
         "similarity_method": SIMILARITY_METHOD,
-        "behavioral": {"a": round(a, 4), "b": round(b, 5), "formula": "5 / (1 + exp(-a (similarity - b)))",
+        "behavioral": {**weights, "formula": "5 sigmoid(bias + sum_k weights_k (feature_k - mean_k) / std_k)",
                        "interval_bins": list(BINS), "interval_half_widths": halves,
                        "uncertain_width": UNCERTAIN_WIDTH},
         "coherence": {"ppl_lo": lo, "ppl_hi": hi, "perplexity_model": perplexity_preset or "none (local signals)"},
@@ -166,21 +206,54 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "") -> dict
         "n_items_by_kind": {k: sum(it["kind"] == k for it in items)
                             for k in ("labelled", "other theme", "word salad", "repetition")},
         "n_texts": len({it["text"] for it in items}), "n_hand_labelled_texts": len(rows),
-        "held_out": f"every {HELD_OUT_EVERY}th labelled text with all of its items",
-        "evaluation": evaluate(items, sims, cohs, a, b, halves),
+        "held_out": f"every {HELD_OUT_EVERY}th labelled text (index % {HELD_OUT_EVERY} == 0) with all of its items",
+        "evaluation": evaluate(items, pred, cohs, halves),
+        "evaluation_whole_text_baseline": evaluate(items, base, cohs, _halves([base[i] for i in fit_b], gold)),
         "note": "figures of `evaluation` are on held-out items only (steering/judging/calibration.py says how items "
-                "are built from the hand-labelled texts)",
+                "are built from the hand-labelled texts); `evaluation_whole_text_baseline`: the method before issue "
+                "17 (one logistic of the whole text's similarity, a={:.2f}, b={:.4f}) fitted and evaluated on the same "
+                "split; `evaluation_before`: what the calibration file of the older method reported, on its own "
+                "(smaller) labelled set".format(a, b),
     }
-    try:
-        old = load_calibration(JUDGE_DIR / "calibration.json")
-        ob = old["behavioral"]
-        oc = old.get("coherence", {})
-        old_cohs = [coherence_score(s, oc.get("ppl_lo", PPL_LO), oc.get("ppl_hi", PPL_HI)) for s in sigs]
-        result["evaluation_before"] = evaluate(items, sims, old_cohs, ob["a"], ob["b"],
-                                               ob.get("interval_half_widths", []))
-    except (FileNotFoundError, ValueError, KeyError):
-        pass
+    before = _previous_figures(previous or JUDGE_DIR / "calibration.json")
+    if before:
+        result["evaluation_before"] = before
     return result
+
+
+def _previous_figures(path: Path) -> dict | None:
+    """The `evaluation` of a calibration file fitted with another similarity method (its
+    ``evaluation_before`` when it was fitted with this one), else None."""
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    if old.get("similarity_method") == SIMILARITY_METHOD:
+        return old.get("evaluation_before")
+    return {**old.get("evaluation", {}), "n_labelled": old.get("n_labelled"),
+            "method": "one logistic of the whole text's relative similarity"}
+
+
+def fit_theme_weights(features: list[list[float]], gold: list[float], l2: float = 1e-3) -> dict:
+    """Least-squares fit of gold (0-5) = 5 sigmoid(bias + w . (f - mean) / std) with a small L2
+    penalty on w; returns the dict `offline.theme_score` reads (mean, std, weights, bias)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    x = np.asarray(features, dtype=float)  # [n, n_features]
+    y = np.asarray(gold, dtype=float)  # [n]
+    if x.ndim != 2 or x.shape[1] != len(THEME_FEATURES) or len(y) != len(x):
+        raise ValueError(f"need [n, {len(THEME_FEATURES)}] features and n labels, got {x.shape} and {len(y)}")
+    mean, std = x.mean(0), x.std(0) + 1e-9
+    z = (x - mean) / std
+
+    def loss(p):
+        pr = 5.0 / (1.0 + np.exp(-np.clip(z @ p[:-1] + p[-1], -60, 60)))
+        return float(((pr - y) ** 2).mean() + l2 * (p[:-1] ** 2).sum())
+
+    p = minimize(loss, np.zeros(x.shape[1] + 1), method="L-BFGS-B").x
+    return {"features": list(THEME_FEATURES), "mean": [round(float(v), 5) for v in mean],
+            "std": [round(float(v), 5) for v in std], "weights": [round(float(v), 4) for v in p[:-1]],
+            "bias": round(float(p[-1]), 4)}
 
 
 def _fit_logistic(x: list[float], y: list[float]) -> tuple[float, float]:

@@ -1,9 +1,12 @@
 """The offline fallback judge, used when no OpenAI key is set and labelled "offline" everywhere.
 
-Theme score: a calibrated relative similarity between local sentence embeddings
-(`steering.embeddings`, all-MiniLM-L6-v2) of the theme and the text; coherence: local signals
-(repetition, gibberish, perplexity under the unsteered model). Its calibration:
-`steering.judging.calibration` (``python -m steering judge calibrate``).
+Theme score (0-5, paper §4.2): relative similarities between local sentence embeddings
+(`steering.embeddings`, all-MiniLM-L6-v2) of the theme and the whole text, its clauses and its
+content words (the words near the theme form its lexicon), combined by a small logistic fit on hand
+labels, with a range and an "uncertain" flag; coherence: local signals (repetition, gibberish,
+perplexity under the unsteered model). Its calibration: `steering.judging.calibration`
+(``python -m steering judge calibrate``). Scoring per clause and per word is what keeps a theme
+word inside an idiom or inside word salad from lifting a text's theme score.
 """
 
 from __future__ import annotations
@@ -93,11 +96,55 @@ ANCHOR_TOPICS = (
 )
 ANCHORS_EXCLUDED = 3  # the anchors closest to the theme are dropped (they may be the theme itself)
 ANCHORS_TOP = 3  # subtract the mean similarity of the text to its 3 closest remaining anchors
+# A word is in the theme's lexicon (its MiniLM neighbourhood) when its relative similarity to the
+# theme, embedded in the same template, exceeds one of these (fixed a priori, not fitted).
+LEXICON_THRESHOLDS = (0.10, 0.15)
+# The features of a (text, theme) pair, in the order of the fitted weights (`theme_features`).
+THEME_FEATURES = ("whole", "clause_max", "clause_top2", "word_max", "word_top3", "lexicon_share_10",
+                  "lexicon_share_15", "word_mean")
 SIMILARITY_METHOD = {"template": THEME_TEMPLATE, "n_anchors": len(ANCHOR_TOPICS),
-                     "anchors_excluded": ANCHORS_EXCLUDED, "anchors_top": ANCHORS_TOP}
-OFFLINE_LABEL = ("offline fallback (no OpenAI key): theme = calibrated MiniLM similarity, "
-                 "coherence = local signals")
+                     "anchors_excluded": ANCHORS_EXCLUDED, "anchors_top": ANCHORS_TOP,
+                     "features": list(THEME_FEATURES), "lexicon_thresholds": list(LEXICON_THRESHOLDS),
+                     "clauses": "split at . ; : ! ? , and at and/but/so/because/while/then; pieces under 3 words "
+                                "joined to their neighbour"}
+OFFLINE_LABEL = ("offline fallback (no OpenAI key): theme = MiniLM similarity of the text, its clauses and "
+                 "its words, fitted to hand labels; coherence = local signals")
 
+_SPLIT = re.compile(r"[.;:!?,]+|\s(?:and|but|so|because|while|then)\s", re.IGNORECASE)
+STOPWORDS = frozenset("""the a an and or but of to in on at for with by from is are was were be been being it its this
+that these those i you he she we they me my your his her our their them us as so if then than too very not no do
+does did have has had will would can could should just also there here what which who when where why how all any
+some more most other such only own same into over under again once about up down out off""".split())
+
+
+def split_clauses(text: str) -> list[str]:
+    """The text's clauses (`SIMILARITY_METHOD["clauses"]`); the whole text when it has none."""
+    out: list[str] = []
+    for piece in (p.strip() for p in _SPLIT.split(text)):
+        if not piece:
+            continue
+        if out and len(out[-1].split()) < 3:
+            out[-1] = f"{out[-1]} {piece}"
+        else:
+            out.append(piece)
+    if len(out) > 1 and len(out[-1].split()) < 3:
+        last = out.pop()
+        out[-1] = f"{out[-1]} {last}"
+    return out or [text]
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-case alphabetic words of 3+ letters that are not function words (repeats kept)."""
+    return [w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS]
+
+
+def feature_vector(whole: float, clauses: list[float], words: list[float]) -> list[float]:
+    """`THEME_FEATURES` of one text from relative similarities (cosine units, about -0.3..0.5)
+    of the whole text, each clause and each content word (none: a word similarity of -0.2)."""
+    cs = sorted(clauses, reverse=True)
+    ws = sorted(words, reverse=True) or [-0.2]
+    return [whole, cs[0], sum(cs[:2]) / len(cs[:2]), ws[0], sum(ws[:3]) / len(ws[:3]),
+            *(sum(w > t for w in ws) / len(ws) for t in LEXICON_THRESHOLDS), sum(ws) / len(ws)]
 
 
 def load_calibration(path: Path | None = None) -> dict:
@@ -109,6 +156,13 @@ def load_calibration(path: Path | None = None) -> dict:
         raise ValueError(f"{path} was fitted for another similarity method ({cal.get('similarity_method')}); "
                          "refit with `python -m steering judge calibrate`")
     return cal
+
+
+def theme_score(features: list[float], fit: dict) -> float:
+    """0-5 theme presence (paper §4.2 scale) from `THEME_FEATURES`: 5 sigmoid(w . (f - mean) / std + bias),
+    with mean, std, weights and bias fitted by `steering.judging.calibration` on hand labels."""
+    z = fit["bias"] + sum(w * (f - m) / s for f, w, m, s in zip(features, fit["weights"], fit["mean"], fit["std"]))
+    return logistic(z, 1.0, 0.0)
 
 
 def logistic(x: float, a: float, b: float) -> float:
@@ -139,7 +193,8 @@ def is_uncertain(score: float, halves: list[float]) -> bool:
 
 
 class OfflineJudge:
-    """Local fallback, clearly labelled: calibrated embedding similarity + local coherence signals.
+    """Local fallback, clearly labelled: calibrated embedding similarities (text, clauses, words)
+    + local coherence signals.
 
     The sentence-embedding model loads on first use (~1 s, CPU) and is shared by every caller.
     ``perplexity_fn(texts)`` should give perplexities under the unsteered base model; without it
@@ -155,6 +210,7 @@ class OfflineJudge:
         self.calibration = calibration if isinstance(calibration, dict) else load_calibration(calibration)
         self._theme_cache: dict[str, object] = {}
         self._anchors = None
+        self._word_cache: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return f"OfflineJudge(perplexity={'yes' if self.perplexity_fn else 'no'})"
@@ -170,21 +226,53 @@ class OfflineJudge:
             self._theme_cache[theme] = self.embed([THEME_TEMPLATE.format(theme)])[0]  # [384]
         return self._theme_cache[theme]
 
-    def similarity(self, texts: list[str], theme: str) -> list[float]:
-        """Relative similarity: cos(text, theme) minus the mean cosine of the text to its
-        ANCHORS_TOP closest anchor topics, after dropping the ANCHORS_EXCLUDED anchors closest to
-        the theme."""
+    def _relative(self, e, theme: str):
+        """cos(e, theme) minus the mean cosine of e to its ANCHORS_TOP closest anchor topics, after
+        dropping the ANCHORS_EXCLUDED anchors closest to the theme. e: [n, 384] -> [n]."""
         if self._anchors is None:
             self._anchors = self.embed([THEME_TEMPLATE.format(a) for a in ANCHOR_TOPICS])  # [n_anchors, 384]
         t = self._theme(theme)  # [384]
         keep = (self._anchors @ t).argsort()[: len(ANCHOR_TOPICS) - ANCHORS_EXCLUDED]  # [n_kept]
-        e = self.embed(texts)  # [n, 384]
         ref = (e @ self._anchors[keep].T).topk(ANCHORS_TOP, dim=1).values.mean(1)  # [n]
-        return (e @ t - ref).tolist()
+        return e @ t - ref
 
-    def behavioral(self, similarity: float) -> float:
-        c = self.calibration["behavioral"]
-        return logistic(similarity, c["a"], c["b"])
+    def similarity(self, texts: list[str], theme: str) -> list[float]:
+        """Relative similarity of each whole text to the theme (cosine units, `_relative`)."""
+        return self._relative(self.embed(texts), theme).tolist()
+
+    def _word_embeddings(self, words: list[str]):
+        """Embeddings of "This text is about {word}." for each word, [n, 384], cached per word."""
+        import torch
+
+        new = sorted({w for w in words if w not in self._word_cache})
+        if new:
+            if len(self._word_cache) + len(new) > 50_000:
+                self._word_cache.clear()
+            self._word_cache.update(zip(new, self.embed([THEME_TEMPLATE.format(w) for w in new])))
+        return torch.stack([self._word_cache[w] for w in words])
+
+    def theme_features(self, texts: list[str], theme: str) -> list[list[float]]:
+        """`THEME_FEATURES` of each text for the theme: relative similarity of the whole text,
+        of its clauses (max, top-2 mean) and of its content words (max, top-3 mean, share in the
+        theme's lexicon at each `LEXICON_THRESHOLDS`, mean). [n_texts][n_features]."""
+        if not texts:
+            return []
+        clauses = [split_clauses(t) for t in texts]
+        flat = [c for cs in clauses for c in cs]
+        words = [content_words(t) for t in texts]
+        flat_w = [w for ws in words for w in ws]
+        whole = self._relative(self.embed(texts), theme).tolist()  # [n]
+        cl = self._relative(self.embed(flat), theme).tolist()  # [n_clauses]
+        wr = self._relative(self._word_embeddings(flat_w), theme).tolist() if flat_w else []  # [n_words]
+        out, i, j = [], 0, 0
+        for k in range(len(texts)):
+            out.append(feature_vector(whole[k], cl[i:i + len(clauses[k])], wr[j:j + len(words[k])]))
+            i, j = i + len(clauses[k]), j + len(words[k])
+        return out
+
+    def behavioral(self, features: list[float]) -> float:
+        """0-5 theme score of one text from its `theme_features` (paper §4.2 scale)."""
+        return theme_score(features, self.calibration["behavioral"])
 
     def coherence(self, text: str, perplexity: float | None = None) -> float:
         c = self.calibration.get("coherence", {})
@@ -202,21 +290,22 @@ class OfflineJudge:
         if perplexities is None:
             perplexities = self.perplexity_fn(texts) if self.perplexity_fn else [None] * len(texts)
         live = [i for i, t in enumerate(texts) if _WORD.search(t)]
-        sims = dict(zip(live, self.similarity([texts[i] for i in live], theme))) if live else {}
+        feats = dict(zip(live, self.theme_features([texts[i] for i in live], theme))) if live else {}
         out = []
         for i, (text, ppl) in enumerate(zip(texts, perplexities)):
-            if i not in sims:
+            if i not in feats:
                 out.append(make_score(self.name, task, theme, 0.0, 0.0, "offline: no words in the text",
                                       offline=True, label=self.label))
                 continue
             coh = self.coherence(text, ppl)
             ppl_note = f", perplexity {ppl:.0f}" if ppl else ""
-            b = round(self.behavioral(sims[i]), 3)
+            b = round(self.behavioral(feats[i]), 3)
             halves = self.calibration.get("behavioral", {}).get("interval_half_widths", [])
             lo, hi = interval(b, halves)
             unsure = is_uncertain(b, halves)
             reason = (f"offline: theme {b:.1f}/5 (range {lo:.1f}-{hi:.1f}{', uncertain' if unsure else ''}), "
-                      f"relative similarity {sims[i]:+.2f}; local coherence signals{ppl_note}")
+                      f"relative similarity {feats[i][0]:+.2f} (best clause {feats[i][1]:+.2f}, "
+                      f"theme words {feats[i][5]:.0%}); local coherence signals{ppl_note}")
             sc = make_score(self.name, task, theme, b, coh, reason, offline=True, label=self.label)
             sc.behavioral_range, sc.uncertain = [round(lo, 2), round(hi, 2)], unsure
             out.append(sc)
