@@ -64,67 +64,90 @@ THEMES = {
                            "My sister got married in June; the bride wore white and the groom cried at the ceremony.",
                            "They sent wedding invitations, chose a cake and planned the honeymoon.",
                            "He proposed to her with a ring, and a year later they became husband and wife."],
-                 "words": "wedding weddings bride brides groom marriage married marry marrying ceremony "
-                          "honeymoon vows spouse husband wife bridal engaged engagement fiance fiancee"},
+                 "words": "wedding weddings bride brides groom marriage married marry marrying ceremony honeymoon "
+                          "vows spouse husband wife bridal engaged engagement fiance fiancee wed newlywed newlyweds "
+                          "bridesmaid bridesmaids groomsman reception couple couples ring rings proposal proposed "
+                          "propose anniversary divorce"},
     "Food": {"query": "food", "theme": "food and cooking",
              "probes": ["We cooked a delicious dinner: soup, bread, cheese and a chocolate cake.",
                            "For lunch I ate a bowl of rice with grilled chicken and fresh vegetables.",
                            "The chef tasted the sauce, added salt and served the pasta hot from the kitchen.",
                            "She baked bread and cookies while a pot of soup was cooking on the stove."],
-             "words": "food foods cook cooking cooked recipe recipes meal meals dinner lunch breakfast eat eating "
-                      "ate delicious dish dishes bake baking kitchen flavor taste tasty bread cake soup chocolate "
-                      "meat beef pork chicken fish rice pasta salad sauce cheese vegetables fruit restaurant chef "
-                      "dessert snack fried roasted grilled"},
+             "words": "food foods cook cooking cooked recipe recipes meal meals dinner lunch breakfast eat "
+                      "eating ate delicious dish dishes bake baking kitchen flavor taste tasty bread cake soup "
+                      "chocolate meat beef pork chicken fish rice pasta salad sauce cheese vegetables fruit "
+                      "restaurant chef dessert snack fried roasted grilled pizza burger burgers sandwich "
+                      "sandwiches potato potatoes tomato tomatoes garlic onion onions spaghetti noodles "
+                      "omelette eggs egg butter sugar flour cookies cookie pie seafood shrimp steak stew menu "
+                      "ingredient ingredients cuisine hungry banquet feast tea coffee juice apple apples banana "
+                      "oven grill vegetable spices spicy sweet salty pancakes"},
     "Anger": {"query": "angry", "theme": "anger and frustration",
               "probes": ["I was so angry and furious that I shouted at him in rage.",
                            "He slammed the door, furious that they had lied to him again.",
                            "I hate it when people are rude; it makes me so mad I want to scream.",
                            "She was annoyed and frustrated, and her voice shook with anger."],
               "words": "angry anger furious rage mad frustrated frustration frustrating annoyed hate hated "
-                       "yelled shouted irritated outraged"},
+                       "yelled shouted irritated outraged angrily fury furiously outrage resentment hatred "
+                       "enraged livid annoying irritating scream screamed screaming yell yelling shout shouting "
+                       "temper upset"},
     "Sadness": {"query": "sad", "theme": "sadness and grief",
                 "probes": ["She felt sad and lonely, and cried with grief after the funeral.",
                            "He was heartbroken and cried alone in his room for days.",
                            "After her dog died she felt empty, sad and full of sorrow.",
                            "Tears ran down his face as he mourned his grandmother."],
                 "words": "sad sadness cry cried crying tears grief grieving lonely depressed heartbroken sorrow "
-                         "mourning unhappy"},
+                         "mourning unhappy sorrowful grieve grieved mourn mourned miserable misery despair "
+                         "depression loneliness tear weep wept weeping sob sobbed sobbing funeral loss upset "
+                         "heartache melancholy"},
     "Sport": {"query": "football", "theme": "sports and games",
               "probes": ["The football team scored a goal and won the match against the champions.",
                            "The players trained hard all season and the coach was proud of the team.",
                            "She won the tennis tournament and the fans cheered in the stadium.",
                            "The basketball game went to overtime before the home team scored."],
               "words": "sport sports football soccer basketball baseball tennis team teams match player players "
-                       "goal goals coach league athlete athletes championship tournament "
-                       "olympic olympics game games score scored stadium season fans"},
+                       "goal goals coach league athlete athletes championship tournament olympic olympics game "
+                       "games score scored stadium season fans sporting footballer footballers hockey golf rugby "
+                       "cricket volleyball swimming athletic athletics race races racing runner runners win won "
+                       "victory defeat referee playoff playoffs cup medal"},
     "Music": {"query": "music", "theme": "music and songs",
               "probes": ["The band played a song on guitar and piano at the concert.",
                            "She sings in a choir and practises the violin every evening.",
                            "The singer released a new album of jazz songs with drums and piano.",
                            "We danced to the music while the orchestra played a beautiful melody."],
               "words": "music musical song songs sing singing singer guitar piano band concert melody album "
-                       "musician musicians rhythm jazz rock pop lyrics drums violin orchestra tune"},
+                       "musician musicians rhythm jazz rock pop lyrics drums violin orchestra tune songwriter "
+                       "composer composers composition symphony chord chords guitarist pianist drummer vocals "
+                       "vocalist choir opera hip hop rap beat beats record records playlist listen listening "
+                       "radio"},
     "Animals": {"query": "dog", "theme": "animals and pets",
                 "probes": ["My dog and the cat played with the puppy on the farm with the horses.",
                            "Our cat sleeps on the sofa and the dog barks at the birds outside.",
                            "The kitten chased a mouse while the puppy wagged its tail.",
                            "At the zoo we saw lions, elephants, monkeys and a giraffe."],
                 "words": "animal animals dog dogs cat cats pet pets puppy puppies kitten bird birds horse horses "
-                         "farm wildlife"},
+                         "farm wildlife lion lions tiger tigers elephant elephants monkey monkeys bear bears wolf "
+                         "wolves fox rabbit rabbits mouse mice cow cows pig pigs sheep goat goats duck ducks fish "
+                         "zoo wild creature creatures species kittens chicken chickens snake snakes insect insects"},
     "Religion": {"query": "god", "theme": "religion, church and God",
                  "probes": ["They prayed to God in the church and read the Bible with faith.",
                            "The priest spoke about Jesus and the people prayed together.",
                            "She has a strong faith and goes to church every Sunday to worship the Lord.",
                            "The holy book teaches that God loves everyone, and the believers sang hymns."],
                  "words": "god gods church churches prayer prayers pray prayed faith jesus christ bible religion "
-                          "religious spiritual lord holy"},
+                          "religious spiritual lord holy priest priests pastor bishop pope worship worshipped "
+                          "heaven hell sin sins soul souls divine gospel scripture scriptures christian christians "
+                          "christianity muslim islam jewish buddhist temple mosque saint saints angel angels bless "
+                          "blessed blessing"},
     "Python code": {"query": "python", "theme": "programming and Python code",
                     "probes": ["def main():\n    import os\n    print(os.path.join('a', 'b'))",
                            "The Python function returns a list, and the variable is printed in a for loop.",
                            "import numpy as np\nx = np.zeros(3)\nfor i in range(3):\n    x[i] = i * 2",
                            "The programmer wrote code to parse the file and fixed a bug in the class."],
-                    "words": "code coding python function functions programming program programs variable "
-                             "variables def import print return software computer algorithm"},
+                    "words": "code coding python function functions programming program programs variable variables "
+                             "def import print return software computer algorithm script scripts class classes method "
+                             "methods module modules library libraries loop loops list lists string strings integer "
+                             "debug bug bugs compile compiler syntax api developer developers programmer programmers "
+                             "java javascript html"},
 }
 REMOVAL = {"title": "Physics (remove it)", "query": "physics", "theme": "scientific concepts and entities",
            "probes": ["Quantum mechanics and general relativity describe particles, energy and gravity.",
