@@ -427,8 +427,7 @@ def register(sub, parent) -> None:
     p.add_argument("--alpha", type=float, default=-0.05, help="exponential schedule alpha (App. B.2)")
     p.add_argument("--s-end", type=float, default=1.0, help="linear schedule s* (App. B.2)")
     p.add_argument("--t-res", type=float, default=0.5,
-                   help="flow-graph cut threshold t(R) (paper: 0.5; docs/results.md uses 0 for the default "
-                   "model, whose graphs 0.5 cuts to one layer)")
+                   help="flow-graph cut threshold t(R) (paper: 0.5)")
     p.add_argument("--layers", default="", help="layers l to sweep (default: every --layer-stride-th of the span)")
     p.add_argument("--layer-stride", type=int, default=6, help="layer sweep step (default: %(default)s)")
     p.add_argument("--samples", type=int, default=2, help="samples per activation configuration")
