@@ -71,6 +71,12 @@ def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path
         assert set(c["runs"]) == {f"{cond}:{s:g}" for cond, s in D.GRID}
         assert all(len(r["samples"]) == 8 for r in c["runs"].values())
     assert {"prompted", "random"} == set(food["controls"])
+    conf = food["confirm"]  # the chosen setting again on fresh seeds, beside the unsteered model
+    assert conf["seeds"] == D.CONFIRM_SEEDS and not set(conf["seeds"]) & set(D.SEEDS)
+    assert (conf["feature"], conf["setting"]) == (food["chosen"]["feature"], food["chosen"]["setting"])
+    assert [x["seed"] for x in conf["steered"]["samples"]] == D.CONFIRM_SEEDS
+    assert conf["steered"]["hits"] == sum(x["hit"] for x in conf["steered"]["samples"])
+    assert not food["shipped"] or conf["steered"]["hits"] >= D.MIN_HITS
     ex = json.loads((tmp_path / "ex.json").read_text())
     assert ex["examples"] == [] or ex["examples"][0]["title"] == "Food"  # shipped only if >= 6 of 8 hit
 

@@ -52,6 +52,8 @@ def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
         assert (ex.strength if ex.task == "activate" else ex.r) == float(s)
         quoted = [int(n) for n in re.findall(r"(\d+) of 8", ex.explanation)]
         assert quoted[:2] == [chosen["hits"], rec["baseline_hits"]], ex.explanation
+        conf = rec["confirm"]  # the fresh-seed check is quoted too, and a shown example held there
+        assert quoted[-1] == conf["steered"]["hits"] and conf["steered"]["hits"] > conf["unsteered"]["hits"]
         # replay the sweep's batch that held the chosen setting (same rows, same seeds)
         graph = build_flow_graph(default_bundle, ex.feature)
         mode = "add" if ex.task == "activate" else "rescale"

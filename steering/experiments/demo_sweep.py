@@ -19,10 +19,13 @@ For removal (the paper's physics prompt, App. B.1) a hit is a readable sample wi
 The chosen setting per theme: features whose catalog label names a theme word first (`on_theme`:
 a presenter shows a feature that is visibly about the theme), then graphs spanning >= MIN_SPAN
 layers, then the most hits (ties: the weaker push). It counts as shipped (convincing) only when
-it reaches MIN_HITS of 8, beats both the unsteered model and the random control, and its flow
-graph spans at least 2 layers. A theme becomes a curated example when its feature is on theme and
-steering beat the unsteered model and the random control (largest margin first); its explanation
-says plainly how it compares with asking the model. The others stay in the evidence only.
+it reaches MIN_HITS of 8, again on 8 fresh seeds (`confirm`: the chosen setting is the best of
+~30 on the first 8 seeds, so its count there is biased upwards), beats both the unsteered model
+and the random control, and its flow graph spans at least 2 layers. A theme becomes a curated
+example when its feature is on theme and steering beat the unsteered model and the random
+control, and the unsteered model again on the fresh seeds (largest fresh-seed margin first); its
+explanation says plainly how it compares with asking the model. The others stay in the evidence
+only.
 The same 8 seeds are
 run for the two controls (`steering.controls`: asking the model, and norm-matched random
 directions) and for the unsteered model, all recorded in ``results/<preset>/demo/sweep.json``.
@@ -45,6 +48,7 @@ from ..settings import DEPRECATED_CONDITIONS
 
 log = logging.getLogger(__name__)
 SEEDS = list(range(8))
+CONFIRM_SEEDS = list(range(8, 16))  # fresh seeds for the chosen setting (its 8 were used to choose it)
 MAX_PPL = 100.0
 MIN_DISTINCT2 = 0.6
 MIN_HITS = 6
@@ -343,6 +347,28 @@ def controls_for(bundle, rec: dict, fid: str, setting: str, max_new_tokens: int)
     return out
 
 
+def confirm(bundle, rec: dict, max_new_tokens: int) -> dict:
+    """The chosen setting and the unsteered model again on CONFIRM_SEEDS. The chosen setting is the
+    best of ~30 on SEEDS, so its hits there are biased upwards; fresh seeds give a fair count."""
+    from ..flow import build_flow_graph
+    from ..generate import generate_variants
+    from ..steer import plan
+
+    fid, setting = rec["chosen"]["feature"], rec["chosen"]["setting"]
+    cond, s = setting.split(":")
+    graph = build_flow_graph(bundle, fid)
+    specs = plan(graph, cond, graph.seed.layer, float(s), "exp", ALPHA, 1.0,
+                 mode="add" if rec["task"] == "activate" else "rescale")
+    gens = generate_variants(bundle, rec["prompt"], {"steered": specs, "unsteered": []}, CONFIRM_SEEDS,
+                             max_new_tokens)
+    words = set(rec["words"])
+    out = {"seeds": CONFIRM_SEEDS, "setting": setting, "feature": fid}
+    for name in ("steered", "unsteered"):
+        samples = judge_samples([g for g in gens if g.variant == name], words, rec["task"])
+        out[name] = {"hits": sum(x["hit"] for x in samples), "samples": samples}
+    return out
+
+
 def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, preset: str) -> dict:
     cond, s = setting.split(":")
     span = f"layers {graph.l_start}-{graph.l_end}"
@@ -361,13 +387,20 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
                 f"kept physics words out of {n_hits} of 8 readable samples (unsteered: {rec['baseline_hits']} of 8; "
                 f"asking the model not to: {rec['controls']['prompted']['hits']}; random features: "
                 f"{rec['controls']['random']['hits']}).")
+    conf = rec.get("confirm")
+    if conf and (conf["feature"], conf["setting"]) == (fid, setting):
+        goal = "put the theme into" if rec["task"] == "activate" else "kept physics words out of"
+        expl += (f" On 8 fresh seeds the same setting {goal} {conf['steered']['hits']} of 8 "
+                 f"(unsteered: {conf['unsteered']['hits']}).")
     if not rec.get("shipped"):
         prompted = rec["controls"]["prompted"]["hits"]
         if n_hits > max(rec["baseline_hits"], rec["controls"]["random"]["hits"]):
             ask = "asking the model" + (" not to" if rec["task"] == "remove" else "")
             goal = "the theme is in" if rec["task"] == "activate" else "physics is kept out of"
             vs = "worked better" if prompted > n_hits else "did as well" if prompted == n_hits else "did worse"
+            conf_hits = conf["steered"]["hits"] if conf else MIN_HITS
             why = (f"{goal} fewer than six of the eight samples" if n_hits < MIN_HITS
+                   else "it did not hold on fresh seeds" if conf_hits < MIN_HITS
                    else "the flow graph spans a single layer")
             expl = (f"Honest result: steering beat the unsteered model and random directions here ({ask} {vs}), "
                     f"but {why}. ") + expl
@@ -388,17 +421,24 @@ def grade(bundle, rec: dict, n_tok: int) -> list[tuple[int, dict]]:
     """Mark a swept theme with a chosen setting and its controls ``shipped`` (convincing) and
     ``in_demo``; returns [(margin, example)] for the examples file, or [] when it stays out. The
     demo shows a theme when its feature is visibly about it and steering beat the unsteered model
-    and random directions; the explanation says how it compares with asking the model."""
+    and random directions, and beat the unsteered model again on fresh seeds (`confirm`); the
+    margin that orders the examples is the fresh-seed one. The explanation says how it compares
+    with asking the model."""
     from ..flow import build_flow_graph
 
     fid, hits = rec["chosen"]["feature"], rec["chosen"]["hits"]
     graph = build_flow_graph(bundle, fid)
     margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
-    rec["shipped"] = hits >= MIN_HITS and graph.l_end - graph.l_start + 1 >= MIN_SPAN and margin > 0
-    rec["in_demo"] = margin > 0 and on_theme(rec["candidates"][fid].get("label", ""), rec["words"])
+    conf = rec.get("confirm")
+    fresh = None if conf is None else conf["steered"]["hits"] - conf["unsteered"]["hits"]
+    confirmed = conf is None or conf["steered"]["hits"] >= MIN_HITS
+    rec["shipped"] = hits >= MIN_HITS and confirmed and graph.l_end - graph.l_start + 1 >= MIN_SPAN and margin > 0
+    rec["in_demo"] = (margin > 0 and (fresh is None or fresh > 0)
+                      and on_theme(rec["candidates"][fid].get("label", ""), rec["words"]))
     if not rec["in_demo"]:
         return []
-    return [(margin, example_json(rec, fid, rec["chosen"]["setting"], graph, n_tok, bundle.preset.name))]
+    return [(margin if fresh is None else fresh,
+             example_json(rec, fid, rec["chosen"]["setting"], graph, n_tok, bundle.preset.name))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=36)
     p.add_argument("--rewrite-examples", action="store_true",
                    help="rebuild the examples file from the recorded sweep.json (generates only the controls "
-                   "of a theme whose choice the current rules change)")
+                   "of a theme whose choice the current rules change, and the fresh-seed check where missing)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from ..bundle import Bundle
@@ -445,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                                  != pick[:2]):  # the rule changed: the new choice's controls are generated
             rec["chosen"] = {"feature": pick[0], "setting": pick[1], "hits": pick[2]}
             rec["controls"] = controls_for(bundle, rec, pick[0], pick[1], n_tok)
+        conf = rec.get("confirm")
+        if rec.get("chosen") and (not conf or (conf["feature"], conf["setting"])
+                                  != (rec["chosen"]["feature"], rec["chosen"]["setting"])):
+            rec["confirm"] = confirm(bundle, rec, n_tok)
         if rec.get("chosen"):
             examples += grade(bundle, rec, n_tok)
     if a.rewrite_examples:
@@ -460,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             fid, setting, hits = pick
             rec["chosen"] = {"feature": fid, "setting": setting, "hits": hits}
             rec["controls"] = controls_for(bundle, rec, fid, setting, n_tok)
+            rec["confirm"] = confirm(bundle, rec, n_tok)
             examples += grade(bundle, rec, n_tok)
         records.append(rec)
         rules = {"max_perplexity": MAX_PPL, "min_distinct_2": MIN_DISTINCT2, "min_hits": MIN_HITS, "min_span": MIN_SPAN}
