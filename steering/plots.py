@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import plotly.graph_objects as go
 
-from .graph import FlowGraph
+from .graph import FlowGraph, FlowNode
 
 LANES = {"attn": 2, "res": 1, "mlp": 0}
 LANE_NAMES = {2: "attention", 1: "residual", 0: "MLP"}
 SITE_COLORS = {"res": "#4C6EF5", "mlp": "#F59F00", "attn": "#12B886"}
+# the app's output columns, left to right: the scores chart shows its bars in the same order
+VARIANT_ORDER = ("unsteered", "steered", "single", "cumulative", "prompted", "random")
 
 
 def _link_pair(graph: FlowGraph, node) -> str:
@@ -20,15 +24,39 @@ def _link_pair(graph: FlowGraph, node) -> str:
     return f"{node.layer}/{node.site}"
 
 
+def index_labels(nodes: list[FlowNode]) -> dict:
+    """Which nodes carry their index as a text label: in each lane (site), the first node of a run
+    of nodes with the same index over consecutive layers, and the seed. A feature that keeps its
+    index over 30 layers reads "402" once, not "402402402..."; every node's full id is in its hover."""
+    out = {}
+    for site in LANES:
+        prev = None
+        for n in sorted((n for n in nodes if n.site == site), key=lambda n: n.layer):
+            same = prev is not None and prev.id.index == n.id.index and n.layer - prev.layer == 1
+            out[n.id] = str(n.id.index) if n.role == "seed" or not same else ""
+            prev = n
+    return out
+
+
+def layer_step(span: int) -> int:
+    """x tick spacing for a graph ``span`` layers wide: every layer up to 10, then every 2nd / 5th."""
+    return 1 if span <= 10 else 2 if span <= 20 else 5
+
+
 def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = None,
-                chance: dict[tuple[int, str], float] | None = None, d_model: int | None = None) -> go.Figure:
+                chance: dict[tuple[int, str], float] | None = None, d_model: int | None = None,
+                label: Callable[[str], str] | None = None) -> go.Figure:
     """Layers on x, sites as lanes; node size and colour by score (or by the node's max live
     activation on a prompt when ``live`` is given); nodes outside l_start..l_end are faded;
     edges drawn with width proportional to the cosine. ``chance`` ({(layer, site): chance cosine of
     a match into that SAE}, `steering.flow.chance_levels`) is shown in each node's hover for the
-    layer pair of its link and marked on the colour bar, so a reader sees what a score means."""
+    layer pair of its link and marked on the colour bar, so a reader sees what a score means.
+    ``label(feature id) -> str`` names each node in its hover (the app passes the label of the
+    view shown: whole words, or raw in the researcher view); without it, the graph's own labels.
+    Indices are written on the nodes where they change along a lane (`index_labels`)."""
     pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
     layers = [n.layer for n in graph.nodes]
+    index_text = index_labels([n for n in graph.nodes if n.in_span])
     fig = go.Figure()
     for e in graph.edges:
         if e.source not in pos or e.target not in pos:
@@ -43,14 +71,15 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
         if not nodes:
             continue
         colour = [live_max.get(str(n.id), 0.0) if live else n.score for n in nodes]
-        bar = {"title": "max act." if live else "cosine", "len": 0.6}
+        bar = {"title": "max act." if live else "cosine", "len": 0.6, "x": 1.0, "xpad": 24}
         if levels and not live:  # where chance lies on the cosine scale
             shown = f"{levels[0]:.2f}" if levels[-1] - levels[0] < 0.005 else f"{levels[0]:.2f}-{levels[-1]:.2f}"
             bar.update(title=f"cosine<br>(chance ≈ {shown})", tickvals=[0.0, levels[0], 0.5, 1.0],
                        ticktext=["0", f"chance {shown}", "0.5", "1"])
         hover = []
         for n in nodes:
-            lines = [f"<b>{n.id}</b> ({n.role})", n.label or "(no label)", f"score (cosine): {n.score:.3f}"]
+            name = label(str(n.id)) if label is not None else n.label
+            lines = [f"<b>{n.id}</b> ({n.role})", name or "(no label)", f"score (cosine): {n.score:.3f}"]
             if chance and (n.layer, n.site) in chance and n.role != "seed":
                 lines.append(f"chance cosine for {_link_pair(graph, n)}: {chance[(n.layer, n.site)]:.2f} (best of as "
                              f"many random unit directions{f' in {d_model} dims' if d_model else ''})")
@@ -65,8 +94,8 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
             hover.append("<br>".join(lines))
         fig.add_trace(go.Scatter(
             x=[n.layer for n in nodes], y=[LANES[n.site] for n in nodes], mode="markers+text",
-            text=[str(n.id.index) if in_span else "" for n in nodes], textposition="top center",
-            textfont={"size": 10}, hovertext=hover, hoverinfo="text",
+            text=[index_text.get(n.id, "") if in_span else "" for n in nodes], textposition="top center",
+            textfont={"size": 10}, hovertext=hover, hoverinfo="text", cliponaxis=False,
             name="in span" if in_span else "outside span (cut)", opacity=1.0 if in_span else 0.3,
             marker={"size": [10 + 22 * max(0.0, min(1.0, n.score)) for n in nodes], "color": colour,
                     "colorscale": "Viridis", "cmin": 0, "cmax": max(colour + [1.0]) if live else 1.0,
@@ -76,9 +105,11 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
                   layer="below")
     fig.update_layout(
         title=title or f"Flow graph of {graph.seed} (kept span: layers {graph.l_start}-{graph.l_end})",
-        xaxis={"title": "layer", "dtick": 1, "range": [min(layers) - 0.6, max(layers) + 0.6]}, height=400,
+        # a layer of room on each side: the biggest marker (32 px) stays inside the axes and clear of the colour bar
+        xaxis={"title": "layer", "tick0": 0, "dtick": layer_step(max(layers) - min(layers)),
+               "range": [min(layers) - 1.0, max(layers) + 1.0]}, height=400,
         margin={"l": 60, "r": 20, "t": 50, "b": 40},
-        yaxis={"tickvals": list(LANE_NAMES), "ticktext": list(LANE_NAMES.values()), "range": [-0.6, 2.6]},
+        yaxis={"tickvals": list(LANE_NAMES), "ticktext": list(LANE_NAMES.values()), "range": [-0.7, 2.8]},
         legend={"orientation": "h", "y": -0.2}, plot_bgcolor="white")
     return fig
 
@@ -105,8 +136,12 @@ def schedule_figure(rows: list[dict], title: str | None = None) -> go.Figure:
 
 
 def scores_figure(summary: dict[str, dict], titles: dict[str, str] | None = None) -> go.Figure:
-    """Grouped bars per variant: mean theme (behavioral), coherence and metric, all in [0, 1]."""
-    names = list(summary)
+    """Grouped bars per variant: mean theme (behavioral), coherence and metric, all in [0, 1].
+    Variants are in the app's column order (VARIANT_ORDER: unsteered, steered, the other condition,
+    then the controls; others after them), whatever order ``summary`` has; ``titles`` names them.
+    The legend sits above the bars, clear of the variant names, and the value labels have room
+    above a bar of 1.00."""
+    names = sorted(summary, key=lambda n: VARIANT_ORDER.index(n) if n in VARIANT_ORDER else len(VARIANT_ORDER))
     labels = [(titles or {}).get(n, n) for n in names]
     fig = go.Figure()
     if not names:
@@ -117,10 +152,11 @@ def scores_figure(summary: dict[str, dict], titles: dict[str, str] | None = None
                                ("metric", "metric", "#F76707")):
         values = [summary[n].get(key) for n in names]
         fig.add_trace(go.Bar(x=labels, y=values, name=label, marker_color=colour,
-                             text=[f"{v:.2f}" if v is not None else "" for v in values], textposition="outside"))
-    fig.update_layout(barmode="group", height=280, yaxis={"range": [0, 1.1], "title": "score (0-1)"},
-                      margin={"l": 50, "r": 10, "t": 30, "b": 60}, plot_bgcolor="white",
-                      legend={"orientation": "h", "y": -0.15, "x": 0})
+                             text=[f"{v:.2f}" if v is not None else "" for v in values], textposition="outside",
+                             cliponaxis=False))
+    fig.update_layout(barmode="group", height=300, yaxis={"range": [0, 1.15], "title": "score (0-1)"},
+                      margin={"l": 50, "r": 10, "t": 40, "b": 60}, plot_bgcolor="white",
+                      legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
     return fig
 
 

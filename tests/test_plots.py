@@ -67,3 +67,51 @@ def test_flow_figure_shows_the_chance_cosine_of_each_layer_pair():
     live = [t for t in flow_figure(_graph(), {"tokens": ["a"], "acts": {}}, chance=chance).data
             if t.mode == "markers+text"][0]
     assert "chance" not in live.marker.colorbar.title.text  # coloured by activation: no cosine scale
+
+
+def _long_graph() -> FlowGraph:
+    """A feature that keeps its index 402 over 30 layers (the shipped SAEs' norm), one index change
+    at layer 10, an MLP node, the seed at layer 27."""
+    ids = [FeatureId(l, "res", 402 if l != 10 else 7) for l in range(30)]
+    nodes = [FlowNode(f, 1.0 if f.layer == 27 else 0.9, "seed" if f.layer == 27 else "residual", label=f"raw {f}")
+             for f in ids] + [FlowNode(FeatureId(27, "mlp", 5), 0.5, "mlp", label="raw mlp")]
+    edges = [FlowEdge(a, b, 0.9) for a, b in zip(ids, ids[1:])]
+    return FlowGraph(ids[27], nodes, edges, l_start=0, l_end=29)
+
+
+def test_flow_figure_stays_readable_on_a_30_layer_graph():
+    """Walkthrough: the last layer's node was clipped at the plot edge and touched the colour bar,
+    index labels ran together ("402402402") and the x ticks were crowded."""
+    fig = flow_figure(_long_graph())
+    inside = [t for t in fig.data if t.mode == "markers+text"][0]
+    lo, hi = fig.layout.xaxis.range
+    assert lo <= -1.0 and hi >= 30.0  # a full layer of room on each side of layers 0..29
+    assert inside.cliponaxis is False  # big markers and their labels are never cut at the plot edge
+    labelled = {(int(x), y): t for x, y, t in zip(inside.x, inside.y, inside.text) if t}
+    res = LANES["res"]
+    # the first node of each run of one index, and the seed; every other res node unlabelled
+    assert labelled == {(0, res): "402", (10, res): "7", (11, res): "402", (27, res): "402", (27, LANES["mlp"]): "5"}
+    hover = dict(zip([(int(x), y) for x, y in zip(inside.x, inside.y)], inside.hovertext))
+    assert "<b>20/res/402</b>" in hover[(20, res)]  # unlabelled on the plot, full id on hover
+    assert fig.layout.xaxis.dtick >= 5  # 30 layers: a tick every 5th, not every layer
+
+
+def test_flow_figure_hover_uses_the_label_of_the_view():
+    """The lay view shows readable labels in the hover, not the graph's raw ones."""
+    inside = [t for t in flow_figure(_long_graph(), label=lambda fid: f"plain {fid}").data
+              if t.mode == "markers+text"][0]
+    assert all("plain " in h and "raw " not in h for h in inside.hovertext)
+    raw = [t for t in flow_figure(_long_graph()).data if t.mode == "markers+text"][0]
+    assert "raw 0/res/402" in raw.hovertext[0]
+
+
+def test_scores_figure_follows_the_column_order_and_keeps_labels_clear():
+    """Walkthrough: bars came in the run's order (random before asking), not the columns'; the
+    legend covered the variant names and "1.00" labels were cut at the top."""
+    summary = {v: {"behavioral": 1.0, "coherence": 1.0, "metric": 1.0} for v in ("random", "steered", "prompted",
+                                                                                   "unsteered")}
+    fig = scores_figure(summary, {"unsteered": "Unsteered", "steered": "Steered", "prompted": "Ask",
+                                  "random": "Random"})
+    assert list(fig.data[0].x) == ["Unsteered", "Steered", "Ask", "Random"]
+    assert fig.layout.legend.y >= 1 and fig.layout.legend.yanchor == "bottom"  # above the bars, not on the names
+    assert all(t.cliponaxis is False for t in fig.data) and fig.layout.yaxis.range[1] > 1.1
