@@ -247,13 +247,15 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                          **MODEL)
         researcher.change(h.relabel, [hits, probe_rows, researcher], [hits, probe_rows], api_name=False, queue=False)
         researcher.change(h.card_view, [feature, researcher], card_md, api_name=False, **LIGHT)
+        researcher.change(h.flow_relabel, [graph_json, live_prompt, researcher], [flow_plot, nodes, live_plot],
+                          api_name=False, **MODEL)
         hits.select(pick_row, None, feature, api_name=False, queue=False)
         probe_rows.select(pick_row, None, feature, api_name=False, queue=False)
         probe_tokens.select(pick_token, None, feature, api_name=False, queue=False)
         feature.change(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False,
                        trigger_mode="always_last", **LIGHT)
         card_btn.click(h.card, [feature, researcher], [card_md, theme], api_name="card", **LIGHT)
-        flowed = flow_btn.click(h.flow, [feature, t_res, t_module, live_prompt],
+        flowed = flow_btn.click(h.flow, [feature, t_res, t_module, live_prompt, researcher],
                                 [flow_plot, nodes, graph_json, live_plot, exclude, include], api_name="flow", **MODEL)
         for ctl in (task, condition, layer, strength, schedule, alpha, s_end, r, exclude, include):
             ctl.change(h.schedule_quiet, plan_inputs, [preview_plot, plan_json], api_name=False,

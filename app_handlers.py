@@ -24,7 +24,7 @@ import gradio as gr
 
 from steering import limits
 from steering.flow import chance_levels
-from steering.graph import merge_graphs
+from steering.graph import FlowGraph, merge_graphs
 from steering.plots import flow_figure, live_figure, schedule_figure, scores_figure
 from steering.settings import ALPHA, S_END, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS
 from steering.sites import count_hooks
@@ -216,9 +216,11 @@ class Handlers:
             raise ValueError(f"unknown example {title!r}; valid: {', '.join(e.title for e in self.examples)}")
         return ex
 
-    def _graph_figure(self, graph, live=None, title=None):
-        """A flow graph's figure with the chance cosine of each layer pair (hover and colour bar)."""
-        return flow_figure(graph, live, title=title, chance=chance_levels(self.bundle), d_model=self.bundle.d_model)
+    def _graph_figure(self, graph, live=None, title=None, researcher: bool = False):
+        """A flow graph's figure with the chance cosine of each layer pair (hover and colour bar) and
+        node labels in the chosen view (whole words; raw in the researcher view)."""
+        return flow_figure(graph, live, title=title, chance=chance_levels(self.bundle), d_model=self.bundle.d_model,
+                           label=self.pg.node_label(bool(researcher)))
 
     # ---- picking a feature -------------------------------------------------------------------------
     @safe
@@ -260,21 +262,37 @@ class Handlers:
         return self.card_quiet(feature, researcher)[0]
 
     # ---- flow and plan -------------------------------------------------------------------------------
-    @safe
-    def flow(self, feature: str, t_res: float = T_RES, t_module: float = T_MODULE, live_prompt: str = ""):
-        """The flow graph (a seed set: its graphs merged in one figure, the JSON a list of graphs)."""
-        graphs = self.pg.flows(feature, t_res, t_module)
+    def _flow_view(self, graphs: list, live_prompt: str, researcher: bool):
+        """Figure, node rows, merged graph and live activations of a flow graph (or a seed set's)."""
         graph = merge_graphs(graphs)
         live = self.pg.live(graph, live_prompt) if live_prompt and live_prompt.strip() else None
-        ids = [str(n.id) for n in graph.nodes]
-        cut = [str(n.id) for n in graph.nodes if not n.in_span]
         title = (f"Flow graphs of the seed set {', '.join(str(g.seed) for g in graphs)} (merged)"
                  if len(graphs) > 1 else None)
+        return self._graph_figure(graph, live, title, researcher), self.pg.node_rows(graph, researcher), graph, live
+
+    @safe
+    def flow(self, feature: str, t_res: float = T_RES, t_module: float = T_MODULE, live_prompt: str = "",
+             researcher: bool = False):
+        """The flow graph (a seed set: its graphs merged in one figure, the JSON a list of graphs);
+        labels in the hover and the table in the chosen view (raw only in the researcher view)."""
+        graphs = self.pg.flows(feature, t_res, t_module)
+        fig, rows, graph, live = self._flow_view(graphs, live_prompt, bool(researcher))
+        ids = [str(n.id) for n in graph.nodes]
+        cut = [str(n.id) for n in graph.nodes if not n.in_span]
         as_json = graph.to_json() if len(graphs) == 1 else [g.to_json() for g in graphs]
-        return (self._graph_figure(graph, live, title), self.pg.node_rows(graph),
-                as_json,
+        return (fig, rows, as_json,
                 gr.update(value=live_figure(live) if live else None, visible=bool(live)),
                 gr.update(choices=ids, value=[]), gr.update(choices=cut, value=[]))
+
+    def flow_relabel(self, graph_json, live_prompt: str = "", researcher: bool = False):
+        """The researcher view toggled: the graph on screen drawn again (from its JSON, not rebuilt)
+        with the labels of the chosen view, coloured by the live prompt now typed (if any); nothing
+        while no graph is shown."""
+        if not graph_json:
+            return gr.update(), gr.update(), gr.update()
+        items = graph_json if isinstance(graph_json, list) else [graph_json]
+        fig, rows, _, live = self._flow_view([FlowGraph.from_json(d) for d in items], live_prompt, bool(researcher))
+        return fig, rows, gr.update(value=live_figure(live) if live else None, visible=bool(live))
 
     @safe
     def schedule(self, feature, t_res=T_RES, t_module=T_MODULE, task="activate", condition="cumulative", layer=-1,

@@ -338,13 +338,21 @@ class Playground:
     def live(self, graph: FlowGraph, prompt: str) -> dict:
         return live_activations(self.bundle, graph, prompt)
 
-    @staticmethod
-    def node_rows(graph: FlowGraph) -> list[list]:
+    def node_label(self, researcher: bool = False):
+        """The function that names a flow-graph node in the chosen view (`label`), or None without a
+        catalog (the graph's own labels are then all there is)."""
+        if self.catalog is None:
+            return None
+        return lambda fid: self.label(fid, researcher)
+
+    def node_rows(self, graph: FlowGraph, researcher: bool = False) -> list[list]:
+        """The graph's nodes as table rows, by layer and site; labels in the chosen view."""
         def r(v):
             return None if v is None else round(v, 3)
+        name = self.node_label(researcher) or (lambda fid: "")
         nodes = sorted(graph.nodes, key=lambda n: (n.layer, SITES.index(n.site)))
         return [[str(n.id), n.layer, n.site, n.role, r(n.score), r(n.s_res), r(n.s_mlp), r(n.s_attn),
-                 "yes" if n.in_span else "cut", n.label] for n in nodes]
+                 "yes" if n.in_span else "cut", name(str(n.id)) or n.label] for n in nodes]
 
     # ---- steering ------------------------------------------------------------------------------------
     def settings(self, feature, **form) -> SteerSettings:

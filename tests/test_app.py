@@ -353,6 +353,33 @@ def test_finding_features_views(app_fns, live_app):
     assert "".join(t for t, _ in spans) == "the bride and the groom"
 
 
+def test_flow_graph_labels_follow_the_view(app_fns, live_app):
+    """Walkthrough: the flow graph's hover showed raw labels ("art, arts, gebra · ctx: ... → ...") in
+    the lay view. Now hover and node table use whole-word labels unless the researcher view is on,
+    and toggling the view redraws the graph on screen with the other labels."""
+    import re
+
+    fns, _ = app_fns
+    h, cat = fns["flow"].__self__, live_app["catalog"]
+
+    def hovers(fig) -> dict:
+        return {re.search(r"<b>(.+?)</b>", t).group(1): t for tr in fig.data if tr.mode == "markers+text"
+                for t in tr.hovertext}
+
+    fig, rows, graph, *_ = fns["flow"](TINY_FEATURE, 0.5, 0.15, "")
+    lay = hovers(fig)
+    assert any(cat.label(f) != cat.plain_label(f) for f in lay)  # else the check below proves nothing
+    assert all(cat.plain_label(f) in t for f, t in lay.items())
+    assert all(cat.label(f) not in t for f, t in lay.items() if cat.label(f) != cat.plain_label(f))
+    assert {r[0]: r[-1] for r in rows} == {f: cat.plain_label(f) for f in lay}
+    raw_fig, raw_rows, _ = h.flow_relabel(graph, "", True)
+    assert all(cat.label(f) in t for f, t in hovers(raw_fig).items())
+    assert {r[0]: r[-1] for r in raw_rows} == {f: cat.label(f) for f in lay}
+    assert hovers(fns["flow"](TINY_FEATURE, 0.5, 0.15, "", True)[0]) == hovers(raw_fig)
+    demo_fig = fns["demo"]("Tiny example")[0]
+    assert all(cat.plain_label(f) in t for f, t in hovers(demo_fig).items())
+
+
 def test_open_in_playground_carries_every_setting_and_says_so(app_fns, live_app):
     fns, _ = app_fns
     h = fns["steer"].__self__
