@@ -21,7 +21,8 @@ from pathlib import Path
 
 from . import limits
 from .bundle import Bundle, file_sha256, package_dir
-from .catalog import Catalog, theme_words
+from .catalog import Catalog
+from .catalog.labels import judge_theme
 from .catalog.search import GOOD_SCORE
 from .features import FeatureId, parse_feature
 from .flow import build_flow_graph
@@ -181,8 +182,12 @@ def _verbatim(text: str) -> str:
 
 
 def card_theme(card) -> str:
-    """A judge theme from a feature card: whole words among its top tokens, else its label."""
-    return ", ".join(theme_words(card.top_tokens)) or card.label[:100]
+    """A judge theme from a feature card: an LLM label as written, else the words of its readable
+    label (`catalog.labels.judge_theme`); "" when that label names only small words or pieces (the
+    person types the theme: a raw label such as 'a, in, the → tuning' is no theme)."""
+    if card.label_source == "llm":
+        return card.label[:100]
+    return judge_theme(list(zip(card.top_tokens, card.top_token_shares)), card.context_words)
 
 
 @dataclass
@@ -303,6 +308,8 @@ class Playground:
             theme = card_theme(c)
             raw = f" · raw: <code>{_escape(c.label)}</code>" if researcher and c.label_source != "llm" else ""
             lines += [f"**{self.label(str(f), researcher)}** <small>({c.label_source} label{raw})</small>", "",
+                      *([] if theme else ["_Its label names no theme (it fires on small words or word pieces): "
+                                          "type what the judge should look for in “Theme for the judge”._", ""]),
                       f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
                       f"mean when active **{c.mean_act:.2f}**", "",
                       f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  "]

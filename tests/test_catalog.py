@@ -382,3 +382,22 @@ def test_labels_show_whitespace_tokens_as_symbols_and_leave_out_partial_characte
     assert label == "⏎, wedding"
     assert "\ufffd" not in label and "\\n" not in label
     assert W.show_token("  ") == "␣␣" and W.show_token("\\n\\n") == "⏎⏎"
+
+
+def test_judge_theme_comes_from_the_readable_label_never_raw_pieces():
+    """Walkthrough: the judge theme of 27/res/402 read "a, in, the → tuning, melody" (the raw label,
+    logit lens included). It is now the readable label's words, or "" for a feature that fires on
+    small words (the person types the theme)."""
+    from steering.catalog.labels import judge_theme, readable_label
+    from steering.catalog.store import FeatureCard
+    from steering.ui import card_theme
+
+    small = [(" a", 0.3), (" in", 0.3), (" the", 0.3), (",", 0.1)]
+    assert readable_label(small, [], []).startswith("small words") and judge_theme(small, []) == ""
+    music = [(" music", 0.4), (" art", 0.3), ("ogon", 0.2), (" the", 0.1)]
+    assert judge_theme(music, ["album"]) == "music, art"  # whole words only: no piece, no stop word
+    assert judge_theme([("gap", 0.6), ("ulp", 0.4)], ["gap", "math"]) == "gap, math"  # no word: the contexts'
+    card = FeatureCard("27/res/402", "a, in, the → tuning, melody", "offline", [], {}, [t for t, _ in small],
+                       [s for _, s in small], ["tuning", "melody"])
+    assert card_theme(card) == ""
+    assert card_theme(FeatureCard("1/res/2", "wedding vows", "llm", [], {}, [" a"], [1.0], [])) == "wedding vows"

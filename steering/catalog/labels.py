@@ -77,15 +77,32 @@ def function_share(top: list[tuple[str, float]]) -> float:
     return sum(share for tok, share in top if not text_words(tok.replace("\\n", " "))) / total
 
 
-def readable_label(top: list[tuple[str, float]], context_words: list[str], tags: list[str]) -> str:
-    """A label for a lay reader: whole words only (top tokens that start a word, >= 3 letters, then
-    words its top contexts share), never word pieces or logit-lens tokens. A feature that fires on
-    form (`function_share`) is named by its tags ('punctuation', 'numbers') or as 'small words
-    (is, had)'; a domain tag is said in words ('in code')."""
+def label_words(top: list[tuple[str, float]], context_words: list[str]) -> tuple[list[str], list[str]]:
+    """The whole words of a readable label: up to 3 top tokens that start a word (>= 3 letters, no
+    stop words), and up to 2 words its top contexts share that are not among them."""
     words = list({w.lower(): w for w in reversed(theme_words([t for t, _ in top], n=8)) if len(w) >= 3}.values())
     words = words[::-1][:3]
     seen = {w.lower() for w in words}
-    ctx = [w for w in context_words if w.isalpha() and len(w) >= 3 and w.lower() not in seen][:2]
+    return words, [w for w in context_words if w.isalpha() and len(w) >= 3 and w.lower() not in seen][:2]
+
+
+def judge_theme(top: list[tuple[str, float]], context_words: list[str]) -> str:
+    """A theme for the judge from the words of the feature's readable label (top words, else the
+    words its contexts share); never word pieces or logit-lens tokens. "" when the label names only
+    form (small words, punctuation, pieces: `function_share` >= FUNCTION_SHARE, or no word at all):
+    the person then says what to look for."""
+    if not top or function_share(top) >= FUNCTION_SHARE:
+        return ""
+    words, ctx = label_words(top, context_words)
+    return ", ".join(words or ctx)
+
+
+def readable_label(top: list[tuple[str, float]], context_words: list[str], tags: list[str]) -> str:
+    """A label for a lay reader: whole words only (`label_words`: top tokens that start a word,
+    then words its top contexts share), never word pieces or logit-lens tokens. A feature that
+    fires on form (`function_share`) is named by its tags ('punctuation', 'numbers') or as 'small
+    words (is, had)'; a domain tag is said in words ('in code')."""
+    words, ctx = label_words(top, context_words)
     domain = [f"in {t}" for t in tags if t in DOMAIN_TAGS]
     named = [PLAIN_TAGS[t] for t in tags if t in PLAIN_TAGS]
     if function_share(top) < FUNCTION_SHARE and not words and ctx:
