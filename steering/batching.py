@@ -160,8 +160,8 @@ class GenerationBatcher:
             if r != rid:
                 continue
             g = Generation(g.variant.split("\x00", 1)[1], g.seed, g.text, list(g.token_ids), dict(g.metrics))
-            if "feature_activation" in g.metrics:
-                g.metrics["feature_activation"] = {k: v for k, v in g.metrics["feature_activation"].items()
-                                                   if k in group.features[rid]}
+            for key in ("feature_activation", "feature_active_tokens"):
+                if key in g.metrics:
+                    g.metrics[key] = {k: v for k, v in g.metrics[key].items() if k in group.features[rid]}
             out.append(g)
         return out

@@ -224,14 +224,18 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
     - perplexity: exp(mean NLL of the generated tokens given the prompt), unsteered model;
     - distinct_1/2/3: distinct n-gram ratios of the generated tokens (repetition);
     - feature_activation: {feature: mean SAE activation over the generated tokens}, read by
-      the unsteered model from the text (how strongly the steered features fire on it).
+      the unsteered model from the text (how strongly the steered features fire on it; for a
+      feature steered alone at its own layer this equals its activation in the steered pass before
+      the edit, as nothing below that layer is changed). 0 is a real reading, not a missing one:
+      with a TopK SAE the feature was not among the top k at any generated token;
+    - feature_active_tokens: {feature: how many generated tokens it fires on (activation > 0)}.
     """
     keys = sorted({(f.layer, f.site) for f in features})
     n_p = len(prompt_ids)
     todo = [g for g in gens if g.token_ids]
     for g in gens:
         g.metrics = {"perplexity": None, "distinct_1": 1.0, "distinct_2": 1.0, "distinct_3": 1.0,
-                     "feature_activation": {}, "n_tokens": len(g.token_ids)}
+                     "feature_activation": {}, "feature_active_tokens": {}, "n_tokens": len(g.token_ids)}
     if not todo:
         return
     width = n_p + max(len(g.token_ids) for g in todo)
@@ -245,6 +249,7 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
     new_mask = mask[:, n_p:].float()  # [b, seq - n_p]: 1 on generated tokens
     ppl_parts: list[torch.Tensor] = []
     acts: dict[str, list[float]] = {str(f): [] for f in features}
+    active: dict[str, list[int]] = {str(f): [] for f in features}
     with bundle.lock:
         # A few rows per forward: the float logits at the generated positions of a 24-row,
         # 128-token request are 24 x 129 x 49,152 x 4 bytes = 0.6 GB at once otherwise (issue 20).
@@ -261,10 +266,12 @@ def add_local_metrics(bundle, prompt_ids: list[int], gens: list[Generation], fea
                 z = bundle.encode(f.layer, f.site, store[(f.layer, f.site)][:, n_p:])[..., f.index]  # [r, seq - n_p]
                 m = new_mask[rows].to(z.device)  # the SAE may sit on another device (device_map)
                 acts[str(f)] += ((z * m).sum(1) / m.sum(1)).tolist()
+                active[str(f)] += ((z > 0).float() * m).sum(1).long().tolist()
     ppl = torch.cat(ppl_parts)  # [b]
     for i, g in enumerate(todo):
         g.metrics.update(perplexity=round(float(ppl[i]), 3),
                          distinct_1=round(distinct_n(g.token_ids, 1), 3),
                          distinct_2=round(distinct_n(g.token_ids, 2), 3),
                          distinct_3=round(distinct_n(g.token_ids, 3), 3),
-                         feature_activation={k: round(v[i], 4) for k, v in acts.items()})
+                         feature_activation={k: round(v[i], 4) for k, v in acts.items()},
+                         feature_active_tokens={k: v[i] for k, v in active.items()})

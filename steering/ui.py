@@ -450,8 +450,10 @@ class Playground:
 
     @staticmethod
     def column_markdown(result: dict, variant: str, focus: str | None = None) -> str:
-        """One side-by-side column: each sample's text, scores and local metrics (with the mean
-        activation of the ``focus`` feature, e.g. the seed, on the generated tokens)."""
+        """One side-by-side column: each sample's text, scores and local metrics, with how strongly
+        the ``focus`` feature (e.g. the seed) fires when the unsteered model reads the generated
+        tokens: its mean activation and on how many tokens it fires (0 of n: on none of them, e.g.
+        never among a TopK SAE's top k; a real reading, not a failed one)."""
         lines = [f"### {VARIANT_TITLES.get(variant, variant)}"]
         if variant == "prompted":  # the others continue the prompt shown above the columns (prompt_line)
             lines.append(f"<small>prompt: (the theme request, then) «{_escape(result.get('prompt', ''))}»</small>\n")
@@ -475,12 +477,18 @@ class Playground:
             else:
                 lines.append(f"_score {s.error}_")
             m = g.metrics
-            fa = m.get("feature_activation", {})
-            acts = f"{focus} {fa[focus]:.2f}" if focus in fa else ""
+            fa, on = m.get("feature_activation", {}), m.get("feature_active_tokens", {})
+            n_tok = m.get("n_tokens", len(g.token_ids))
+            acts = ""
+            if focus in fa:
+                fires = (f"fires on {on[focus]} of {n_tok} tokens" + (" (none: this text does not evoke it)"
+                                                                     if on[focus] == 0 else "")
+                         if focus in on else "")
+                acts = (f" · {focus} when the unsteered model reads this text: mean activation {fa[focus]:.2f}"
+                        + (f", {fires}" if fires else ""))
             ppl = m.get("perplexity")
             lines.append(f"<small>perplexity {ppl if ppl is not None else 'n/a'} · distinct-2 "
-                         f"{m.get('distinct_2', 'n/a')} · {m.get('n_tokens', len(g.token_ids))} tokens"
-                         f"{' · mean activation of ' + acts if acts else ''}</small>\n")
+                         f"{m.get('distinct_2', 'n/a')} · {n_tok} tokens{acts}</small>\n")
         return "\n".join(lines)
 
     def run_record(self, settings: SteerSettings, schedules: dict[str, list], result: dict) -> dict:

@@ -152,8 +152,9 @@ def test_local_metrics_match_a_per_text_reference(tiny_bundle, monkeypatch, metr
         nll = -logits[len(prompt) - 1:-1].log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).mean()
         assert m["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-3)
         for name, key, idx in [("1/res/3", (1, "res"), 3), ("0/mlp/2", (0, "mlp"), 2)]:
-            want = float(b.encode(*key, store[key][0, len(prompt):])[:, idx].mean())
-            assert m["feature_activation"][name] == pytest.approx(want, abs=1e-3)
+            z = b.encode(*key, store[key][0, len(prompt):])[:, idx]
+            assert m["feature_activation"][name] == pytest.approx(float(z.mean()), abs=1e-3)
+            assert m["feature_active_tokens"][name] == int((z > 0).sum())  # 0 of n: fires on none of them
         for n in (1, 2, 3):
             assert m[f"distinct_{n}"] == pytest.approx(distinct_n(g.token_ids, n), abs=1e-3)
 

@@ -48,3 +48,19 @@ def test_prompt_line_and_carried_settings_say_what_they_are():
         assert part in note, part
     removal = Playground.carried_markdown("Physics", SteerSettings.create("5/res/824", task="remove", r=0.0))
     assert "rescale r = 0" in removal and "strength" not in removal
+
+
+def test_feature_activation_line_says_what_a_zero_means():
+    """Walkthrough: "mean activation of 27/res/402 0.00" on one steered sample (11.75 on the next)
+    read like a failed measurement. It is a real reading (the unsteered model reading the text:
+    the feature fires on none of its tokens), and the line now says so."""
+    score = SimpleNamespace(available=False, error="n/a")
+    gens = [SimpleNamespace(variant="steered", seed=s, text="t", token_ids=[1] * 36,
+                            metrics={"n_tokens": 36, "feature_activation": {"27/res/402": a},
+                                     "feature_active_tokens": {"27/res/402": n}})
+            for s, a, n in ((0, 0.0, 0), (1, 11.75, 13))]
+    md = Playground.column_markdown({"generations": gens, "scores": [score, score], "variants": ["steered"]},
+                                    "steered", "27/res/402")
+    assert ("27/res/402 when the unsteered model reads this text: mean activation 0.00, fires on 0 of 36 tokens "
+            "(none: this text does not evoke it)") in md
+    assert "mean activation 11.75, fires on 13 of 36 tokens</small>" in md
