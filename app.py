@@ -18,7 +18,8 @@ import os
 
 import gradio as gr
 
-from app_handlers import FieldNumber, FieldSlider, Handlers, bounded_malloc, cleared, named, pick_row, pick_token
+from app_handlers import (FieldNumber, FieldSlider, Handlers, bounded_malloc, cleared, named, pick_hit, pick_row,
+                          pick_token)
 from steering import limits
 from steering.bundle import Bundle, parse_max_memory
 from steering.settings import (ALPHA, CONDITIONS, DEPRECATED_CONDITIONS, S_END, SCHEDULES, STRENGTH, T_MODULE, T_RES,
@@ -249,7 +250,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         researcher.change(h.card_view, [feature, researcher], card_md, api_name=False, **LIGHT)
         researcher.change(h.flow_relabel, [graph_json, live_prompt, researcher], [flow_plot, nodes, live_plot],
                           api_name=False, **MODEL)
-        hits.select(pick_row, None, feature, api_name=False, queue=False)
+        hits.select(pick_hit, query, [feature, theme], api_name=False, queue=False)
         probe_rows.select(pick_row, None, feature, api_name=False, queue=False)
         probe_tokens.select(pick_token, None, feature, api_name=False, queue=False)
         feature.change(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False,

@@ -198,6 +198,15 @@ def pick_row(evt: gr.SelectData):
     return row[0] if row else gr.update()
 
 
+def pick_hit(query: str, evt: gr.SelectData):
+    """Clicking a search result picks its feature id and puts the search words in the judge theme;
+    the card then replaces them with the feature's own words when its label names any (`card_quiet`)."""
+    row = getattr(evt, "row_value", None)
+    if not row:
+        return gr.update(), gr.update()
+    return row[0], (query or "").strip() or gr.update()
+
+
 # ---- the handlers -----------------------------------------------------------------------------------
 
 class Handlers:
@@ -251,11 +260,14 @@ class Handlers:
         return self.pg.card_markdown(feature, bool(researcher))
 
     def card_quiet(self, feature: str, researcher: bool = False):
-        """The card while typing or picking: a half-typed id shows a hint in place, not an error toast."""
+        """The card while typing or picking: a half-typed id shows a hint in place, not an error toast.
+        The judge theme becomes the feature's own words; when its label names none, the theme box is
+        left as it is (the search words of a picked result, or a theme the user or an example set)."""
         try:
-            return self.pg.card_markdown(feature, bool(researcher))
+            md, theme = self.pg.card_markdown(feature, bool(researcher))
         except ValueError as e:
             return f"_{html.escape(str(e), quote=False)}_", gr.update()
+        return md, theme or gr.update()
 
     def card_view(self, feature: str, researcher: bool = False):
         """The card again when the researcher view is toggled (the judge theme is left as it is)."""

@@ -309,7 +309,8 @@ class Playground:
             raw = f" · raw: <code>{_escape(c.label)}</code>" if researcher and c.label_source != "llm" else ""
             lines += [f"**{self.label(str(f), researcher)}** <small>({c.label_source} label{raw})</small>", "",
                       *([] if theme else ["_Its label names no theme (it fires on small words or word pieces): "
-                                          "type what the judge should look for in “Theme for the judge”._", ""]),
+                                          "check “Theme for the judge” (it keeps your search words or the "
+                                          "example's theme) or type what the judge should look for._", ""]),
                       f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
                       f"mean when active **{c.mean_act:.2f}**", "",
                       f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  "]

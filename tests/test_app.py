@@ -447,3 +447,23 @@ def test_concurrent_clients_are_batched_and_get_what_they_get_alone(live_app):
         assert [(g["variant"], g["seed"], g["text"]) for g in t["generations"]] == \
             [(g["variant"], g["seed"], g["text"]) for g in a["generations"]]
     assert live_app["server"].log_path.read_text().count("batched ") > log_before  # some requests were merged
+
+
+def test_judge_theme_from_search_words_is_kept_when_the_label_names_none(built_app, live_app):
+    """A picked search result carries the search words into the judge theme; the card replaces them
+    with the feature's own words when its label names any, and otherwise leaves the box as it is
+    (an example's carried theme or the search words are not wiped)."""
+    from types import SimpleNamespace
+
+    from app_handlers import Handlers, pick_hit
+    from steering.ui import Playground
+
+    assert pick_hit(" wedding ", SimpleNamespace(row_value=["1/res/3", "x", 1.0, ""])) == ("1/res/3", "wedding")
+    h = Handlers(Playground.create(live_app["bundle"]))
+    md, theme = h.card_quiet("1/res/3")
+    _, own = h.pg.card_markdown("1/res/3")
+    assert md.startswith("### Feature")
+    assert theme == own if own else isinstance(theme, dict) and theme.get("__type__") == "update" and "value" not in theme
+    hint, keep = h.card_quiet("1/res/")
+    assert "malformed" in hint.lower() or "feature" in hint.lower()
+    assert isinstance(keep, dict) and "value" not in keep
