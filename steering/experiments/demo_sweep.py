@@ -210,9 +210,6 @@ def lens_candidates(bundle, words: set[str], n: int = 2, layers: range | None = 
     return [fid for _, fid in sorted(best, reverse=True)[:n]]
 
 
-_MAX_ACTS: dict = {}  # id(bundle) -> {(text, key): max activation per feature [w]}
-
-
 @torch.no_grad()
 def contrast_candidates(bundle, theme_texts: list[str], other_texts: list[str], layers: range, n: int = 1,
                         min_share: float = 0.75) -> list[str]:
@@ -228,7 +225,7 @@ def contrast_candidates(bundle, theme_texts: list[str], other_texts: list[str], 
         return []
 
     def per_text(texts: list[str]) -> dict:  # {key: [n_texts, w]}, each text computed once per bundle
-        cache = _MAX_ACTS.setdefault(id(bundle), {})
+        cache = bundle.cached("demo_sweep.max_acts", dict)  # {(text, key): [w]}, lives with the bundle
         todo = [t for t in dict.fromkeys(texts) if any((t, k) not in cache for k in keys)]
         for i in range(0, len(todo), 8):
             chunk = todo[i:i + 8]
