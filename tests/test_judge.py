@@ -500,3 +500,18 @@ def test_model_perplexity_fn_matches_unbatched_reference(tiny_bundle):
         assert value == pytest.approx(math.exp(-lp.mean().item()), rel=1e-4)
     assert model_perplexity_fn(model, tok, batch_size=1)(texts[:2]) == pytest.approx(
         model_perplexity_fn(model, tok, batch_size=4)(texts[:2]), rel=1e-4)
+
+
+def test_word_cache_clears_when_full_without_losing_the_words_of_the_request(monkeypatch):
+    """A full word cache is cleared before the request's words are embedded (it used to clear after
+    looking them up, then miss the words it had dropped: KeyError on a long-running server)."""
+    import torch
+
+    from steering.judging import offline as O
+
+    judge = O.OfflineJudge()
+    monkeypatch.setattr(O, "WORD_CACHE_MAX", 3)
+    monkeypatch.setattr(judge, "embed", lambda texts: torch.ones(len(texts), 4))
+    assert judge._word_embeddings(["cake", "bread"]).shape == (2, 4)
+    out = judge._word_embeddings(["cake", "soup"])  # 2 cached + 2 asked > 3: cleared, both embedded
+    assert out.shape == (2, 4) and set(judge._word_cache) == {"cake", "soup"}

@@ -99,6 +99,7 @@ ANCHORS_TOP = 3  # subtract the mean similarity of the text to its 3 closest rem
 # A word is in the theme's lexicon (its MiniLM neighbourhood) when its relative similarity to the
 # theme, embedded in the same template, exceeds one of these (fixed a priori, not fitted).
 LEXICON_THRESHOLDS = (0.10, 0.15)
+WORD_CACHE_MAX = 50_000  # word embeddings kept (~77 MB at 384 floats); cleared when full
 # The features of a (text, theme) pair, in the order of the fitted weights (`theme_features`).
 THEME_FEATURES = ("whole", "clause_max", "clause_top2", "word_max", "word_top3", "lexicon_share_10",
                   "lexicon_share_15", "word_mean")
@@ -244,10 +245,10 @@ class OfflineJudge:
         """Embeddings of "This text is about {word}." for each word, [n, 384], cached per word."""
         import torch
 
+        if len(self._word_cache) + len(set(words)) > WORD_CACHE_MAX:  # bounded: clear first, then fill
+            self._word_cache.clear()
         new = sorted({w for w in words if w not in self._word_cache})
         if new:
-            if len(self._word_cache) + len(new) > 50_000:
-                self._word_cache.clear()
             self._word_cache.update(zip(new, self.embed([THEME_TEMPLATE.format(w) for w in new])))
         return torch.stack([self._word_cache[w] for w in words])
 
