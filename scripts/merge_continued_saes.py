@@ -1,0 +1,55 @@
+"""Copy one site's SAEs from a continued training run over the shipped ones, with their provenance.
+
+    python scripts/merge_continued_saes.py --src /tmp/res --site res --base-commit b840da2
+
+Session 9 continued the residual SAEs of assets/saes_v2 (`steering.training.train --init-from
+assets/saes_v2 --widths res=1024 ...`) and shipped only that site. This copies the weights and
+reference scales, and writes into each cfg.json's metadata what the run's own cfg.json cannot know:
+the tokens before the continuation (``trained_tokens`` becomes the total, ``continued_tokens`` the
+run's), the commit it continued from, and the cross-layer term's weight (``align_weight``, read
+from the run's train_config.json). The run's settings go into assets/saes_v2/train_config.json as
+``<site>_continued``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("merge_continued_saes")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--src", type=Path, required=True, help="the run's --out folder")
+    p.add_argument("--dst", type=Path, default=Path("assets/saes_v2"))
+    p.add_argument("--site", default="res")
+    p.add_argument("--base-commit", required=True, help="commit of the SAEs the run continued from")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    run = json.loads((a.src / "train_config.json").read_text())
+    before = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())["metadata"]["trained_tokens"]
+    k_before = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())["k"]
+    layers = sorted((a.src / a.site).iterdir())
+    for layer in layers:
+        for f in ("sae_weights.safetensors", "ref_scale.safetensors"):
+            shutil.copy2(layer / f, a.dst / a.site / layer.name / f)
+        cfg = json.loads((layer / "cfg.json").read_text())
+        md = cfg["metadata"]
+        md["continued_from"] = f"{a.site} SAE of this folder at commit {a.base_commit} ({before} tokens, k {k_before})"
+        md["trained_tokens"] = before + run["tokens_seen"]
+        md["continued_tokens"] = run["tokens_seen"]
+        md["align_weight"] = run["config"]["align_weight"] if a.site == "res" else 0.0
+        (a.dst / a.site / layer.name / "cfg.json").write_text(json.dumps(cfg))
+    tc = a.dst / "train_config.json"
+    d = json.loads(tc.read_text())
+    d[f"{a.site}_continued"] = run
+    tc.write_text(json.dumps(d, indent=2))
+    log.info("merged %d %s SAEs: %d + %d tokens", len(layers), a.site, before, run["tokens_seen"])
+
+
+if __name__ == "__main__":
+    main()
