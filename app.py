@@ -186,6 +186,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                             value=TASK_DEFAULTS["activate"]["prompt"])
                         theme = gr.Textbox(label="Theme for the judge (filled from the feature; edit freely)",
                                            placeholder="e.g. weddings and marriage")
+                        auto_theme = gr.Textbox("", visible=False)  # the theme the last card set
                         with gr.Row():
                             seed = FieldNumber(value=0, precision=0, label="Seed", minimum=0, maximum=limits.MAX_SEED)
                             samples = FieldSlider(1, limits.MAX_SAMPLES, value=2, step=1, label="Samples")
@@ -253,8 +254,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         hits.select(pick_hit, query, [feature, theme], api_name=False, queue=False)
         probe_rows.select(pick_row, None, feature, api_name=False, queue=False)
         probe_tokens.select(pick_token, None, feature, api_name=False, queue=False)
-        feature.change(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False,
-                       trigger_mode="always_last", **LIGHT)
+        feature.change(h.card_quiet, [feature, researcher, theme, auto_theme], [card_md, theme, auto_theme],
+                       api_name=False, trigger_mode="always_last", **LIGHT)
         card_btn.click(h.card, [feature, researcher], [card_md, theme], api_name="card", **LIGHT)
         flowed = flow_btn.click(h.flow, [feature, t_res, t_module, live_prompt, researcher],
                                 [flow_plot, nodes, graph_json, live_plot, exclude, include], api_name="flow", **MODEL)
@@ -280,7 +281,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                             [tabs, feature, task, condition, layer, strength, schedule, alpha, s_end, r, prompt, theme,
                              samples, max_new, seed, t_res, t_module, chat, controls, scope, compare, exclude, include,
                              carried], api_name=False, queue=False)
-        demo.load(h.card_quiet, [feature, researcher], [card_md, theme], api_name=False, **LIGHT)
+        demo.load(h.card_quiet, [feature, researcher, theme, auto_theme], [card_md, theme, auto_theme], api_name=False,
+                  **LIGHT)
         gr.api(h.health, api_name="health", queue=False)
     return demo
 

@@ -259,15 +259,20 @@ class Handlers:
     def card(self, feature: str, researcher: bool = False):
         return self.pg.card_markdown(feature, bool(researcher))
 
-    def card_quiet(self, feature: str, researcher: bool = False):
+    def card_quiet(self, feature: str, researcher: bool = False, theme: str = "", auto: str = ""):
         """The card while typing or picking: a half-typed id shows a hint in place, not an error toast.
-        The judge theme becomes the feature's own words; when its label names none, the theme box is
-        left as it is (the search words of a picked result, or a theme the user or an example set)."""
+        Returns (card, judge theme, automatic theme). The judge theme becomes the feature's own words;
+        when its label names none, a theme that an earlier card set (``theme == auto``) is cleared,
+        and one a person, a search or an example put there is kept."""
         try:
-            md, theme = self.pg.card_markdown(feature, bool(researcher))
+            md, own = self.pg.card_markdown(feature, bool(researcher))
         except ValueError as e:
-            return f"_{html.escape(str(e), quote=False)}_", gr.update()
-        return md, theme or gr.update()
+            return f"_{html.escape(str(e), quote=False)}_", gr.update(), gr.update()
+        if own:
+            return md, own, own
+        if (theme or "") == (auto or "") and theme:
+            return md, "", ""
+        return md, gr.update(), auto
 
     def card_view(self, feature: str, researcher: bool = False):
         """The card again when the researcher view is toggled (the judge theme is left as it is)."""

@@ -449,10 +449,10 @@ def test_concurrent_clients_are_batched_and_get_what_they_get_alone(live_app):
     assert live_app["server"].log_path.read_text().count("batched ") > log_before  # some requests were merged
 
 
-def test_judge_theme_from_search_words_is_kept_when_the_label_names_none(built_app, live_app):
+def test_judge_theme_from_search_words_is_kept_when_the_label_names_none(live_app, monkeypatch):
     """A picked search result carries the search words into the judge theme; the card replaces them
-    with the feature's own words when its label names any, and otherwise leaves the box as it is
-    (an example's carried theme or the search words are not wiped)."""
+    with the feature's own words when its label names any; when it names none, a theme that an
+    earlier card set is cleared, and one a person, a search or an example put there is kept."""
     from types import SimpleNamespace
 
     from app_handlers import Handlers, pick_hit
@@ -460,10 +460,15 @@ def test_judge_theme_from_search_words_is_kept_when_the_label_names_none(built_a
 
     assert pick_hit(" wedding ", SimpleNamespace(row_value=["1/res/3", "x", 1.0, ""])) == ("1/res/3", "wedding")
     h = Handlers(Playground.create(live_app["bundle"]))
-    md, theme = h.card_quiet("1/res/3")
-    _, own = h.pg.card_markdown("1/res/3")
-    assert md.startswith("### Feature")
-    assert theme == own if own else isinstance(theme, dict) and theme.get("__type__") == "update" and "value" not in theme
-    hint, keep = h.card_quiet("1/res/")
-    assert "malformed" in hint.lower() or "feature" in hint.lower()
-    assert isinstance(keep, dict) and "value" not in keep
+    real = h.pg.card_markdown
+    md, own = real("1/res/3")
+    kept = lambda x: isinstance(x, dict) and "value" not in x  # noqa: E731  (gr.update() with no value)
+    if own:  # the card names a theme: it wins and becomes the automatic one
+        assert h.card_quiet("1/res/3", False, "wedding", "") == (md, own, own)
+    monkeypatch.setattr(h.pg, "card_markdown", lambda f, r=False: (real(f, r)[0], ""))  # a label naming no theme
+    out = h.card_quiet("1/res/3", False, "religious, spiritual", "religious, spiritual")
+    assert out[1:] == ("", "")  # the previous card's theme is not carried to this feature
+    out = h.card_quiet("1/res/3", False, "wedding", "religious, spiritual")
+    assert kept(out[1]) and out[2] == "religious, spiritual"  # the search words (or a person's) stay
+    hint, keep, auto = h.card_quiet("1/res/", False, "wedding", "")
+    assert hint.startswith("_") and kept(keep) and kept(auto)
