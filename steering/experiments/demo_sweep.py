@@ -344,6 +344,16 @@ def controls_for(bundle, rec: dict, fid: str, setting: str, max_new_tokens: int)
     return out
 
 
+def current_confirm(rec: dict) -> dict | None:
+    """The fresh-seed check of ``rec`` if it was made for its chosen feature and setting on
+    CONFIRM_SEEDS, else None (stale: it must be run again)."""
+    conf, chosen = rec.get("confirm"), rec.get("chosen") or {}
+    if not conf or (conf["feature"], conf["setting"], conf["seeds"]) != (chosen.get("feature"), chosen.get("setting"),
+                                                                          CONFIRM_SEEDS):
+        return None
+    return conf
+
+
 def confirm(bundle, rec: dict, max_new_tokens: int) -> dict:
     """The chosen setting and the unsteered model again on CONFIRM_SEEDS. The chosen setting is the
     best of ~30 on SEEDS, so its hits there are biased upwards; fresh seeds give a fair count."""
@@ -384,8 +394,8 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
                 f"kept physics words out of {n_hits} of 8 readable samples (unsteered: {rec['baseline_hits']} of 8; "
                 f"asking the model not to: {rec['controls']['prompted']['hits']}; random features: "
                 f"{rec['controls']['random']['hits']}).")
-    conf = rec.get("confirm")
-    if conf and (conf["feature"], conf["setting"]) == (fid, setting):
+    conf = current_confirm(rec)
+    if conf:
         goal = "put the theme into" if rec["task"] == "activate" else "kept physics words out of"
         expl += (f" On 8 fresh seeds the same setting {goal} {conf['steered']['hits']} of 8 "
                  f"(unsteered: {conf['unsteered']['hits']}).")
@@ -426,7 +436,7 @@ def grade(bundle, rec: dict, n_tok: int) -> list[tuple[int, dict]]:
     fid, hits = rec["chosen"]["feature"], rec["chosen"]["hits"]
     graph = build_flow_graph(bundle, fid)
     margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
-    conf = rec.get("confirm")
+    conf = current_confirm(rec)
     fresh = None if conf is None else conf["steered"]["hits"] - conf["unsteered"]["hits"]
     confirmed = conf is None or conf["steered"]["hits"] >= MIN_HITS
     rec["shipped"] = hits >= MIN_HITS and confirmed and graph.l_end - graph.l_start + 1 >= MIN_SPAN and margin > 0
@@ -482,9 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                                  != pick[:2]):  # the rule changed: the new choice's controls are generated
             rec["chosen"] = {"feature": pick[0], "setting": pick[1], "hits": pick[2]}
             rec["controls"] = controls_for(bundle, rec, pick[0], pick[1], n_tok)
-        conf = rec.get("confirm")
-        if rec.get("chosen") and (not conf or (conf["feature"], conf["setting"])
-                                  != (rec["chosen"]["feature"], rec["chosen"]["setting"])):
+        if rec.get("chosen") and current_confirm(rec) is None:
             rec["confirm"] = confirm(bundle, rec, n_tok)
         if rec.get("chosen"):
             examples += grade(bundle, rec, n_tok)
