@@ -275,8 +275,8 @@ class Playground:
         return [[r[0], self.label(r[0], researcher), *r[2:]] for r in rows if r and r[0]]
 
     def default_theme(self, fid: str) -> str:
-        """Judge theme derived from the catalog: whole words among the feature's top tokens, else its
-        label (editable in the UI)."""
+        """Judge theme derived from the catalog (`card_theme`: an LLM label, else the words of the
+        readable label; "" when it names none), editable in the UI."""
         if self.catalog is None:
             return ""
         try:

@@ -105,9 +105,10 @@ def readable_label(top: list[tuple[str, float]], context_words: list[str], tags:
     words, ctx = label_words(top, context_words)
     domain = [f"in {t}" for t in tags if t in DOMAIN_TAGS]
     named = [PLAIN_TAGS[t] for t in tags if t in PLAIN_TAGS]
-    if function_share(top) < FUNCTION_SHARE and not words and ctx:
+    form = function_share(top) >= FUNCTION_SHARE
+    if not form and not words and ctx:
         main = f"texts with {', '.join(ctx)}"
-    elif function_share(top) >= FUNCTION_SHARE or not words:
+    elif form or not words:
         small = [w for w in dict.fromkeys(t.strip().lower() for t, _ in top if not text_words(t))
                  if w.isalpha() and len(w) > 1][:3]
         main = " and ".join(named) or (f"small words ({', '.join(small)})" if small else "word pieces")

@@ -274,31 +274,45 @@ def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_contrast: int =
     return list(dict.fromkeys(out))
 
 
+def setting_plan(graph, setting: str, task: str) -> list:
+    """The steering specs of a sweep setting ``"condition:strength"`` (r for removal) on a feature's
+    flow graph, at the seed's layer with the exponential schedule (`steer.plan`)."""
+    from ..steer import plan
+
+    cond, s = setting.split(":")
+    return plan(graph, cond, graph.seed.layer, float(s), "exp", ALPHA, 1.0,
+                mode="add" if task == "activate" else "rescale")
+
+
+def judged(gens, names, rec: dict) -> dict:
+    """``{variant: {"hits", "samples"}}`` of generations by the sweep's rules (`judge_samples`)."""
+    out = {}
+    for name in names:
+        samples = judge_samples([g for g in gens if g.variant == name], set(rec["words"]), rec["task"])
+        out[name] = {"hits": sum(x["hit"] for x in samples), "samples": samples}
+    return out
+
+
 def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str, max_new_tokens: int) -> dict:
     from ..flow import build_flow_graph
     from ..generate import generate_variants
-    from ..steer import plan
 
     words = set(spec["words"].split())
     grid = GRID if task == "activate" else REMOVAL_GRID
-    mode = "add" if task == "activate" else "rescale"
     base = generate_variants(bundle, prompt, {"unsteered": []}, SEEDS, max_new_tokens)
     rec = {"title": title, "task": task, "theme": spec["theme"], "words": sorted(words), "prompt": prompt,
            "unsteered": judge_samples(base, words, task), "candidates": {}}
     for fid in candidates(bundle, catalog, spec):
         graph = build_flow_graph(bundle, fid)
-        variants = {}
-        for cond, s in grid:
-            variants[f"{cond}:{s:g}"] = plan(graph, cond, graph.seed.layer, s, "exp", ALPHA, 1.0, mode=mode)
+        variants = {f"{cond}:{s:g}": setting_plan(graph, f"{cond}:{s:g}", task) for cond, s in grid}
         runs = {}
         names = list(variants)
         per = max(1, limits.MAX_ROWS // len(SEEDS))  # variants per batched generation
         for i in range(0, len(names), per):
             chunk = {n: variants[n] for n in names[i:i + per]}
             gens = generate_variants(bundle, prompt, chunk, SEEDS, max_new_tokens)
-            for n in chunk:
-                samples = judge_samples([g for g in gens if g.variant == n], words, task)
-                runs[n] = {"hits": sum(x["hit"] for x in samples), "n_features": len(variants[n]), "samples": samples}
+            for n, run in judged(gens, chunk, rec).items():
+                runs[n] = {"hits": run["hits"], "n_features": len(variants[n]), "samples": run["samples"]}
         rec["candidates"][fid] = {"span": [graph.l_start, graph.l_end], "label": catalog.label(fid) if catalog else "",
                                   "runs": runs}
     return rec
@@ -328,20 +342,11 @@ def choose(rec: dict) -> tuple[str, str, int] | None:
 def controls_for(bundle, rec: dict, fid: str, setting: str, max_new_tokens: int) -> dict:
     from ..controls import generate_with_controls
     from ..flow import build_flow_graph
-    from ..steer import plan
 
-    cond, s = setting.split(":")
-    graph = build_flow_graph(bundle, fid)
-    specs = plan(graph, cond, graph.seed.layer, float(s), "exp", ALPHA, 1.0,
-                 mode="add" if rec["task"] == "activate" else "rescale")
+    specs = setting_plan(build_flow_graph(bundle, fid), setting, rec["task"])
     gens = generate_with_controls(bundle, rec["prompt"], {"steered": specs}, SEEDS, ("prompt", "random"),
                                   rec["theme"], rec["task"], max_new_tokens=max_new_tokens)
-    words = set(rec["words"])
-    out = {}
-    for name in ("prompted", "random"):
-        samples = judge_samples([g for g in gens if g.variant == name], words, rec["task"])
-        out[name] = {"hits": sum(x["hit"] for x in samples), "samples": samples}
-    return out
+    return judged(gens, ("prompted", "random"), rec)
 
 
 def current_confirm(rec: dict) -> dict | None:
@@ -359,21 +364,12 @@ def confirm(bundle, rec: dict, max_new_tokens: int) -> dict:
     best of ~30 on SEEDS, so its hits there are biased upwards; fresh seeds give a fair count."""
     from ..flow import build_flow_graph
     from ..generate import generate_variants
-    from ..steer import plan
 
     fid, setting = rec["chosen"]["feature"], rec["chosen"]["setting"]
-    cond, s = setting.split(":")
-    graph = build_flow_graph(bundle, fid)
-    specs = plan(graph, cond, graph.seed.layer, float(s), "exp", ALPHA, 1.0,
-                 mode="add" if rec["task"] == "activate" else "rescale")
+    specs = setting_plan(build_flow_graph(bundle, fid), setting, rec["task"])
     gens = generate_variants(bundle, rec["prompt"], {"steered": specs, "unsteered": []}, CONFIRM_SEEDS,
                              max_new_tokens)
-    words = set(rec["words"])
-    out = {"seeds": CONFIRM_SEEDS, "setting": setting, "feature": fid}
-    for name in ("steered", "unsteered"):
-        samples = judge_samples([g for g in gens if g.variant == name], words, rec["task"])
-        out[name] = {"hits": sum(x["hit"] for x in samples), "samples": samples}
-    return out
+    return {"seeds": CONFIRM_SEEDS, "setting": setting, "feature": fid, **judged(gens, ("steered", "unsteered"), rec)}
 
 
 def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, preset: str) -> dict:
