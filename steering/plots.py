@@ -6,7 +6,8 @@ from typing import Callable
 
 import plotly.graph_objects as go
 
-from .graph import FlowGraph, FlowNode
+from .features import FeatureId
+from .graph import FlowEdge, FlowGraph, FlowNode
 
 LANES = {"attn": 2, "res": 1, "mlp": 0}
 LANE_NAMES = {2: "attention", 1: "residual", 0: "MLP"}
@@ -24,17 +25,21 @@ def _link_pair(graph: FlowGraph, node) -> str:
     return f"{node.layer}/{node.site}"
 
 
-def index_labels(nodes: list[FlowNode]) -> dict:
-    """Which nodes carry their index as a text label: in each lane (site), the first node of a run
-    of nodes with the same index over consecutive layers, and the seed. A feature that keeps its
-    index over 30 layers reads "402" once, not "402402402..."; every node's full id is in its hover."""
+def index_labels(nodes: list[FlowNode], edges: "list[FlowEdge]" = ()) -> dict:
+    """Which nodes carry their index as a text label: every node except one that continues the
+    same index from the layer before - in the residual lane, through a match (an edge from
+    ``layer-1/res/index``); in a module lane, where ``layer-1/site/index`` is a node too (module
+    nodes have no edges between them, so a run of one index is written once). The seed is always
+    labelled. A feature that keeps its index over 30 layers reads "402" once, not
+    "402402402..."; two chains merged in one graph (a seed set) each keep their own labels; every
+    node's full id is in its hover. -> {feature id: label text or ""}"""
+    present = {n.id for n in nodes}
+    linked = {(e.source, e.target) for e in edges}
     out = {}
-    for site in LANES:
-        prev = None
-        for n in sorted((n for n in nodes if n.site == site), key=lambda n: n.layer):
-            same = prev is not None and prev.id.index == n.id.index and n.layer - prev.layer == 1
-            out[n.id] = str(n.id.index) if n.role == "seed" or not same else ""
-            prev = n
+    for n in nodes:
+        prev = FeatureId(n.layer - 1, n.site, n.id.index)
+        continues = (prev, n.id) in linked if n.site == "res" else prev in present
+        out[n.id] = "" if continues and n.role != "seed" else str(n.id.index)
     return out
 
 
@@ -56,7 +61,7 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
     Indices are written on the nodes where they change along a lane (`index_labels`)."""
     pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
     layers = [n.layer for n in graph.nodes]
-    index_text = index_labels([n for n in graph.nodes if n.in_span])
+    index_text = index_labels([n for n in graph.nodes if n.in_span], graph.edges)
     fig = go.Figure()
     for e in graph.edges:
         if e.source not in pos or e.target not in pos:

@@ -2,7 +2,7 @@
 
 from steering.features import FeatureId
 from steering.graph import FlowEdge, FlowGraph, FlowNode
-from steering.plots import LANES, flow_figure, live_figure, schedule_figure, scores_figure
+from steering.plots import LANES, flow_figure, index_labels, live_figure, schedule_figure, scores_figure
 
 
 def _graph() -> FlowGraph:
@@ -115,3 +115,19 @@ def test_scores_figure_follows_the_column_order_and_keeps_labels_clear():
     assert list(fig.data[0].x) == ["Unsteered", "Steered", "Ask", "Random"]
     assert fig.layout.legend.y >= 1 and fig.layout.legend.yanchor == "bottom"  # above the bars, not on the names
     assert all(t.cliponaxis is False for t in fig.data) and fig.layout.yaxis.range[1] > 1.1
+
+
+def test_index_labels_follow_matches_not_the_sorted_lane():
+    """Two chains merged in one graph (a seed set) interleave in the residual lane: each keeps its
+    own index written once; an index that repeats without a match (no edge) is written again, and a
+    module lane writes a run of one index once."""
+    a = [FeatureId(l, "res", 402) for l in range(4)]
+    b = [FeatureId(l, "res", 9) for l in range(1, 4)]
+    orphan = FeatureId(5, "res", 402)  # same index two layers on, no edge into it
+    mods = [FeatureId(l, "mlp", 5) for l in (1, 2)] + [FeatureId(3, "mlp", 6)]
+    nodes = ([FlowNode(f, 0.9, "seed" if f == a[2] else "residual") for f in a + b + [orphan]]
+             + [FlowNode(f, 0.4, "mlp") for f in mods])
+    edges = [FlowEdge(x, y, 0.9) for chain in (a, b) for x, y in zip(chain, chain[1:])]
+    text = {str(k): v for k, v in index_labels(nodes, edges).items() if v}
+    assert text == {"0/res/402": "402", "2/res/402": "402", "1/res/9": "9", "5/res/402": "402",
+                    "1/mlp/5": "5", "3/mlp/6": "6"}

@@ -91,9 +91,21 @@ def test_warm_start_reads_saved_weights(tmp_path):
     for a, b in zip(m.parameters(), m2.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-2, atol=2e-3)
     with pytest.raises(ValueError, match="init_from"):
-        load_stacked(StackedTopK(n=2, d=8, w=32, k=3), tmp_path, "res")
+        load_stacked(StackedTopK(n=2, d=8, w=8, k=3), tmp_path, "res")  # narrower than saved
     with pytest.raises(ValueError, match="not an SAE"):
         load_stacked(m2, tmp_path, "mlp")
+
+    # A wider run keeps the saved latents at their indices and adds unit-norm new ones,
+    # shared by the layers, that start with a small encoder and zero bias.
+    wide = StackedTopK(n=2, d=8, w=24, k=3)
+    load_stacked(wide, tmp_path, "res", torch.Generator().manual_seed(1))
+    torch.testing.assert_close(wide.W_dec[:, :16], m.W_dec, rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(wide.b_enc[:, :, :16], m.b_enc, rtol=1e-2, atol=2e-3)
+    new = wide.W_dec[:, 16:]  # [2, 8, 8]
+    torch.testing.assert_close(new.norm(dim=-1), torch.ones(2, 8))
+    torch.testing.assert_close(new[0], new[1])
+    assert (wide.b_enc[:, :, 16:] == 0).all()
+    assert wide.W_enc[:, :, 16:].norm(dim=1).max() < 0.21
 
 
 def test_bf16_dense_step_close_to_float32():

@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
     state = torch.load(ckpt, map_location=dev, weights_only=False) if ckpt.is_file() else None
 
     if state is None and cfg.init_from:
-        scale = {s: load_stacked(saes[s], Path(cfg.init_from), s) for s in sites}
+        scale = {s: load_stacked(saes[s], Path(cfg.init_from), s, gen) for s in sites}
         log.info("warm start from %s", cfg.init_from)
     elif state is None:
         first, _ = collect(model, preset.arch, L, stream.batch(cfg.batch_seqs), dev, sites)
@@ -316,27 +316,40 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
 
 
 @torch.no_grad()
-def load_stacked(sae: StackedTopK, folder: Path, site: str) -> torch.Tensor:
+def load_stacked(sae: StackedTopK, folder: Path, site: str, gen: torch.Generator | None = None) -> torch.Tensor:
     """Warm start: copy the saved SAEs ``folder/{site}/layer_{l}`` into ``sae`` (undoing the
-    input-scale folding of `_save_all`); returns their input scales c [n, 1, 1]."""
+    input-scale folding of `_save_all`); returns their input scales c [n, 1, 1].
+
+    A wider run keeps the saved latents as latents 0..w0-1 (their indices, labels and matches
+    stay) and adds w - w0 new ones: one random unit dictionary shared by all layers, encoder =
+    0.2 x decoder^T (the scale `_resample` uses), b_enc 0; those that stay dead are resampled.
+    Raises ValueError when a file is missing or the saved SAE is wider or has another d."""
     from safetensors.torch import load_file
 
-    scales = []
-    for l in range(sae.W_enc.shape[0]):
+    n, d, w = sae.W_enc.shape
+    scales, w0 = [], None
+    for l in range(n):
         path = folder / site / f"layer_{l}"
         try:
-            w = load_file(str(path / "sae_weights.safetensors"))
+            sw = load_file(str(path / "sae_weights.safetensors"))
             c = float(json.loads((path / "cfg.json").read_text())["metadata"]["input_scale"])
         except (FileNotFoundError, KeyError) as e:
             raise ValueError(f"init_from: {path} is not an SAE saved by this trainer ({e})") from e
-        if w["W_enc"].shape != sae.W_enc.shape[1:] or int(w["W_enc"].shape[1]) != sae.W_dec.shape[1]:
-            raise ValueError(f"init_from: {path} has W_enc {tuple(w['W_enc'].shape)}, the run expects "
-                             f"{tuple(sae.W_enc.shape[1:])} (check --widths)")
-        sae.W_enc[l] = w["W_enc"].float()
-        sae.W_dec[l] = w["W_dec"].float()
-        sae.b_enc[l, 0] = w["b_enc"].float() / c
-        sae.b_dec[l, 0] = w["b_dec"].float() / c
+        d0, w0 = (int(v) for v in sw["W_enc"].shape)
+        if d0 != d or w0 > w:
+            raise ValueError(f"init_from: {path} has W_enc {(d0, w0)}, the run expects ({d}, >= {w0}) "
+                             f"up to its width {w} (check --widths)")
+        sae.W_enc[l, :, :w0] = sw["W_enc"].float()
+        sae.W_dec[l, :w0] = sw["W_dec"].float()
+        sae.b_enc[l, 0, :w0] = sw["b_enc"].float() / c
+        sae.b_dec[l, 0] = sw["b_dec"].float() / c
         scales.append(c)
+    if w0 < w:
+        rows = torch.randn((1, w - w0, d), generator=gen)  # [1, w - w0, d], shared by the n layers
+        sae.W_dec[:, w0:] = rows / rows.norm(dim=-1, keepdim=True)
+        sae.W_enc[:, :, w0:] = 0.2 * sae.W_dec[:, w0:].transpose(1, 2)
+        sae.b_enc[:, 0, w0:] = 0.0
+        log.info("init_from: %s SAEs widened from %d to %d latents", site, w0, w)
     sae.normalize_decoder()
     return torch.tensor(scales, device=sae.W_enc.device)[:, None, None]
 
