@@ -385,9 +385,13 @@ def test_calibration_is_current_and_meets_its_held_out_targets():
     assert ev["spearman_behavioral"] <= ev["spearman_behavioral_ceiling"]
     assert ev["spearman_behavioral_hand_labelled"] > base["spearman_behavioral_hand_labelled"]
     assert cal["evaluation_before"]["spearman_behavioral"] == 0.624  # the figures before issue 17, kept
+    prev = cal["evaluation_previous_method"]  # the 8-feature method this one replaced, on the same split
+    assert prev["n_hand_labelled"] == ev["n_hand_labelled"] and len(prev["weights"]) == 8
     fit = cal["behavioral"]
     assert fit["features"] == list(O.THEME_FEATURES) == cal["similarity_method"]["features"]
-    for f in ([-0.3] * 8, [0.6] * 8, fit["mean"]):
+    assert all(w >= 0 for w in fit["weights"])  # more theme evidence never lowers the score
+    n = len(O.THEME_FEATURES)
+    for f in ([-0.3] * n, [0.6] * n, fit["mean"]):
         assert 0 <= O.theme_score(f, fit) <= 5
 
 
@@ -515,3 +519,50 @@ def test_word_cache_clears_when_full_without_losing_the_words_of_the_request(mon
     assert judge._word_embeddings(["cake", "bread"]).shape == (2, 4)
     out = judge._word_embeddings(["cake", "soup"])  # 2 cached + 2 asked > 3: cleared, both embedded
     assert out.shape == (2, 4) and set(judge._word_cache) == {"cake", "soup"}
+
+
+def test_theme_features_never_drop_when_evidence_is_added():
+    """Every feature is nondecreasing when a clause or word similarity rises or one is added, so
+    with the stored non-negative weights the score is too (random similarities, seeded)."""
+    import random
+
+    rng = random.Random(0)
+    fit = O.load_calibration()["behavioral"]
+    for _ in range(300):
+        whole = rng.uniform(-0.3, 0.5)
+        clauses = [rng.uniform(-0.3, 0.5) for _ in range(rng.randint(1, 4))]
+        words = [rng.uniform(-0.3, 0.5) for _ in range(rng.randint(0, 9))]
+        f = O.feature_vector(whole, clauses, words)
+        more = [O.feature_vector(whole, clauses + [rng.uniform(-0.3, 0.5)], words),
+                O.feature_vector(whole, clauses, words + [rng.uniform(-0.3, 0.5)]),
+                O.feature_vector(whole + 0.05, clauses, [w + 0.05 for w in words])]
+        for g in more:
+            assert all(b >= a for a, b in zip(f, g)), (f, g)
+            assert O.theme_score(g, fit) >= O.theme_score(f, fit)
+
+
+# Texts written for this test, not taken from assets/judge/labelled.jsonl: a text, then the same
+# text with an on-theme clause added.
+@pytest.mark.parametrize("theme, text, clause", [
+    ("food and cooking", "I think the weekend was quiet and I mostly stayed at home",
+     "and I baked a loaf of bread and made a big pot of vegetable soup"),
+    ("sports", "I think my cousin visited us last week",
+     "and we watched the cup final and cheered when our striker scored twice"),
+    ("music and songs", "I think the evening was long",
+     "and the band played our favourite songs on guitar and drums until midnight"),
+    ("animals and pets", "I think the new flat is small but bright", "and our puppy loves chasing the cat around the sofa"),
+    ("mental health issues", "I think work has been busy this month",
+     "and my anxiety got so bad that I started seeing a therapist for my depression"),
+    ("religion and God", "I think the village is very old", "and every Sunday the priest leads the prayers in the church"),
+    ("wedding and marriage", "I think it rained all Saturday",
+     "but the bride and groom still said their vows and the guests danced at the reception"),
+    ("programming and code", "I think the office was cold today",
+     "and I spent hours debugging a Python function that kept throwing an exception"),
+    ("food and cooking", "I think we roasted a chicken with garlic and lemon",
+     "and we made a salad with fresh tomatoes and olive oil"),
+    ("sports", "I think the match went to extra time after a late equaliser",
+     "and the goalkeeper saved two penalties in the shoot-out"),
+])
+def test_offline_adding_an_on_theme_clause_never_lowers_the_theme_score(offline, theme, text, clause):
+    before, after = offline.score([text, f"{text}, {clause}."], theme, "activate")
+    assert after.behavioral >= before.behavioral, (before.reason, after.reason)

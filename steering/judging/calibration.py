@@ -3,8 +3,10 @@
     python -m steering judge calibrate --perplexity-preset default
 
 The labelled set (``assets/judge/labelled.jsonl``) holds hand-written texts, each with a theme and
-hand labels 0-5 for theme presence ("behavioral") and coherence. Evaluation items are built from
-it by rules that need no further judgement:
+hand labels 0-5 for theme presence ("behavioral") and coherence; the 105 after the first 313 were
+written to fill the graded middle (a passing mention, half or mostly on theme, on theme without
+the obvious word, a theme word in another sense) and labelled before any judge score was seen.
+Evaluation items are built from it by rules that need no further judgement:
 
 - ``labelled``: each text with its own theme and labels.
 - ``other theme``: a text clearly on its theme (behavioral >= 4) scored against every other theme
@@ -15,8 +17,8 @@ it by rules that need no further judgement:
   coherence label 0 (no theme label).
 
 A quarter of the texts (every 4th by position in the file, index % 4 == 0, with all of their
-items; a fixed rule, never chosen by looking at scores) is held out: the theme map (weights of a
-logistic over `offline.THEME_FEATURES`: whole-text, clause and word similarities) and the
+items; a fixed rule, never chosen by looking at scores) is held out: the theme map (non-negative
+weights of a logistic over `offline.THEME_FEATURES`: whole-text, clause and word similarities) and the
 perplexity range of the coherence score are fitted on the rest, and every figure of
 ``evaluation`` is computed on the held-out items: the share of off-theme items (label <= 1)
 scored <= 1/5, the share of word salad scored <= 1/5 coherence, Spearman correlations with the
@@ -40,7 +42,8 @@ from ..embeddings import minilm_vocab
 from ..metrics import model_perplexity_fn
 from .base import JUDGE_DIR
 from .offline import (BINS, PPL_HI, PPL_LO, SIMILARITY_METHOD, THEME_FEATURES, UNCERTAIN_WIDTH, OfflineJudge,
-                      coherence_score, coherence_signals, interval, is_uncertain, logistic, score_bin, theme_score)
+                      coherence_score, coherence_signals, feature_vector, interval, is_uncertain, logistic, score_bin,
+                      theme_score)
 
 RELATED = (frozenset({"anger and frustration", "mental health issues"}),
            frozenset({"scientific concepts and entities", "programming and code"}))
@@ -151,15 +154,38 @@ def evaluate(items: list[dict], pred: dict[int, float], cohs: list[float], halve
     }
 
 
-def theme_item_features(items: list[dict], judge: OfflineJudge | None = None) -> list[list[float] | None]:
-    """`THEME_FEATURES` of every item for its theme (None for items without a theme label)."""
+def theme_item_similarities(items: list[dict], judge: OfflineJudge | None = None) -> list[tuple | None]:
+    """`OfflineJudge.theme_similarities` of every item for its theme: (whole, clauses, words), or
+    None for items without a theme label. [n_items]."""
     judge = judge or OfflineJudge(calibration={})
-    feats: list[list[float] | None] = [None] * len(items)
+    sims: list[tuple | None] = [None] * len(items)
     for theme in sorted({it["theme"] for it in items}):
         idx = [i for i, it in enumerate(items) if it["theme"] == theme and it["behavioral"] is not None]
-        for i, f in zip(idx, judge.theme_features([items[i]["text"] for i in idx], theme)):
-            feats[i] = f
-    return feats
+        for i, s in zip(idx, judge.theme_similarities([items[i]["text"] for i in idx], theme)):
+            sims[i] = s
+    return sims
+
+
+def theme_item_features(items: list[dict], judge: OfflineJudge | None = None) -> list[list[float] | None]:
+    """`THEME_FEATURES` of every item for its theme (None for items without a theme label)."""
+    return [None if s is None else feature_vector(*s) for s in theme_item_similarities(items, judge)]
+
+
+# The theme features of the method this calibration replaced (8 features, weights of any sign), kept
+# to evaluate it on the same split (`evaluation_previous_method`).
+PREVIOUS_FEATURES = ("whole", "clause_max", "clause_top2", "word_max", "word_top3", "lexicon_share_10",
+                     "lexicon_share_15", "word_mean")
+PREVIOUS_LEXICON_THRESHOLDS = (0.10, 0.15)
+
+
+def previous_feature_vector(whole: float, clauses: list[float], words: list[float]) -> list[float]:
+    """`PREVIOUS_FEATURES` of one text from the same similarities as `offline.feature_vector`:
+    best clause, mean of the top 2 clauses, best word, mean of the top 3 words, share of words
+    above each `PREVIOUS_LEXICON_THRESHOLDS`, mean word (no words: one word at -0.2)."""
+    cs = sorted(clauses, reverse=True)
+    ws = sorted(words, reverse=True) or [-0.2]
+    return [whole, cs[0], sum(cs[:2]) / len(cs[:2]), ws[0], sum(ws[:3]) / len(ws[:3]),
+            *(sum(w > t for w in ws) / len(ws) for t in PREVIOUS_LEXICON_THRESHOLDS), sum(ws) / len(ws)]
 
 
 def _halves(pred: list[float], gold: list[float]) -> list[float]:
@@ -172,14 +198,15 @@ def _halves(pred: list[float], gold: list[float]) -> list[float]:
 
 def calibrate(labelled: Path | None = None, perplexity_preset: str = "", previous: Path | None = None) -> dict:
     """Fit the offline judge on the fitting part of the items and evaluate it on the held-out
-    part (module docstring). Also evaluates, on the same split, the whole-text baseline (one
-    logistic of the whole text's relative similarity, the method before issue 17), and keeps the
-    figures the previous calibration file reported for an older method as ``evaluation_before``.
-    With ``perplexity_preset`` every text's perplexity under that preset's model (no SAEs) feeds
-    the coherence score, as in the app."""
+    part (module docstring). Also fits and evaluates on the same split the method it replaced
+    (`PREVIOUS_FEATURES`, weights of any sign) and the whole-text baseline (one logistic of the
+    whole text's relative similarity, the method before issue 17), and keeps what earlier
+    calibration files reported (`_history`). With ``perplexity_preset`` every text's perplexity
+    under that preset's model (no SAEs) feeds the coherence score, as in the app."""
     rows = load_rows(labelled)
     items = build_items(rows)
-    feats = theme_item_features(items)
+    sims = theme_item_similarities(items)
+    feats = [None if s is None else feature_vector(*s) for s in sims]
     ppl = text_perplexities(items, perplexity_preset) if perplexity_preset else [None] * len(items)
     fit = [i for i, it in enumerate(items) if not held_out(it)]
     fit_b = [i for i in fit if items[i]["behavioral"] is not None]
@@ -194,11 +221,15 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "", previou
     if perplexity_preset:
         lo, hi = _fit_ppl_range([sigs[i] for i in fit], [items[i]["coherence"] for i in fit])
     cohs = [coherence_score(s, lo, hi) for s in sigs]
+    prev_feats = {i: previous_feature_vector(*sims[i]) for i in theme_idx}
+    prev_w = fit_theme_weights([prev_feats[i] for i in fit_b], gold, PREVIOUS_FEATURES, nonnegative=False)
+    prev = {i: theme_score(prev_feats[i], prev_w) for i in theme_idx}
     a, b = _fit_logistic([feats[i][0] for i in fit_b], gold)  # the whole-text baseline
     base = {i: logistic(feats[i][0], a, b) for i in theme_idx}
     result = {
         "similarity_method": SIMILARITY_METHOD,
-        "behavioral": {**weights, "formula": "5 sigmoid(bias + sum_k weights_k (feature_k - mean_k) / std_k)",
+        "behavioral": {**weights, "formula": "5 sigmoid(bias + sum_k weights_k (feature_k - mean_k) / std_k), "
+                                             "weights_k >= 0",
                        "interval_bins": list(BINS), "interval_half_widths": halves,
                        "uncertain_width": UNCERTAIN_WIDTH},
         "coherence": {"ppl_lo": lo, "ppl_hi": hi, "perplexity_model": perplexity_preset or "none (local signals)"},
@@ -208,41 +239,52 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "", previou
         "n_texts": len({it["text"] for it in items}), "n_hand_labelled_texts": len(rows),
         "held_out": f"every {HELD_OUT_EVERY}th labelled text (index % {HELD_OUT_EVERY} == 0) with all of its items",
         "evaluation": evaluate(items, pred, cohs, halves),
+        "evaluation_previous_method": {**evaluate(items, prev, cohs, _halves([prev[i] for i in fit_b], gold)),
+                                       "features": list(PREVIOUS_FEATURES), "weights": prev_w["weights"]},
         "evaluation_whole_text_baseline": evaluate(items, base, cohs, _halves([base[i] for i in fit_b], gold)),
         "note": "figures of `evaluation` are on held-out items only (steering/judging/calibration.py says how items "
-                "are built from the hand-labelled texts); `evaluation_whole_text_baseline`: the method before issue "
-                "17 (one logistic of the whole text's similarity, a={:.2f}, b={:.4f}) fitted and evaluated on the same "
-                "split; `evaluation_before`: what the calibration file of the older method reported, on its own "
-                "(smaller) labelled set".format(a, b),
+                "are built from the hand-labelled texts); `evaluation_previous_method`: the method this one replaced "
+                "(8 features, weights of any sign) fitted and evaluated on the same split; "
+                "`evaluation_whole_text_baseline`: the method before issue 17 (one logistic of the whole text's "
+                "similarity, a={:.2f}, b={:.4f}) fitted and evaluated on the same split; "
+                "`evaluation_previous_calibration` and `evaluation_before`: what the replaced calibration file and "
+                "the one before issue 17 reported, each on its own (smaller) labelled set".format(a, b),
+        **_history(previous or JUDGE_DIR / "calibration.json"),
     }
-    before = _previous_figures(previous or JUDGE_DIR / "calibration.json")
-    if before:
-        result["evaluation_before"] = before
     return result
 
 
-def _previous_figures(path: Path) -> dict | None:
-    """The `evaluation` of a calibration file fitted with another similarity method (its
-    ``evaluation_before`` when it was fitted with this one), else None."""
+def _history(path: Path) -> dict:
+    """Figures of earlier calibration files to keep beside the new ones: ``evaluation_before``
+    (the method before issue 17, carried from file to file) and ``evaluation_previous_calibration``
+    (the `evaluation` of the file at ``path`` when it was fitted with another similarity method;
+    carried over when it was fitted with this one). Empty without a file."""
     if not path.is_file():
-        return None
+        return {}
     old = json.loads(path.read_text())
     if old.get("similarity_method") == SIMILARITY_METHOD:
-        return old.get("evaluation_before")
-    return {**old.get("evaluation", {}), "n_labelled": old.get("n_labelled"),
-            "method": "one logistic of the whole text's relative similarity"}
+        return {k: old[k] for k in ("evaluation_previous_calibration", "evaluation_before") if k in old}
+    replaced = {**old.get("evaluation", {}), "n_labelled": old.get("n_labelled"),
+                "features": old.get("behavioral", {}).get("features", ["whole"]),
+                "weights": old.get("behavioral", {}).get("weights")}
+    before = old.get("evaluation_before") or {**replaced,
+                                              "method": "one logistic of the whole text's relative similarity"}
+    return {"evaluation_previous_calibration": replaced, "evaluation_before": before}
 
 
-def fit_theme_weights(features: list[list[float]], gold: list[float], l2: float = 1e-3) -> dict:
+def fit_theme_weights(features: list[list[float]], gold: list[float], names: tuple[str, ...] = THEME_FEATURES,
+                      nonnegative: bool = True, l2: float = 1e-3) -> dict:
     """Least-squares fit of gold (0-5) = 5 sigmoid(bias + w . (f - mean) / std) with a small L2
-    penalty on w; returns the dict `offline.theme_score` reads (mean, std, weights, bias)."""
+    penalty on w, each w_k >= 0 when ``nonnegative`` (the score then never falls when a feature
+    rises). features: [n, len(names)], gold: [n]. Returns the dict `offline.theme_score` reads
+    (features, mean, std, weights, bias)."""
     import numpy as np
     from scipy.optimize import minimize
 
     x = np.asarray(features, dtype=float)  # [n, n_features]
     y = np.asarray(gold, dtype=float)  # [n]
-    if x.ndim != 2 or x.shape[1] != len(THEME_FEATURES) or len(y) != len(x):
-        raise ValueError(f"need [n, {len(THEME_FEATURES)}] features and n labels, got {x.shape} and {len(y)}")
+    if x.ndim != 2 or x.shape[1] != len(names) or len(y) != len(x):
+        raise ValueError(f"need [n, {len(names)}] features and n labels, got {x.shape} and {len(y)}")
     mean, std = x.mean(0), x.std(0) + 1e-9
     z = (x - mean) / std
 
@@ -250,8 +292,9 @@ def fit_theme_weights(features: list[list[float]], gold: list[float], l2: float 
         pr = 5.0 / (1.0 + np.exp(-np.clip(z @ p[:-1] + p[-1], -60, 60)))
         return float(((pr - y) ** 2).mean() + l2 * (p[:-1] ** 2).sum())
 
-    p = minimize(loss, np.zeros(x.shape[1] + 1), method="L-BFGS-B").x
-    return {"features": list(THEME_FEATURES), "mean": [round(float(v), 5) for v in mean],
+    bounds = [(0.0, None) if nonnegative else (None, None)] * x.shape[1] + [(None, None)]
+    p = minimize(loss, np.zeros(x.shape[1] + 1), method="L-BFGS-B", bounds=bounds).x
+    return {"features": list(names), "mean": [round(float(v), 5) for v in mean],
             "std": [round(float(v), 5) for v in std], "weights": [round(float(v), 4) for v in p[:-1]],
             "bias": round(float(p[-1]), 4)}
 

@@ -2,11 +2,12 @@
 
 Theme score (0-5, paper §4.2): relative similarities between local sentence embeddings
 (`steering.embeddings`, all-MiniLM-L6-v2) of the theme and the whole text, its clauses and its
-content words (the words near the theme form its lexicon), combined by a small logistic fit on hand
-labels, with a range and an "uncertain" flag; coherence: local signals (repetition, gibberish,
-perplexity under the unsteered model). Its calibration: `steering.judging.calibration`
-(``python -m steering judge calibrate``). Scoring per clause and per word is what keeps a theme
-word inside an idiom or inside word salad from lifting a text's theme score.
+content words, combined by a small logistic with non-negative weights (more theme evidence never
+lowers the score) fitted on hand labels, with a range and an "uncertain" flag; coherence: local
+signals (repetition, gibberish, perplexity under the unsteered model). Its calibration:
+`steering.judging.calibration` (``python -m steering judge calibrate``). The word features skip
+the best word, so that a single theme word (in an idiom, in word salad) counts only through the
+whole text and its clause.
 """
 
 from __future__ import annotations
@@ -96,16 +97,19 @@ ANCHOR_TOPICS = (
 )
 ANCHORS_EXCLUDED = 3  # the anchors closest to the theme are dropped (they may be the theme itself)
 ANCHORS_TOP = 3  # subtract the mean similarity of the text to its 3 closest remaining anchors
-# A word is in the theme's lexicon (its MiniLM neighbourhood) when its relative similarity to the
-# theme, embedded in the same template, exceeds one of these (fixed a priori, not fitted).
-LEXICON_THRESHOLDS = (0.10, 0.15)
 WORD_CACHE_MAX = 50_000  # word embeddings kept (~77 MB at 384 floats); cleared when full
-# The features of a (text, theme) pair, in the order of the fitted weights (`theme_features`).
-THEME_FEATURES = ("whole", "clause_max", "clause_top2", "word_max", "word_top3", "lexicon_share_10",
-                  "lexicon_share_15", "word_mean")
+NO_SIMILARITY = -0.2  # what a rank with no clause or word behind it counts as (below any on-theme one)
+WORD_RANKS = ((1, 3), (3, 6))  # 0-based ranks of the content-word similarities averaged per feature
+# The features of a (text, theme) pair, in the order of the fitted weights (`feature_vector`). Each
+# is nondecreasing in every similarity it reads, and the clause and word features never drop when
+# a clause or a word is added; the fitted weights are >= 0, so neither can lower the score. The
+# best word and the 2nd-best clause are not features (fitted with the others, their weight was 0):
+# a theme word in an idiom or in word salad is one strong word.
+THEME_FEATURES = ("whole", "clause_max", "word_rank_2_3", "word_rank_4_6")
 SIMILARITY_METHOD = {"template": THEME_TEMPLATE, "n_anchors": len(ANCHOR_TOPICS),
                      "anchors_excluded": ANCHORS_EXCLUDED, "anchors_top": ANCHORS_TOP,
-                     "features": list(THEME_FEATURES), "lexicon_thresholds": list(LEXICON_THRESHOLDS),
+                     "features": list(THEME_FEATURES), "word_ranks": [list(r) for r in WORD_RANKS],
+                     "missing_rank": NO_SIMILARITY, "weights": "non-negative",
                      "clauses": "split at . ; : ! ? , and at and/but/so/because/while/then; pieces under 3 words "
                                 "joined to their neighbour"}
 OFFLINE_LABEL = ("offline fallback (no OpenAI key): theme = MiniLM similarity of the text, its clauses and "
@@ -139,13 +143,20 @@ def content_words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS]
 
 
+def rank_mean(values: list[float], lo: int, hi: int, pad: float = NO_SIMILARITY) -> float:
+    """Mean of the ``values`` ranked lo..hi-1 (0: the largest), a missing rank counted as ``pad``.
+
+    Nondecreasing in every value and when a value is added (the k-th largest of more values is
+    never smaller)."""
+    v = sorted([*values, *[pad] * hi], reverse=True)
+    return sum(v[lo:hi]) / (hi - lo)
+
+
 def feature_vector(whole: float, clauses: list[float], words: list[float]) -> list[float]:
     """`THEME_FEATURES` of one text from relative similarities (cosine units, about -0.3..0.5)
-    of the whole text, each clause and each content word (none: a word similarity of -0.2)."""
-    cs = sorted(clauses, reverse=True)
-    ws = sorted(words, reverse=True) or [-0.2]
-    return [whole, cs[0], sum(cs[:2]) / len(cs[:2]), ws[0], sum(ws[:3]) / len(ws[:3]),
-            *(sum(w > t for w in ws) / len(ws) for t in LEXICON_THRESHOLDS), sum(ws) / len(ws)]
+    of the whole text, each clause ([n_clauses]) and each content word ([n_words]): the whole
+    text, the best clause, the mean of the 2nd-3rd and of the 4th-6th best words."""
+    return [whole, rank_mean(clauses, 0, 1), *(rank_mean(words, lo, hi) for lo, hi in WORD_RANKS)]
 
 
 def load_calibration(path: Path | None = None) -> dict:
@@ -252,10 +263,9 @@ class OfflineJudge:
             self._word_cache.update(zip(new, self.embed([THEME_TEMPLATE.format(w) for w in new])))
         return torch.stack([self._word_cache[w] for w in words])
 
-    def theme_features(self, texts: list[str], theme: str) -> list[list[float]]:
-        """`THEME_FEATURES` of each text for the theme: relative similarity of the whole text,
-        of its clauses (max, top-2 mean) and of its content words (max, top-3 mean, share in the
-        theme's lexicon at each `LEXICON_THRESHOLDS`, mean). [n_texts][n_features]."""
+    def theme_similarities(self, texts: list[str], theme: str) -> list[tuple[float, list[float], list[float]]]:
+        """Relative similarities (`_relative`) to the theme of each text: (whole text, its clauses
+        [n_clauses], its content words [n_words]). [n_texts]."""
         if not texts:
             return []
         clauses = [split_clauses(t) for t in texts]
@@ -267,9 +277,14 @@ class OfflineJudge:
         wr = self._relative(self._word_embeddings(flat_w), theme).tolist() if flat_w else []  # [n_words]
         out, i, j = [], 0, 0
         for k in range(len(texts)):
-            out.append(feature_vector(whole[k], cl[i:i + len(clauses[k])], wr[j:j + len(words[k])]))
+            out.append((whole[k], cl[i:i + len(clauses[k])], wr[j:j + len(words[k])]))
             i, j = i + len(clauses[k]), j + len(words[k])
         return out
+
+    def theme_features(self, texts: list[str], theme: str) -> list[list[float]]:
+        """`THEME_FEATURES` of each text for the theme (`feature_vector` of its
+        `theme_similarities`). [n_texts][n_features]."""
+        return [feature_vector(*sims) for sims in self.theme_similarities(texts, theme)]
 
     def behavioral(self, features: list[float]) -> float:
         """0-5 theme score of one text from its `theme_features` (paper §4.2 scale)."""
@@ -306,7 +321,7 @@ class OfflineJudge:
             unsure = is_uncertain(b, halves)
             reason = (f"offline: theme {b:.1f}/5 (range {lo:.1f}-{hi:.1f}{', uncertain' if unsure else ''}), "
                       f"relative similarity {feats[i][0]:+.2f} (best clause {feats[i][1]:+.2f}, "
-                      f"theme words {feats[i][5]:.0%}); local coherence signals{ppl_note}")
+                      f"2nd-3rd best words {feats[i][2]:+.2f}); local coherence signals{ppl_note}")
             sc = make_score(self.name, task, theme, b, coh, reason, offline=True, label=self.label)
             sc.behavioral_range, sc.uncertain = [round(lo, 2), round(hi, 2)], unsure
             out.append(sc)
