@@ -6,7 +6,8 @@ Session 9 continued the residual SAEs of assets/saes_v2 (`steering.training.trai
 assets/saes_v2 --widths res=1024 ...`) and shipped only that site. This copies the weights and
 reference scales, and writes into each cfg.json's metadata what the run's own cfg.json cannot know:
 the tokens before the continuation (``trained_tokens`` becomes the total, ``continued_tokens`` the
-run's), the commit it continued from, and the cross-layer term's weight (``align_weight``, read
+run's), the commit it continued from, its k and width before (a wider run keeps the saved latents
+at their indices, ``widened``), and the cross-layer term's weight (``align_weight``, read
 from the run's train_config.json). The run's settings go into assets/saes_v2/train_config.json as
 ``<site>_continued``.
 """
@@ -32,14 +33,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     run = json.loads((a.src / "train_config.json").read_text())
     before = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())["metadata"]["trained_tokens"]
-    k_before = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())["k"]
+    cfg0 = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())
+    k_before, w_before = cfg0["k"], cfg0["d_sae"]
     layers = sorted((a.src / a.site).iterdir())
     for layer in layers:
         for f in ("sae_weights.safetensors", "ref_scale.safetensors"):
             shutil.copy2(layer / f, a.dst / a.site / layer.name / f)
         cfg = json.loads((layer / "cfg.json").read_text())
         md = cfg["metadata"]
-        md["continued_from"] = f"{a.site} SAE of this folder at commit {a.base_commit} ({before} tokens, k {k_before})"
+        md["continued_from"] = (f"{a.site} SAE of this folder at commit {a.base_commit} ({before} tokens, "
+                                f"k {k_before}, width {w_before})")
+        if cfg["d_sae"] > w_before:
+            md["widened"] = (f"latents 0-{w_before - 1} continue the saved ones; {w_before}-{cfg['d_sae'] - 1} "
+                             "were added at the start of the continued run")
         md["trained_tokens"] = before + run["tokens_seen"]
         md["continued_tokens"] = run["tokens_seen"]
         md["align_weight"] = run["config"]["align_weight"] if a.site == "res" else 0.0

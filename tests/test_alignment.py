@@ -56,6 +56,12 @@ def test_demo_hit_rules():
     rec["candidates"]["9/res/4"] = {"span": [2, 9], "label": "bride, cake · ctx: vows", "runs": {"single:4": {"hits": 2}}}
     assert D.choose(rec)[:2] == ("9/res/4", "single:4")
     assert D.on_theme("Bride, the, 9", words) and not D.on_theme("file, command", words)
+    # the choice is made on the 16 seeds where a setting was rechecked: 8 + 3 beats 7 + 1
+    rec["candidates"]["9/res/4"]["runs"] = {"single:4": {"hits": 8, "recheck_hits": 1},
+                                            "single:8": {"hits": 7, "recheck_hits": 3},
+                                            "single:6": {"hits": 8}}
+    assert D.choose(rec)[:2] == ("9/res/4", "single:8")
+    assert [r[1] for r in D.ranked(rec, stage="first")[:2]] == ["single:4", "single:6"]
 
 
 def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path, capsys):
@@ -71,6 +77,15 @@ def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path
         assert set(c["runs"]) == {f"{cond}:{s:g}" for cond, s in D.GRID}
         assert all(len(r["samples"]) == 8 for r in c["runs"].values())
     assert {"prompted", "random"} == set(food["controls"])
+    # the best first-stage settings ran again on 8 more seeds, and the choice is one of them
+    rechecked = [(f, n) for f, c in food["candidates"].items() for n, r in c["runs"].items() if "recheck_hits" in r]
+    assert 1 <= len(rechecked) <= D.N_RECHECK
+    assert (food["chosen"]["feature"], food["chosen"]["setting"]) in rechecked
+    for f, n in rechecked:
+        run = food["candidates"][f]["runs"][n]
+        assert [x["seed"] for x in run["recheck_samples"]] == D.RECHECK_SEEDS
+        assert run["recheck_hits"] == sum(x["hit"] for x in run["recheck_samples"])
+    assert not set(D.RECHECK_SEEDS) & (set(D.SEEDS) | set(D.CONFIRM_SEEDS))
     conf = food["confirm"]  # the chosen setting again on fresh seeds, beside the unsteered model
     assert conf["seeds"] == D.CONFIRM_SEEDS and not set(conf["seeds"]) & set(D.SEEDS)
     assert (conf["feature"], conf["setting"]) == (food["chosen"]["feature"], food["chosen"]["setting"])

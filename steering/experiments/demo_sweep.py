@@ -21,7 +21,10 @@ a presenter shows a feature that is visibly about the theme), then graphs spanni
 layers, then the most hits (ties: the weaker push). It counts as shipped (convincing) only when
 it reaches MIN_HITS of 8, again on 8 fresh seeds (`confirm`: the chosen setting is the best of
 ~30 on the first 8 seeds, so its count there is biased upwards), beats both the unsteered model
-and the random control, and its flow graph spans at least 2 layers. A theme becomes a curated
+and the random control, and its flow graph spans at least 2 layers. The best N_RECHECK settings of the first 8 seeds are run again on
+8 more (RECHECK_SEEDS), and the choice is made on all 16 (`choose`), which halves the luck a
+best-of-30 pick on 8 seeds carries; the fresh-seed check then runs on 8 seeds neither stage saw.
+A theme becomes a curated
 example when its feature is on theme and steering beat the unsteered model and the random
 control, and the unsteered model again on the fresh seeds (largest fresh-seed margin first); its
 explanation says plainly how it compares with asking the model. The others stay in the evidence
@@ -48,7 +51,9 @@ from ..settings import DEPRECATED_CONDITIONS
 
 log = logging.getLogger(__name__)
 SEEDS = list(range(8))
-CONFIRM_SEEDS = list(range(8, 16))  # fresh seeds for the chosen setting (its 8 were used to choose it)
+RECHECK_SEEDS = list(range(8, 16))  # the best few settings again: the choice is made on 16 seeds
+CONFIRM_SEEDS = list(range(16, 24))  # fresh seeds for the chosen setting (SEEDS + RECHECK_SEEDS chose it)
+N_RECHECK = 3
 MAX_PPL = 100.0
 MIN_DISTINCT2 = 0.6
 MIN_HITS = 6
@@ -58,8 +63,10 @@ ALPHA = -0.05  # paper App. B.2
 # direction per layer of a graph that spans ~20 layers, so it needs a far smaller s than one feature.
 # The first sweep (s = 4 / 8 alone, 0.5 / 1 cumulative, late-layer candidates) found s = 8 word salad
 # (median perplexity 240-770) and cumulative s <= 1 too weak; this grid sits between.
-GRID = [("baseline", 3.0), ("baseline", 5.0), ("single", 4.0), ("single", 6.0), ("cumulative", 1.0),
-        ("cumulative", 2.0)]
+# Session 10 added single s = 8: on "I think " it put Religion into 6 and Sport into 7 of 8 (s = 6:
+# 4 and 5), and a prompt scan found no neutral prompt better than the paper's (docs/results.md).
+GRID = [("baseline", 3.0), ("baseline", 5.0), ("single", 4.0), ("single", 6.0), ("single", 8.0),
+        ("cumulative", 1.0), ("cumulative", 2.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
 
 THEMES = {
@@ -315,7 +322,21 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
                 runs[n] = {"hits": run["hits"], "n_features": len(variants[n]), "samples": run["samples"]}
         rec["candidates"][fid] = {"span": [graph.l_start, graph.l_end], "label": catalog.label(fid) if catalog else "",
                                   "runs": runs}
+    recheck(bundle, rec, max_new_tokens)
     return rec
+
+
+def recheck(bundle, rec: dict, max_new_tokens: int) -> None:
+    """Run the N_RECHECK best settings of the first stage (`choose` on SEEDS alone) again on
+    RECHECK_SEEDS; each gets ``recheck_hits`` and ``recheck_samples`` in its run record."""
+    from ..flow import build_flow_graph
+    from ..generate import generate_variants
+
+    for fid, setting, _ in ranked(rec, stage="first")[:N_RECHECK]:
+        specs = setting_plan(build_flow_graph(bundle, fid), setting, rec["task"])
+        gens = generate_variants(bundle, rec["prompt"], {setting: specs}, RECHECK_SEEDS, max_new_tokens)
+        run = judged(gens, (setting,), rec)[setting]
+        rec["candidates"][fid]["runs"][setting].update(recheck_hits=run["hits"], recheck_samples=run["samples"])
 
 
 def on_theme(label: str, words) -> bool:
@@ -324,19 +345,28 @@ def on_theme(label: str, words) -> bool:
     return any(w in set(words) for w in re.findall(r"[a-z]+", label.lower()))
 
 
-def choose(rec: dict) -> tuple[str, str, int] | None:
-    """(feature, setting, hits): features whose label names the theme first (`on_theme`), then
-    graphs spanning >= MIN_SPAN layers, then the most hits; ties go to the weaker push; None if
-    nothing was run."""
-    best = None
+def ranked(rec: dict, stage: str = "final") -> list[tuple[str, str, int]]:
+    """[(feature, setting, hits on SEEDS)], best first: features whose label names the theme first
+    (`on_theme`), then graphs spanning >= MIN_SPAN layers, then the most hits - on SEEDS and
+    RECHECK_SEEDS together where a setting was rechecked (``stage="final"``; a rechecked setting
+    comes before one that was not), on SEEDS alone for ``stage="first"`` - and ties to the weaker push."""
+    keyed = []
     for fid, c in rec["candidates"].items():
         for name, run in c["runs"].items():
-            cond, s = name.split(":")
+            s = float(name.split(":")[1])
+            checked = stage == "final" and "recheck_hits" in run
+            hits = run["hits"] + run.get("recheck_hits", 0) if checked else run["hits"]
             key = (on_theme(c.get("label", ""), rec.get("words", ())), c["span"][1] - c["span"][0] + 1 >= MIN_SPAN,
-                   run["hits"], -abs(float(s)))
-            if best is None or key > best[0]:
-                best = (key, fid, name, run["hits"])
-    return None if best is None else best[1:]
+                   checked, hits, -abs(s))
+            keyed.append((key, fid, name, run["hits"]))
+    keyed.sort(key=lambda x: x[0], reverse=True)
+    return [x[1:] for x in keyed]
+
+
+def choose(rec: dict) -> tuple[str, str, int] | None:
+    """(feature, setting, hits on SEEDS) of the best setting by `ranked`; None if nothing was run."""
+    best = ranked(rec)
+    return best[0] if best else None
 
 
 def controls_for(bundle, rec: dict, fid: str, setting: str, max_new_tokens: int) -> dict:
@@ -390,6 +420,9 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
                 f"kept physics words out of {n_hits} of 8 readable samples (unsteered: {rec['baseline_hits']} of 8; "
                 f"asking the model not to: {rec['controls']['prompted']['hits']}; random features: "
                 f"{rec['controls']['random']['hits']}).")
+    run = rec["candidates"][fid]["runs"][setting]
+    if "recheck_hits" in run:
+        expl += f" It was chosen on 16 seeds: {run['hits'] + run['recheck_hits']} of 16."
     conf = current_confirm(rec)
     if conf:
         goal = "put the theme into" if rec["task"] == "activate" else "kept physics words out of"
@@ -411,7 +444,7 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
             expl = "Honest result: here steering did not beat the controls. " + expl
     ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
           "task": rec["task"], "condition": DEPRECATED_CONDITIONS.get(cond, cond), "layer": graph.seed.layer,
-          "samples": 2,
+          "samples": 2, "seed": CONFIRM_SEEDS[0],  # the Demo tab shows fresh samples, not the choosing ones
           "max_new_tokens": max_new_tokens}
     if rec["task"] == "activate":
         ex.update(strength=float(s), alpha=ALPHA)

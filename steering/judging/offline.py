@@ -272,8 +272,12 @@ class OfflineJudge:
         flat = [c for cs in clauses for c in cs]
         words = [content_words(t) for t in texts]
         flat_w = [w for ws in words for w in ws]
-        whole = self._relative(self.embed(texts), theme).tolist()  # [n]
-        cl = self._relative(self.embed(flat), theme).tolist()  # [n_clauses]
+        # texts and clauses in one embedding call, each distinct string once (a one-clause text is
+        # its own clause)
+        uniq = list(dict.fromkeys([*texts, *flat]))
+        rel = dict(zip(uniq, self._relative(self.embed(uniq), theme).tolist()))
+        whole = [rel[t] for t in texts]  # [n]
+        cl = [rel[c] for c in flat]  # [n_clauses]
         wr = self._relative(self._word_embeddings(flat_w), theme).tolist() if flat_w else []  # [n_words]
         out, i, j = [], 0, 0
         for k in range(len(texts)):
