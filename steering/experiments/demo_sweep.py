@@ -18,17 +18,16 @@ For removal (the paper's physics prompt, App. B.1) a hit is a readable sample wi
 
 The chosen setting per theme: features whose catalog label names a theme word first (`on_theme`:
 a presenter shows a feature that is visibly about the theme), then graphs spanning >= MIN_SPAN
-layers, then the most hits (ties: the weaker push). It counts as shipped (convincing) only when
-it reaches MIN_HITS of 8, again on 8 fresh seeds (`confirm`: the chosen setting is the best of
-~30 on the first 8 seeds, so its count there is biased upwards), beats both the unsteered model
-and the random control, and its flow graph spans at least 2 layers. The best N_RECHECK settings of the first 8 seeds are run again on
-8 more (RECHECK_SEEDS), and the choice is made on all 16 (`choose`), which halves the luck a
-best-of-30 pick on 8 seeds carries; the fresh-seed check then runs on 8 seeds neither stage saw.
-A theme becomes a curated
-example when its feature is on theme and steering beat the unsteered model and the random
-control, and the unsteered model again on the fresh seeds (largest fresh-seed margin first); its
-explanation says plainly how it compares with asking the model. The others stay in the evidence
-only.
+layers, then the most hits (ties: the weaker push). The best N_RECHECK settings of the first 8
+seeds run again on 8 more (RECHECK_SEEDS) and the choice is made on all 16 (`ranked`), which
+lessens the luck of a best-of-~35 pick on 8 seeds; even so its count is biased upwards, so the
+chosen setting runs once more on 8 fresh seeds (`confirm`, CONFIRM_SEEDS). It counts as shipped
+(convincing) only when it reaches MIN_HITS of 8 on the first seeds and on the fresh ones, beats
+both the unsteered model and the random control, and its flow graph spans at least 2 layers. A
+theme becomes a curated example when its feature is on theme and steering beat the unsteered
+model and the random control, and the unsteered model again on the fresh seeds (largest
+fresh-seed margin first); its explanation says plainly how it compares with asking the model.
+The others stay in the evidence only. The Demo tab shows samples from the fresh seeds.
 The same 8 seeds are
 run for the two controls (`steering.controls`: asking the model, and norm-matched random
 directions) and for the unsteered model, all recorded in ``results/<preset>/demo/sweep.json``.
