@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-PROMPTS = ["I think ", "Let me tell you about ", "Today I want to talk about ", "Once upon a time, ",
+PROMPTS = ["I think", "I think ", "Let me tell you about ", "Today I want to talk about ", "Once upon a time, ",
            "My favourite thing is ", "Here is what I learned: "]
 CASES = [("Religion", "15/res/824", ["single:6", "single:8"]), ("Sport", "27/res/884", ["single:6", "single:8"]),
          ("Food", "8/res/514", ["single:4", "single:6"]), ("Music", "6/res/507", ["single:6", "cumulative:2"])]

@@ -9,27 +9,28 @@ theme's words in the output, `lens_candidates`) and from the catalog search (the
 Each candidate is swept over condition (baseline =
 the seed feature alone, single = its flow-graph nodes at its layer, cumulative = the graph from
 l_start to its layer with the exponential schedule, paper §5.3 / App. B.2) and strength, with 8
-seeds at the paper's sampling settings (prompt "I think ", 36 tokens, T = 1.27, top-p 0.7).
+seeds at the paper's sampling settings (36 tokens, T = 1.27, top-p 0.7) and prompt "I think"
+(`DEMO_PROMPT`: the paper's "I think " without the trailing space SmolLM2 continues with digits).
 
 A sample is a **hit** when it is on theme and readable, by rules a reader can check:
 - on theme: it contains at least one of the theme's words (whole words, listed in THEMES);
 - readable: perplexity under the unsteered model <= MAX_PPL and distinct-2 >= MIN_DISTINCT2.
 For removal (the paper's physics prompt, App. B.1) a hit is a readable sample with no theme word.
 
-The chosen setting per theme: features whose catalog label names a theme word first (`on_theme`:
-a presenter shows a feature that is visibly about the theme), then graphs spanning >= MIN_SPAN
+The chosen setting per theme: features whose catalog label names a theme word first (`on_theme`: a
+presenter shows a feature that is visibly about the theme), then graphs spanning >= MIN_SPAN
 layers, then the most hits (ties: the weaker push). The best N_RECHECK settings of the first 8
 seeds run again on 8 more (RECHECK_SEEDS) and the choice is made on all 16 (`ranked`), which
 lessens the luck of a best-of-~35 pick on 8 seeds; even so its count is biased upwards, so the
 chosen setting runs once more on 8 fresh seeds (`confirm`, CONFIRM_SEEDS). It counts as shipped
-(convincing) only when it reaches MIN_HITS of 8 on the first seeds and on the fresh ones, beats
-both the unsteered model and the random control, and its flow graph spans at least 2 layers. A
-theme becomes a curated example when its feature is on theme and steering beat the unsteered
-model and the random control, and the unsteered model again on the fresh seeds (largest
-fresh-seed margin first); its explanation says plainly how it compares with asking the model.
-The others stay in the evidence only. The Demo tab shows samples from the fresh seeds.
-The same 8 seeds are
-run for the two controls (`steering.controls`: asking the model, and norm-matched random
+(convincing) only when it reaches MIN_HITS of 8 on the fresh seeds (the unbiased count), beats the
+unsteered model and the random control on the first seeds and the unsteered model again on the
+fresh ones, and its flow graph spans at least 2 layers. A theme becomes a curated example when its
+feature is on theme, steering beat the unsteered model and the random control, and it beat the
+unsteered model again on the fresh seeds with at least MIN_DEMO_FRESH hits of 8 (largest fresh-
+seed margin first); its explanation says plainly how it compares with asking the model. The others
+stay in the evidence only. The Demo tab shows samples from the fresh seeds. The same 8 first seeds
+are run for the two controls (`steering.controls`: asking the model, and norm-matched random
 directions) and for the unsteered model, all recorded in ``results/<preset>/demo/sweep.json``.
 """
 
@@ -53,9 +54,17 @@ SEEDS = list(range(8))
 RECHECK_SEEDS = list(range(8, 16))  # the best few settings again: the choice is made on 16 seeds
 CONFIRM_SEEDS = list(range(16, 24))  # fresh seeds for the chosen setting (SEEDS + RECHECK_SEEDS chose it)
 N_RECHECK = 3
+# The demo's activation prompt: the paper's "I think " (App. B.2) without its trailing space. With
+# SmolLM2's tokenizer a prompt ending in a bare space token is continued with a digit in about half
+# of the unsteered samples ("I think 1.5 ..."); "I think" is continued with " that", " it", ...
+# Measured with scripts/prompt_scan.py (session 10): best-setting hits over Religion, Sport, Food
+# and Music 19 vs 13 of 32, unsteered 1 vs 4. The paper's experiments (steering_curves) keep
+# the paper's prompt; the examples carry this one ("prompt" in demo_examples.json).
+DEMO_PROMPT = "I think"
 MAX_PPL = 100.0
 MIN_DISTINCT2 = 0.6
 MIN_HITS = 6
+MIN_DEMO_FRESH = 4  # the Demo tab shows a theme only if it held in at least half of the fresh samples
 MIN_SPAN = 2
 ALPHA = -0.05  # paper App. B.2
 # Strengths in multiples of each feature's typical activation. A cumulative run adds one aligned
@@ -433,9 +442,8 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
             ask = "asking the model" + (" not to" if rec["task"] == "remove" else "")
             goal = "the theme is in" if rec["task"] == "activate" else "physics is kept out of"
             vs = "worked better" if prompted > n_hits else "did as well" if prompted == n_hits else "did worse"
-            conf_hits = conf["steered"]["hits"] if conf else MIN_HITS
-            why = (f"{goal} fewer than six of the eight samples" if n_hits < MIN_HITS
-                   else "it did not hold on fresh seeds" if conf_hits < MIN_HITS
+            counted = conf["steered"]["hits"] if conf else n_hits  # the fresh seeds' count where there is one
+            why = (f"{goal} fewer than six of the eight {'fresh ' if conf else ''}samples" if counted < MIN_HITS
                    else "the flow graph spans a single layer")
             expl = (f"Honest result: steering beat the unsteered model and random directions here ({ask} {vs}), "
                     f"but {why}. ") + expl
@@ -444,7 +452,7 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
     ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
           "task": rec["task"], "condition": DEPRECATED_CONDITIONS.get(cond, cond), "layer": graph.seed.layer,
           "samples": 2, "seed": CONFIRM_SEEDS[0],  # the Demo tab shows fresh samples, not the choosing ones
-          "max_new_tokens": max_new_tokens}
+          "max_new_tokens": max_new_tokens, "prompt": rec["prompt"]}
     if rec["task"] == "activate":
         ex.update(strength=float(s), alpha=ALPHA)
     else:
@@ -456,8 +464,9 @@ def grade(bundle, rec: dict, n_tok: int) -> list[tuple[int, dict]]:
     """Mark a swept theme with a chosen setting and its controls ``shipped`` (convincing) and
     ``in_demo``; returns [(margin, example)] for the examples file, or [] when it stays out. The
     demo shows a theme when its feature is visibly about it and steering beat the unsteered model
-    and random directions, and beat the unsteered model again on fresh seeds (`confirm`); the
-    margin that orders the examples is the fresh-seed one. The explanation says how it compares
+    and random directions, and beat the unsteered model again on fresh seeds (`confirm`) in at
+    least MIN_DEMO_FRESH of 8 (a presenter's click shows fresh samples); the margin that orders
+    the examples is the fresh-seed one. The explanation says how it compares
     with asking the model."""
     from ..flow import build_flow_graph
 
@@ -466,9 +475,12 @@ def grade(bundle, rec: dict, n_tok: int) -> list[tuple[int, dict]]:
     margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
     conf = current_confirm(rec)
     fresh = None if conf is None else conf["steered"]["hits"] - conf["unsteered"]["hits"]
-    confirmed = conf is None or conf["steered"]["hits"] >= MIN_HITS
-    rec["shipped"] = hits >= MIN_HITS and confirmed and graph.l_end - graph.l_start + 1 >= MIN_SPAN and margin > 0
-    rec["in_demo"] = (margin > 0 and (fresh is None or fresh > 0)
+    # the fresh seeds' count is the unbiased one: it decides where there is one (the choosing
+    # seeds' count only where the check has not been run)
+    enough = conf["steered"]["hits"] >= MIN_HITS if conf is not None else hits >= MIN_HITS
+    rec["shipped"] = (enough and graph.l_end - graph.l_start + 1 >= MIN_SPAN and margin > 0
+                      and (fresh is None or fresh > 0))
+    rec["in_demo"] = (margin > 0 and (fresh is None or (fresh > 0 and conf["steered"]["hits"] >= MIN_DEMO_FRESH))
                       and on_theme(rec["candidates"][fid].get("label", ""), rec["words"]))
     if not rec["in_demo"]:
         return []
@@ -528,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads((out / "sweep.json").read_text())
         (out / "sweep.json").write_text(json.dumps({**data, "themes": records}, indent=1))
     for title, spec, task in tqdm(jobs, desc="themes"):
-        prompt = TASK_DEFAULTS[task]["prompt"]
+        prompt = DEMO_PROMPT if task == "activate" else TASK_DEFAULTS[task]["prompt"]
         n_tok = a.max_new_tokens if task == "activate" else 64
         rec = sweep_theme(bundle, title, spec, task, catalog, prompt, n_tok)
         rec["baseline_hits"] = sum(x["hit"] for x in rec["unsteered"])
