@@ -15,7 +15,7 @@ def default_bundle():
 def test_default_bundle_loads_all_90_saes_within_budget(default_bundle):
     from pathlib import Path
     b = default_bundle
-    assert len(b.saes) == 90 and b.width(12, "res") == 1024 and b.width(12, "mlp") == 384
+    assert len(b.saes) == 90 and b.width(12, "res") == 1024 and b.width(12, "mlp") == 1024 and b.width(12, "attn") == 384
     assets = Path(__file__).resolve().parent.parent / "assets"
     sizes = [p.stat().st_size for p in assets.rglob("*") if p.is_file()]
     assert sum(sizes) <= 200e6 and max(sizes) <= 50e6
