@@ -199,6 +199,17 @@ def test_negative_workers_are_refused(tiny_llama_preset, tmp_path, capsys):
     assert main(argv) == 2 and "--workers" in capsys.readouterr().err
 
 
+def _close(a, b, rel: float = 1e-5) -> bool:
+    """Nested dicts/lists equal, floats up to ``rel`` relative or 1e-6 absolute difference."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == pytest.approx(b, rel=rel, abs=1e-6)
+    return a == b
+
+
 def test_deactivation_on_ray_workers_equals_the_serial_run(tiny_llama_preset, tmp_path, capsys):
     """Issue 21: Table 1 units (one per r) fanned out to 2 Ray workers, each fitting its own
     top1_pearson tables, give the serial run's results unit for unit."""
@@ -212,7 +223,9 @@ def test_deactivation_on_ray_workers_equals_the_serial_run(tiny_llama_preset, tm
                 for p in sorted((root / "deactivation" / "units").glob("*.json"))}
 
     serial = results(tmp_path / "serial")
-    assert results(tmp_path / "ray") == serial and len(serial) == 2
+    # counts equal exactly; activation changes up to float32 reduction order (a Ray worker runs
+    # torch with its own thread count, which reorders sums: differences of ~1e-7 were seen)
+    assert _close(results(tmp_path / "ray"), serial) and len(serial) == 2
     assert all(u["summary"]["top1_pearson"]["n_cases"] > 0 for u in serial.values())
 
 
