@@ -72,7 +72,7 @@ ALPHA = -0.05  # paper App. B.2
 # The first sweep (s = 4 / 8 alone, 0.5 / 1 cumulative, late-layer candidates) found s = 8 word salad
 # (median perplexity 240-770) and cumulative s <= 1 too weak; this grid sits between.
 # Session 10 added single s = 8: on "I think " it put Religion into 6 and Sport into 7 of 8 (s = 6:
-# 4 and 5), and a prompt scan found no neutral prompt better than the paper's (docs/results.md).
+# 4 and 5), and a prompt scan found no neutral prompt better than the paper's (docs/saes.md).
 GRID = [("baseline", 3.0), ("baseline", 5.0), ("single", 4.0), ("single", 6.0), ("single", 8.0),
         ("cumulative", 1.0), ("cumulative", 2.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
