@@ -51,6 +51,23 @@ def group_name(res: bool, mlp: bool, att: bool) -> str:
     return "+".join(parts) if parts else "From nowhere"
 
 
+def chance_shares(p_active: dict[str, float]) -> dict[str, float]:
+    """Each group's share when the top-1 matches are random features: a predecessor site's match is
+    active at the token with probability ``p_active[name]`` ({"RES": .., "MLP": .., "ATT": ..}; a
+    site left out, e.g. RES at layer 0, is never active), independently of the others. Under TopK
+    p = k / width. -> {group: share}, summing to 1 (the chance row beside the §5.1 shares)."""
+    out = {}
+    for res in (True, False):
+        for mlp in (True, False):
+            for att in (True, False):
+                share = 1.0
+                for name, on in (("RES", res), ("MLP", mlp), ("ATT", att)):
+                    p = p_active.get(name, 0.0)
+                    share *= p if on else 1.0 - p
+                out[group_name(res, mlp, att)] = share
+    return {g: out[g] for g in GROUPS}
+
+
 def pred_keys(bundle, layer: int) -> dict[str, Key]:
     """Predecessor sites of R_layer that have (non-approximate) SAEs: {"RES": (l-1, "res"), ...}."""
     out = {}

@@ -215,3 +215,18 @@ def test_live_activations_cover_every_node(tied_bundle):
     for n in g.nodes:
         assert live["acts"][str(n.id)] == pytest.approx(tc.codes[(n.layer, n.site)][:, n.id.index].tolist(), abs=1e-3)
     assert "".join(live["tokens"]) == "The bride smiled"
+
+
+def test_chance_shares_of_random_matches():
+    """The chance row of §5.1: independent random matches, each active with p = k / width. The
+    shares sum to 1, a site left out (layer 0 has no RES) never appears, and a case is RES-only
+    with p_R (1 - p_M)(1 - p_A)."""
+    from steering.groups import GROUPS, chance_shares
+
+    p = {"RES": 64 / 1024, "MLP": 64 / 1024, "ATT": 48 / 384}
+    got = chance_shares(p)
+    assert list(got) == list(GROUPS) and abs(sum(got.values()) - 1) < 1e-12
+    assert abs(got["RES"] - p["RES"] * (1 - p["MLP"]) * (1 - p["ATT"])) < 1e-12
+    assert abs(got["RES+MLP+ATT"] - p["RES"] * p["MLP"] * p["ATT"]) < 1e-12
+    first = chance_shares({"MLP": 0.5, "ATT": 0.5})
+    assert first["RES"] == first["RES+MLP"] == 0.0 and first["From nowhere"] == 0.25

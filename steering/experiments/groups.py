@@ -130,6 +130,24 @@ def score_summary(units: dict[str, dict]) -> dict:
     return out
 
 
+def chance_by_layer(bundle, layers: list[int]) -> dict[str, dict[str, float]] | None:
+    """Per layer, the group shares random top-1 matches would give (`groups.chance_shares`), with
+    p = k / width of each predecessor SAE (TopK); None where an SAE has no fixed k (e.g. JumpReLU:
+    its activity rate would have to be measured)."""
+    from ..groups import chance_shares, pred_keys
+
+    out = {}
+    for layer in layers:
+        p = {}
+        for name, key in pred_keys(bundle, layer).items():
+            k = getattr(bundle.sae(*key).cfg, "k", None)
+            if k is None:
+                return None
+            p[name] = int(k) / bundle.width(*key)
+        out[str(layer)] = {g: round(v, 4) for g, v in chance_shares(p).items()}
+    return out
+
+
 def phases(shares: dict[str, dict[str, float]]) -> dict:
     """Per layer, the dominant non-RES group and the RES share (a compact view of the paper's three
     phases: early layers build features in modules, middle layers carry them, late layers process)."""
@@ -185,6 +203,7 @@ def run(args, bundle) -> dict:
         "shares_by_domain": {d: shares_from_counts(u["counts"]) for d, u in results.items()},
         "counts": counts,
         "phases": phases(shares),
+        "chance": chance_by_layer(bundle, [int(l) for l in shares]),
         "scores": score_summary(results),
         "mann_whitney": mann_whitney(results),
         "units": units.report(),
