@@ -43,6 +43,20 @@ def index_labels(nodes: list[FlowNode], edges: "list[FlowEdge]" = ()) -> dict:
     return out
 
 
+def label_positions(nodes: list[FlowNode], labels: dict) -> dict:
+    """Where each node's index label goes: above it, except a labelled node whose lane neighbour
+    one layer before is labelled above too - that one goes below, so neighbouring 3-4 digit indices
+    (module lanes change index at every layer) alternate instead of overlapping.
+    -> {feature id: "top center" | "bottom center"}"""
+    out, above = {}, set()
+    for n in sorted(nodes, key=lambda n: n.layer):
+        below = bool(labels.get(n.id)) and (n.layer - 1, n.site) in above
+        out[n.id] = "bottom center" if below else "top center"
+        if labels.get(n.id) and not below:
+            above.add((n.layer, n.site))
+    return out
+
+
 def layer_step(span: int) -> int:
     """x tick spacing for a graph ``span`` layers wide: every layer up to 10, then every 2nd / 5th."""
     return 1 if span <= 10 else 2 if span <= 20 else 5
@@ -62,6 +76,7 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
     pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
     layers = [n.layer for n in graph.nodes]
     index_text = index_labels([n for n in graph.nodes if n.in_span], graph.edges)
+    where = label_positions([n for n in graph.nodes if n.in_span], index_text)
     fig = go.Figure()
     for e in graph.edges:
         if e.source not in pos or e.target not in pos:
@@ -79,8 +94,9 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
         bar = {"title": "max act." if live else "cosine", "len": 0.6, "x": 1.0, "xpad": 24}
         if levels and not live:  # where chance lies on the cosine scale
             shown = f"{levels[0]:.2f}" if levels[-1] - levels[0] < 0.005 else f"{levels[0]:.2f}-{levels[-1]:.2f}"
-            bar.update(title=f"cosine<br>(chance ≈ {shown})", tickvals=[0.0, levels[0], 0.5, 1.0],
-                       ticktext=["0", f"chance {shown}", "0.5", "1"])
+            # no "0" tick: chance sits ~0.12 above it and the two texts would touch
+            bar.update(title=f"cosine<br>(chance ≈ {shown})", tickvals=[levels[0], 0.5, 1.0],
+                       ticktext=[f"chance {shown}", "0.5", "1"])
         hover = []
         for n in nodes:
             name = label(str(n.id)) if label is not None else n.label
@@ -99,7 +115,7 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
             hover.append("<br>".join(lines))
         fig.add_trace(go.Scatter(
             x=[n.layer for n in nodes], y=[LANES[n.site] for n in nodes], mode="markers+text",
-            text=[index_text.get(n.id, "") if in_span else "" for n in nodes], textposition="top center",
+            text=[index_text.get(n.id, "") if in_span else "" for n in nodes], textposition=[where.get(n.id, "top center") for n in nodes],
             textfont={"size": 10}, hovertext=hover, hoverinfo="text", cliponaxis=False,
             name="in span" if in_span else "outside span (cut)", opacity=1.0 if in_span else 0.3,
             marker={"size": [10 + 22 * max(0.0, min(1.0, n.score)) for n in nodes], "color": colour,

@@ -2,7 +2,8 @@
 
 from steering.features import FeatureId
 from steering.graph import FlowEdge, FlowGraph, FlowNode
-from steering.plots import LANES, flow_figure, index_labels, live_figure, schedule_figure, scores_figure
+from steering.plots import (LANES, flow_figure, index_labels, label_positions, live_figure, schedule_figure,
+                            scores_figure)
 
 
 def _graph() -> FlowGraph:
@@ -64,6 +65,7 @@ def test_flow_figure_shows_the_chance_cosine_of_each_layer_pair():
     assert "chance cosine for 2/res → 2/mlp: 0.19" in inside.hovertext[3]
     bar = inside.marker.colorbar
     assert "chance ≈ 0.12-0.19" in bar.title.text and 0.12 in bar.tickvals and "chance 0.12-0.19" in bar.ticktext
+    assert 0.0 not in bar.tickvals  # a "0" tick would touch the chance text just above it
     live = [t for t in flow_figure(_graph(), {"tokens": ["a"], "acts": {}}, chance=chance).data
             if t.mode == "markers+text"][0]
     assert "chance" not in live.marker.colorbar.title.text  # coloured by activation: no cosine scale
@@ -131,3 +133,19 @@ def test_index_labels_follow_matches_not_the_sorted_lane():
     text = {str(k): v for k, v in index_labels(nodes, edges).items() if v}
     assert text == {"0/res/402": "402", "2/res/402": "402", "1/res/9": "9", "5/res/402": "402",
                     "1/mlp/5": "5", "3/mlp/6": "6"}
+
+
+def test_neighbouring_module_labels_alternate_above_and_below():
+    """A module lane changes index at every layer: labels of neighbouring layers alternate above and
+    below their nodes instead of overlapping; a lone label and the residual chain's stay above."""
+    mlp = [FeatureId(l, "mlp", 700 + l) for l in range(23, 27)] + [FeatureId(28, "mlp", 5)]
+    res = [FeatureId(l, "res", 402) for l in range(23, 27)]
+    nodes = [FlowNode(f, 0.4, "mlp") for f in mlp] + [FlowNode(f, 0.9, "residual") for f in res]
+    labels = index_labels(nodes, [FlowEdge(x, y, 0.9) for x, y in zip(res, res[1:])])
+    where = {str(k): v for k, v in label_positions(nodes, labels).items()}
+    assert [where[f"{l}/mlp/{700 + l}"] for l in range(23, 27)] == ["top center", "bottom center"] * 2
+    assert where["28/mlp/5"] == "top center"
+    assert {where[str(f)] for f in res} == {"top center"}  # one label, then unlabelled continuations
+    fig = flow_figure(FlowGraph(res[0], nodes, [], l_start=23, l_end=28))
+    inside = [t for t in fig.data if t.mode == "markers+text"][0]
+    assert "bottom center" in list(inside.textposition)
