@@ -115,7 +115,8 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
             hover.append("<br>".join(lines))
         fig.add_trace(go.Scatter(
             x=[n.layer for n in nodes], y=[LANES[n.site] for n in nodes], mode="markers+text",
-            text=[index_text.get(n.id, "") if in_span else "" for n in nodes], textposition=[where.get(n.id, "top center") for n in nodes],
+            text=[index_text.get(n.id, "") if in_span else "" for n in nodes],
+            textposition=[where.get(n.id, "top center") for n in nodes],
             textfont={"size": 10}, hovertext=hover, hoverinfo="text", cliponaxis=False,
             name="in span" if in_span else "outside span (cut)", opacity=1.0 if in_span else 0.3,
             marker={"size": [10 + 22 * max(0.0, min(1.0, n.score)) for n in nodes], "color": colour,
