@@ -94,6 +94,13 @@ def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path
     assert not food["shipped"] or conf["steered"]["hits"] >= D.MIN_HITS
     ex = json.loads((tmp_path / "ex.json").read_text())
     assert ex["examples"] == [] or ex["examples"][0]["title"] == "Food"  # shipped only if >= 6 of 8 hit
+    assert food["grid"] == [f"{cond}:{s:g}" for cond, s in D.GRID]  # what reproduces a setting's batch
+
+    # a partial run sweeps its themes and keeps the recorded evidence of the others
+    assert D.main(["--preset", str(tiny_llama_preset), "--out", str(tmp_path / "ev"), "--examples",
+                   str(tmp_path / "ex.json"), "--themes", "Music", "--max-new-tokens", "4"]) == 0
+    both = json.loads((tmp_path / "ev" / "sweep.json").read_text())["themes"]
+    assert [t["title"] for t in both] == ["Food", "Music"] and both[0] == food
 
 
 def test_lens_candidates_returns_at_most_n_residual_features(tiny_bundle):

@@ -51,14 +51,16 @@ def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
         assert (ex.feature, ex.condition) == (chosen["feature"], DEPRECATED_CONDITIONS.get(cond, cond))
         assert (ex.strength if ex.task == "activate" else ex.r) == float(s)
         quoted = [int(n) for n in re.findall(r"(\d+) of 8", ex.explanation)]
-        assert quoted[:2] == [chosen["hits"], rec["baseline_hits"]], ex.explanation
-        conf = rec["confirm"]  # the fresh-seed check is quoted too, and a shown example held there
-        assert quoted[-1] == conf["steered"]["hits"] and conf["steered"]["hits"] > conf["unsteered"]["hits"]
+        conf = rec["confirm"]  # the fresh-seed check is quoted first, and a shown example held there
+        assert quoted[:2] == [conf["steered"]["hits"], conf["unsteered"]["hits"]], ex.explanation
+        assert conf["steered"]["hits"] > conf["unsteered"]["hits"]
+        assert quoted[2:4] == [chosen["hits"], rec["baseline_hits"]], ex.explanation  # then the choosing seeds'
+        assert ex.samples <= 8 and ex.seed == conf["seeds"][0]  # a click shows fresh samples
         # replay the sweep's batch that held the chosen setting (same rows, same seeds)
         graph = build_flow_graph(default_bundle, ex.feature)
         mode = "add" if ex.task == "activate" else "rescale"
         grid = D.GRID if ex.task == "activate" else D.REMOVAL_GRID
-        names = [f"{c}:{v:g}" for c, v in grid]
+        names = rec.get("grid") or [f"{c}:{v:g}" for c, v in grid]  # the grid the theme was swept with
         per = max(1, limits.MAX_ROWS // len(D.SEEDS))
         i = names.index(chosen["setting"]) // per * per
         chunk = {n: plan(graph, n.split(":")[0], graph.seed.layer, float(n.split(":")[1]), "exp", D.ALPHA, 1.0,

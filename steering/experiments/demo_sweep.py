@@ -54,6 +54,7 @@ SEEDS = list(range(8))
 RECHECK_SEEDS = list(range(8, 16))  # the best few settings again: the choice is made on 16 seeds
 CONFIRM_SEEDS = list(range(16, 24))  # fresh seeds for the chosen setting (SEEDS + RECHECK_SEEDS chose it)
 N_RECHECK = 3
+DEMO_SAMPLES = 2  # samples a click on a curated example generates (from CONFIRM_SEEDS[0] on)
 # The demo's activation prompt: the paper's "I think " (App. B.2) without its trailing space. With
 # SmolLM2's tokenizer a prompt ending in a bare space token is continued with a digit in about half
 # of the unsteered samples ("I think 1.5 ..."); "I think" is continued with " that", " it", ...
@@ -73,8 +74,11 @@ ALPHA = -0.05  # paper App. B.2
 # (median perplexity 240-770) and cumulative s <= 1 too weak; this grid sits between.
 # Session 10 added single s = 8: on "I think " it put Religion into 6 and Sport into 7 of 8 (s = 6:
 # 4 and 5), and a prompt scan found no neutral prompt better than the paper's (docs/saes.md).
-GRID = [("baseline", 3.0), ("baseline", 5.0), ("single", 4.0), ("single", 6.0), ("single", 8.0),
-        ("cumulative", 1.0), ("cumulative", 2.0)]
+# Session 11 added s = 7 (alone and single): Sport at single s = 8 put sport words into all 8 fresh
+# samples but 7 of them failed the perplexity cut, s = 6 fewer words. Each theme's record keeps the
+# grid it was swept with ("grid"), since the batch a setting ran in is part of what reproduces it.
+GRID = [("baseline", 3.0), ("baseline", 5.0), ("baseline", 7.0), ("single", 4.0), ("single", 6.0),
+        ("single", 7.0), ("single", 8.0), ("cumulative", 1.0), ("cumulative", 2.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
 
 THEMES = {
@@ -99,7 +103,12 @@ THEMES = {
                       "sandwiches potato potatoes tomato tomatoes garlic onion onions spaghetti noodles "
                       "omelette eggs egg butter sugar flour cookies cookie pie seafood shrimp steak stew menu "
                       "ingredient ingredients cuisine hungry banquet feast tea coffee juice apple apples banana "
-                      "oven grill vegetable spices spicy sweet salty pancakes"},
+                      "oven grill vegetable spices spicy sweet salty pancakes "
+                      # session 11: common dishes and meal words the first list missed (read in its samples:
+                      # "dine ... on a Taco", "fries made with lamb")
+                      "dine dining dined taco tacos fries bacon lamb chips cocktail cocktails wine beer burrito "
+                      "sushi curry yogurt honey lemon lemons cream candy cupcake cupcakes muffin muffins bakery "
+                      "snacks picnic grocery groceries cafe barbecue"},
     "Anger": {"query": "angry", "theme": "anger and frustration",
               "probes": ["I was so angry and furious that I shouted at him in rage.",
                            "He slammed the door, furious that they had lied to him again.",
@@ -146,7 +155,10 @@ THEMES = {
                 "words": "animal animals dog dogs cat cats pet pets puppy puppies kitten bird birds horse horses "
                          "farm wildlife lion lions tiger tigers elephant elephants monkey monkeys bear bears wolf "
                          "wolves fox rabbit rabbits mouse mice cow cows pig pigs sheep goat goats duck ducks fish "
-                         "zoo wild creature creatures species kittens chicken chickens snake snakes insect insects"},
+                         "zoo wild creature creatures species kittens chicken chickens snake snakes insect insects "
+                         "kitty pup pups paw paws fur feathers owl owls deer squirrel squirrels hamster parrot "
+                         "turtle turtles dolphin dolphins whale whales shark sharks frog frogs bee bees butterfly "
+                         "butterflies vet kennel meow"},
     "Religion": {"query": "god", "theme": "religion, church and God",
                  "probes": ["They prayed to God in the church and read the Bible with faith.",
                            "The priest spoke about Jesus and the people prayed together.",
@@ -266,10 +278,14 @@ def contrast_candidates(bundle, theme_texts: list[str], other_texts: list[str], 
     return [fid for _, fid in sorted(best, reverse=True)[:n]]
 
 
-def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_contrast: int = 2, n_lens: int = 1) -> list[str]:
+def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_contrast: int = 2, n_lens: int = 1,
+               n_lens_late: int = 2) -> list[str]:
     """Candidate residual features of a theme: the best contrastive ones (`contrast_candidates`:
     ``n_contrast`` from the middle layers, one from the late ones), the best logit-lens ones
-    (`lens_candidates`) and the catalog search's first hit."""
+    (`lens_candidates`: ``n_lens`` from the middle layers, ``n_lens_late`` from the late ones) and
+    the catalog search's first hit. The late logit-lens ones were added in session 11: the features
+    that steered best in session 10 (27/res/402 for music, 27/res/884 for sport) were late
+    features whose decoder direction promotes the theme's words (their labels' "→" side)."""
     words = set(spec["words"].split())
     L = bundle.n_layers
     others = [t for o in [*THEMES.values(), REMOVAL] if o is not spec for t in o["probes"]]
@@ -278,6 +294,7 @@ def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_contrast: int =
         out = contrast_candidates(bundle, spec["probes"], others, mid, n_contrast)
         out += contrast_candidates(bundle, spec["probes"], others, late, 1)
         out += lens_candidates(bundle, words, n_lens, mid)
+        out += lens_candidates(bundle, words, n_lens_late, late)
     else:
         out = contrast_candidates(bundle, spec["probes"], others, range(L), n_contrast)
         out += lens_candidates(bundle, words, n_lens)
@@ -316,7 +333,8 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
     grid = GRID if task == "activate" else REMOVAL_GRID
     base = generate_variants(bundle, prompt, {"unsteered": []}, SEEDS, max_new_tokens)
     rec = {"title": title, "task": task, "theme": spec["theme"], "words": sorted(words), "prompt": prompt,
-           "unsteered": judge_samples(base, words, task), "candidates": {}}
+           "grid": [f"{cond}:{s:g}" for cond, s in grid], "unsteered": judge_samples(base, words, task),
+           "candidates": {}}
     for fid in candidates(bundle, catalog, spec):
         graph = build_flow_graph(bundle, fid)
         variants = {f"{cond}:{s:g}": setting_plan(graph, f"{cond}:{s:g}", task) for cond, s in grid}
@@ -417,25 +435,38 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
             "cumulative": f"the whole flow from layer {graph.l_start} up to layer {graph.seed.layer}, "
                           "weaker at later layers"}[cond]
     n_hits = rec["chosen"]["hits"]
+    run = rec["candidates"][fid]["runs"][setting]
+    conf = current_confirm(rec)
+    ctl = rec["controls"]
     if rec["task"] == "activate":
-        expl = (f"This feature's flow graph follows it across {span}. Steering with {what} put the theme into "
-                f"{n_hits} of 8 samples (unsteered: {rec['baseline_hits']} of 8; asking the model: "
-                f"{rec['controls']['prompted']['hits']}; random directions of the same size: "
-                f"{rec['controls']['random']['hits']}).")
+        strength = f"strength {float(s):g}"
+        first = (f"{n_hits} of 8 (unsteered: {rec['baseline_hits']} of 8; asking the model: "
+                 f"{ctl['prompted']['hits']}; random directions of the same size: {ctl['random']['hits']})")
+        goal = "put the theme into"
+        lead = f"This feature's flow graph follows it across {span}. "
+        how = f"steering with {what} ({strength})"
     else:
         what = what.replace(", weaker at later layers", "")  # r is the same at every layer
-        expl = (f"The prompt asks about physics. Scaling the physics feature by r = {float(s):g} along {what} "
-                f"kept physics words out of {n_hits} of 8 readable samples (unsteered: {rec['baseline_hits']} of 8; "
-                f"asking the model not to: {rec['controls']['prompted']['hits']}; random features: "
-                f"{rec['controls']['random']['hits']}).")
-    run = rec["candidates"][fid]["runs"][setting]
-    if "recheck_hits" in run:
-        expl += f" It was chosen on 16 seeds: {run['hits'] + run['recheck_hits']} of 16."
-    conf = current_confirm(rec)
+        first = (f"{n_hits} of 8 (unsteered: {rec['baseline_hits']} of 8; asking the model not to: "
+                 f"{ctl['prompted']['hits']}; random features: {ctl['random']['hits']})")
+        goal = "kept physics words out of"
+        lead = "The prompt asks about physics. "
+        how = f"scaling the physics feature by r = {float(s):g} along {what}"
+    # the fair count first: the fresh seeds did not take part in choosing the setting
     if conf:
-        goal = "put the theme into" if rec["task"] == "activate" else "kept physics words out of"
-        expl += (f" On 8 fresh seeds the same setting {goal} {conf['steered']['hits']} of 8 "
-                 f"(unsteered: {conf['unsteered']['hits']}).")
+        k = conf["steered"]["hits"]
+        fresh = (f"gave {k} of 8 readable samples on the theme" if rec["task"] == "activate"
+                 else f"{goal} {k} of 8 readable samples")
+        expl = (f"{lead}On 8 fresh seeds, {how} {fresh} (unsteered: {conf['unsteered']['hits']} of 8). "
+                f"On the 8 seeds it was first tried on: {first}")
+    else:
+        expl = f"{lead}{how[0].upper()}{how[1:]} {goal} {first}"
+    if "recheck_hits" in run:
+        expl += f"; picked on 16 seeds ({run['hits'] + run['recheck_hits']} of 16)"
+    expl += "."
+    if conf:
+        expl += (f" Running it shows {DEMO_SAMPLES} of the fresh samples (seeds {CONFIRM_SEEDS[0]}-"
+                 f"{CONFIRM_SEEDS[DEMO_SAMPLES - 1]}); the Playground runs more.")
     if not rec.get("shipped"):
         prompted = rec["controls"]["prompted"]["hits"]
         if n_hits > max(rec["baseline_hits"], rec["controls"]["random"]["hits"]):
@@ -451,7 +482,7 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
             expl = "Honest result: here steering did not beat the controls. " + expl
     ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
           "task": rec["task"], "condition": DEPRECATED_CONDITIONS.get(cond, cond), "layer": graph.seed.layer,
-          "samples": 2, "seed": CONFIRM_SEEDS[0],  # the Demo tab shows fresh samples, not the choosing ones
+          "samples": DEMO_SAMPLES, "seed": CONFIRM_SEEDS[0],  # the Demo tab shows fresh samples, not the choosing ones
           "max_new_tokens": max_new_tokens, "prompt": rec["prompt"]}
     if rec["task"] == "activate":
         ex.update(strength=float(s), alpha=ALPHA)
@@ -521,10 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(t, s, "activate") for t, s in THEMES.items() if not wanted or t in wanted]
     if not wanted or REMOVAL["title"] in wanted:
         jobs.append((REMOVAL["title"], REMOVAL, "remove"))
-    records, examples = [], []
+    recorded = json.loads((out / "sweep.json").read_text())["themes"] if (out / "sweep.json").is_file() else []
     if a.rewrite_examples:  # only rebuild the examples file from the recorded evidence
-        records = json.loads((out / "sweep.json").read_text())["themes"]
-        jobs = []
+        records, jobs = recorded, []
+    else:  # a partial run keeps the evidence of the themes it does not sweep again
+        records = [r for r in recorded if wanted and r["title"] not in {t for t, _, _ in jobs}]
+    examples = []
     for rec in records:
         n_tok = a.max_new_tokens if rec["task"] == "activate" else 64
         pick = choose(rec)
@@ -536,9 +569,16 @@ def main(argv: list[str] | None = None) -> int:
             rec["confirm"] = confirm(bundle, rec, n_tok)
         if rec.get("chosen"):
             examples += grade(bundle, rec, n_tok)
-    if a.rewrite_examples:
-        data = json.loads((out / "sweep.json").read_text())
-        (out / "sweep.json").write_text(json.dumps({**data, "themes": records}, indent=1))
+    rules = {"max_perplexity": MAX_PPL, "min_distinct_2": MIN_DISTINCT2, "min_hits": MIN_HITS, "min_span": MIN_SPAN}
+    order = [*THEMES, REMOVAL["title"]]
+
+    def save() -> None:
+        records.sort(key=lambda r: order.index(r["title"]) if r["title"] in order else len(order))
+        (out / "sweep.json").write_text(json.dumps({"preset": bundle.preset.name, "seeds": SEEDS, "rules": rules,
+                                                    "themes": records}, indent=1))
+
+    if records:
+        save()
     for title, spec, task in tqdm(jobs, desc="themes"):
         prompt = DEMO_PROMPT if task == "activate" else TASK_DEFAULTS[task]["prompt"]
         n_tok = a.max_new_tokens if task == "activate" else 64
@@ -552,18 +592,14 @@ def main(argv: list[str] | None = None) -> int:
             rec["confirm"] = confirm(bundle, rec, n_tok)
             examples += grade(bundle, rec, n_tok)
         records.append(rec)
-        rules = {"max_perplexity": MAX_PPL, "min_distinct_2": MIN_DISTINCT2, "min_hits": MIN_HITS, "min_span": MIN_SPAN}
-        (out / "sweep.json").write_text(json.dumps({"preset": bundle.preset.name, "seeds": SEEDS, "rules": rules,
-                                                    "themes": records}, indent=1))
+        save()
     # most convincing first: largest margin over the unsteered model and the random control
     acts = sorted([e for e in examples if e[1]["task"] == "activate"], key=lambda e: -e[0])
-    swept_now = {e[1]["title"] for e in examples}
     rems = [e for e in examples if e[1]["task"] == "remove"]
     path = a.examples or ASSETS / "demo_examples.json"
-    # examples of other presets, and (on a partial run) of themes not swept now, are kept
-    swept = {r["title"] for r in records} | swept_now
+    # examples of other presets are kept; this preset's come from every recorded theme (graded above)
     old = json.loads(path.read_text()).get("examples", []) if path.is_file() else []
-    keep = [e for e in old if e.get("preset", "default") != bundle.preset.name or (wanted and e["title"] not in swept)]
+    keep = [e for e in old if e.get("preset", "default") != bundle.preset.name]
     path.write_text(json.dumps({"examples": [e[1] for e in acts + rems] + keep,
                                 "evidence": f"results/{bundle.preset.name}/demo/sweep.json"}, indent=1) + "\n")
     summary = [{"title": r["title"], "chosen": r.get("chosen"), "unsteered": r["baseline_hits"],
