@@ -34,13 +34,15 @@ MODEL = {"concurrency_id": "model", "concurrency_limit": limits.MODEL_CONCURRENC
 # (several at once, so that concurrent /steer requests can be batched; each forward holds the model lock)
 LIGHT = {"concurrency_id": "light", "concurrency_limit": 4}  # catalog / decoder look-ups only
 
+SCORES_LABEL = "scores as a share of the best (theme /5, coherence /5, metric 0-1)"
 EXPLAIN = {
     "demo": "A language model stores ideas as *directions* inside its layers. A sparse autoencoder "
             "splits each layer into thousands of **features**, each firing on one recognisable idea "
             "(weddings, anger, code...). Pick an example and press the button: the model writes the same "
-            "prompt twice with the same dice rolls, once on its own and once with the feature **switched "
-            "up** in every layer where it lives. The scores say how much each text is about the theme "
-            "and how readable it stays.",
+            "prompt twice with the same dice rolls, once on its own and once **steered**: the example's "
+            "feature pushed up (on its own, at one layer, or along its flow through the layers) or, for a "
+            "removal, turned down. The scores say how much each text is about the theme and how readable "
+            "it stays.",
     "pick": "Search the feature catalog by words, or type a sentence and see which features fire on "
             "which tokens. Click a result to pick it, or type an id `layer/site/index` (several ids separated "
             "by commas steer a **seed set**: their flow graphs are merged, as in the paper's removal).",
@@ -96,7 +98,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                     with gr.Row():
                         demo_graph = gr.Plot(label="where the feature lives: its flow through the layers",
                                              elem_id="demo-graph")
-                        demo_scores = gr.Plot(label="scores (0-1)")
+                        demo_scores = gr.Plot(label=SCORES_LABEL)
                     gr.Markdown("*How to read the graph*: " + EXPLAIN["flow"] + "\n\n*How to read the scores*: "
                                 + EXPLAIN["compare"])
                 else:
@@ -223,7 +225,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                     col_other = gr.Markdown(visible=False, elem_id="col-other", latex_delimiters=[])
                     col_ctrl = gr.Markdown(visible=False, elem_id="col-controls", latex_delimiters=[])
                 with gr.Row():
-                    score_plot = gr.Plot(label="scores (0-1)")
+                    score_plot = gr.Plot(label=SCORES_LABEL)
                     record_file = gr.File(label="Run record (JSON: preset, hashes, versions, settings, texts, scores)")
                 with gr.Accordion("Run record", open=False):
                     record_json = gr.JSON()

@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -417,15 +418,21 @@ class Handlers:
             def th(v):
                 return f"{sm[v]['behavioral'] * 5:.1f}/5" if v in sm else "n/a"
 
+            removal = s.task == "remove"
             gain += ("\n\n"
-                     f"**Theme score** ({result['judge']}): {th('unsteered')} without steering -> "
-                     f"**{th('steered')}** with it. Controls: asking the model {th('prompted')}, random "
-                     f"directions of the same size {th('random')}. **Readability**: "
+                     f"**Theme score** ({result['judge']}"
+                     f"{'; this example removes the theme: lower is the goal' if removal else ''}): "
+                     f"{th('unsteered')} without steering -> "
+                     f"**{th('steered')}** with it. Controls: asking the model"
+                     f"{' not to mention it' if removal else ''} "
+                     f"{th('prompted')}, random {'features' if removal else 'directions of the same size'} "
+                     f"{th('random')}. **Readability**: "
                      f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5. "
                      "A different text alone proves nothing: compare with the controls.")
         ctrl = "\n\n".join(pg.column_markdown(result, c, ex.feature) for c in ("prompted", "random")
                             if c in result["variants"])
-        return (self._graph_figure(graph, title=f"Where '{ex.title}' lives in the model (feature {graph.seed})"),
+        short = re.sub(r"\s*\(.*\)\s*$", "", ex.title)  # "Physics (remove it)" -> "Physics"
+        return (self._graph_figure(graph, title=f"Where '{short}' lives in the model (feature {graph.seed})"),
                 pg.column_markdown(result, "unsteered", ex.feature), pg.column_markdown(result, "steered", ex.feature),
                 scores_figure(sm, VARIANT_TITLES), gain, ctrl)
 

@@ -43,17 +43,28 @@ def index_labels(nodes: list[FlowNode], edges: "list[FlowEdge]" = ()) -> dict:
     return out
 
 
-def label_positions(nodes: list[FlowNode], labels: dict) -> dict:
-    """Where each node's index label goes: above it, except a labelled node whose lane neighbour
-    one layer before is labelled above too - that one goes below, so neighbouring 3-4 digit indices
-    (module lanes change index at every layer) alternate instead of overlapping.
-    -> {feature id: "top center" | "bottom center"}"""
-    out, above = {}, set()
+def label_positions(nodes: list[FlowNode], labels: dict, min_gap: int = 2) -> dict:
+    """Where each node's index label goes: above the node, or below it when the label above would
+    come within ``min_gap`` layers of the last one above in the same lane; a label that fits
+    neither is left out (the node's hover still names it), except the seed's. Module lanes change
+    index at every layer, so neighbouring 3-4 digit labels alternate instead of overlapping; wide
+    graphs pass a larger ``min_gap`` (`flow_figure`). -> {feature id: "top center" | "bottom
+    center" | None (no label)}"""
+    out, last = {}, {}  # last: (site, slot) -> layer of the last label written there
     for n in sorted(nodes, key=lambda n: n.layer):
-        below = bool(labels.get(n.id)) and (n.layer - 1, n.site) in above
-        out[n.id] = "bottom center" if below else "top center"
-        if labels.get(n.id) and not below:
-            above.add((n.layer, n.site))
+        if not labels.get(n.id):
+            out[n.id] = "top center"
+            continue
+        where = None
+        for slot in ("top center", "bottom center"):
+            if n.layer - last.get((n.site, slot), -10**6) >= min_gap:
+                where = slot
+                break
+        if where is None and n.role == "seed":
+            where = "top center"
+        if where is not None:
+            last[(n.site, where)] = n.layer
+        out[n.id] = where
     return out
 
 
@@ -76,7 +87,13 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
     pos = {n.id: (n.layer, LANES[n.site]) for n in graph.nodes}
     layers = [n.layer for n in graph.nodes]
     index_text = index_labels([n for n in graph.nodes if n.in_span], graph.edges)
-    where = label_positions([n for n in graph.nodes if n.in_span], index_text)
+    n_x = max(layers) - min(layers) + 1  # layers on the x axis
+    # wide graphs: labels further apart, smaller nodes (the demo shows the plot at half the page)
+    where = label_positions([n for n in graph.nodes if n.in_span], index_text,
+                            min_gap=2 if n_x <= 12 else 3 if n_x <= 24 else 4)
+    index_text = {k: v if where.get(k) else "" for k, v in index_text.items()}
+    big = max(12.0, min(32.0, 600 / (n_x + 2)))  # px of a node with score 1
+    pad = max(1.0, 0.06 * n_x)  # x room on each side (layers): the first node clear of the lane names
     fig = go.Figure()
     for e in graph.edges:
         if e.source not in pos or e.target not in pos:
@@ -96,7 +113,7 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
             shown = f"{levels[0]:.2f}" if levels[-1] - levels[0] < 0.005 else f"{levels[0]:.2f}-{levels[-1]:.2f}"
             # no "0" tick: chance sits ~0.12 above it and the two texts would touch
             bar.update(title=f"cosine<br>(chance ≈ {shown})", tickvals=[levels[0], 0.5, 1.0],
-                       ticktext=[f"chance {shown}", "0.5", "1"])
+                       ticktext=["chance", "0.5", "1"])
         hover = []
         for n in nodes:
             name = label(str(n.id)) if label is not None else n.label
@@ -116,10 +133,10 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
         fig.add_trace(go.Scatter(
             x=[n.layer for n in nodes], y=[LANES[n.site] for n in nodes], mode="markers+text",
             text=[index_text.get(n.id, "") if in_span else "" for n in nodes],
-            textposition=[where.get(n.id, "top center") for n in nodes],
+            textposition=[where.get(n.id) or "top center" for n in nodes],
             textfont={"size": 10}, hovertext=hover, hoverinfo="text", cliponaxis=False,
             name="in span" if in_span else "outside span (cut)", opacity=1.0 if in_span else 0.3,
-            marker={"size": [10 + 22 * max(0.0, min(1.0, n.score)) for n in nodes], "color": colour,
+            marker={"size": [big * (0.35 + 0.65 * max(0.0, min(1.0, n.score))) for n in nodes], "color": colour,
                     "colorscale": "Viridis", "cmin": 0, "cmax": max(colour + [1.0]) if live else 1.0,
                     "line": {"width": [3 if n.role == "seed" else 1 for n in nodes], "color": "#222"},
                     "showscale": in_span, "colorbar": bar}))
@@ -127,9 +144,9 @@ def flow_figure(graph: FlowGraph, live: dict | None = None, title: str | None = 
                   layer="below")
     fig.update_layout(
         title=title or f"Flow graph of {graph.seed} (kept span: layers {graph.l_start}-{graph.l_end})",
-        # a layer of room on each side: the biggest marker (32 px) stays inside the axes and clear of the colour bar
+        # room on each side (pad): the biggest marker stays inside the axes, clear of the lane names and colour bar
         xaxis={"title": "layer", "tick0": 0, "dtick": layer_step(max(layers) - min(layers)),
-               "range": [min(layers) - 1.0, max(layers) + 1.0]}, height=400,
+               "range": [min(layers) - pad, max(layers) + pad]}, height=400,
         margin={"l": 60, "r": 20, "t": 50, "b": 40},
         yaxis={"tickvals": list(LANE_NAMES), "ticktext": list(LANE_NAMES.values()), "range": [-0.7, 2.8]},
         legend={"orientation": "h", "y": -0.2}, plot_bgcolor="white")

@@ -27,7 +27,7 @@ from .catalog.search import GOOD_SCORE
 from .features import FeatureId, parse_feature
 from .flow import build_flow_graph
 from .batching import GenerationBatcher
-from .controls import generate_with_controls
+from .controls import generate_with_controls, instruction
 from .graph import FlowGraph
 from .groups import live_activations
 from .judging import Judge, OfflineJudge, make_judge, unavailable
@@ -421,7 +421,8 @@ class Playground:
         else:  # the offline judge's coherence also uses perplexity under the unsteered model
             scores = judge.score(texts, s.theme, s.task, [g.metrics.get("perplexity") for g in gens])
         return {"generations": gens, "scores": scores, "variants": list(variants), "seeds": s.seeds,
-                "judge": judge.name, "theme": s.theme, "prompt": s.prompt, "max_new_tokens": s.max_new_tokens}
+                "judge": judge.name, "theme": s.theme, "task": s.task, "prompt": s.prompt,
+                "max_new_tokens": s.max_new_tokens}
 
     @staticmethod
     def summary(result: dict) -> dict[str, dict]:
@@ -457,11 +458,13 @@ class Playground:
         never among a TopK SAE's top k; a real reading, not a failed one)."""
         lines = [f"### {VARIANT_TITLES.get(variant, variant)}"]
         if variant == "prompted":  # the others continue the prompt shown above the columns (prompt_line)
-            lines.append(f"<small>prompt: (the theme request, then) «{_escape(result.get('prompt', ''))}»</small>\n")
+            theme = result.get("theme", "")
+            ask = f"«{_escape(instruction(theme, result.get('task', 'activate')))}»" if theme.strip() else "the request"
+            lines.append(f"<small>prompt: {ask}, then «{_escape(result.get('prompt', ''))}»</small>\n")
         mean = Playground.summary(result).get(variant)
-        if mean:
-            lines.append(f"mean theme **{mean['behavioral']:.2f}** · coherence **{mean['coherence']:.2f}** · "
-                         f"metric **{mean['metric']:.2f}**\n")
+        if mean:  # the same /5 scale as each sample's line; the metric is 0-1
+            lines.append(f"mean theme **{mean['behavioral'] * 5:.1f}/5** · coherence **{mean['coherence'] * 5:.1f}/5**"
+                         f" · metric **{mean['metric']:.2f}**\n")
         for g, s in zip(result["generations"], result["scores"]):
             if g.variant != variant:
                 continue
