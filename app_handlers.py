@@ -402,6 +402,21 @@ class Handlers:
             raise box["error"]
         return box["result"]
 
+    @staticmethod
+    def _perplexity_note(result: dict) -> str:
+        """" (median perplexity 14 -> 43)": how surprising the unsteered model finds each column's
+        texts, a finer view of readability than the offline coherence score (which gives most
+        fluent-looking texts 5/5)."""
+        med = {}
+        for v in ("unsteered", "steered"):
+            ppl = sorted(g.metrics["perplexity"] for g in result["generations"]
+                         if g.variant == v and g.metrics.get("perplexity") is not None)
+            if ppl:
+                med[v] = ppl[len(ppl) // 2] if len(ppl) % 2 else (ppl[len(ppl) // 2 - 1] + ppl[len(ppl) // 2]) / 2
+        if len(med) < 2:
+            return ""
+        return f" (median perplexity under the unsteered model {med['unsteered']:.0f} -> {med['steered']:.0f})"
+
     # ---- the demo tab -------------------------------------------------------------------------------
     @safe
     def run_demo(self, title: str, progress=gr.Progress()):
@@ -427,7 +442,8 @@ class Handlers:
                      f"{' not to mention it' if removal else ''} "
                      f"{th('prompted')}, random {'features' if removal else 'directions of the same size'} "
                      f"{th('random')}. **Readability**: "
-                     f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5. "
+                     f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5"
+                     f"{self._perplexity_note(result)}. "
                      "A different text alone proves nothing: compare with the controls.")
         ctrl = "\n\n".join(pg.column_markdown(result, c, ex.feature) for c in ("prompted", "random")
                             if c in result["variants"])

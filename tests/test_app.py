@@ -472,3 +472,18 @@ def test_judge_theme_from_search_words_is_kept_when_the_label_names_none(live_ap
     assert kept(out[1]) and out[2] == "religious, spiritual"  # the search words (or a person's) stay
     hint, keep, auto = h.card_quiet("1/res/", False, "wedding", "")
     assert hint.startswith("_") and kept(keep) and kept(auto)
+
+
+def test_demo_headline_and_columns_use_one_scale_and_say_what_was_asked(app_fns, live_app):
+    """The demo's headline gives theme and readability on /5 with the median perplexity of both
+    columns (the offline coherence alone is 5/5 for most fluent-looking text); column means use
+    the same /5 scale; the asking control shows the request it made."""
+    import re
+
+    fns, _ = app_fns
+    _, _, steered, _, gain, ctrl = fns["demo"]("Tiny example")
+    assert re.search(r"\*\*Theme score\*\* \([^)]+\): \d\.\d/5 without steering -> \*\*\d\.\d/5\*\* with it", gain)
+    assert re.search(r"\*\*Readability\*\*: \d\.\d/5 -> \d\.\d/5 \(median perplexity under the unsteered model "
+                     r"\d+ -> \d+\)", gain)
+    assert re.search(r"mean theme \*\*\d\.\d/5\*\* · coherence \*\*\d\.\d/5\*\* · metric \*\*[01]\.\d\d\*\*", steered)
+    assert f"prompt: «Talk about {live_app['word']}.», then «" in ctrl
