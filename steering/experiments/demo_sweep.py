@@ -62,6 +62,13 @@ DEMO_SAMPLES = 2  # samples a click on a curated example generates (from CONFIRM
 # and Music 19 vs 13 of 32, unsteered 1 vs 4. The paper's experiments (steering_curves) keep
 # the paper's prompt; the examples carry this one ("prompt" in demo_examples.json).
 DEMO_PROMPT = "I think"
+
+
+def demo_removal_prompt(paper_prompt: str) -> str:
+    """The removal example's prompt: the paper's physics prompt (App. B.1) without its trailing
+    space, for the same reason as DEMO_PROMPT (session 11: on "... physics is " most samples of
+    every column, unsteered included, began with a digit: "4515 on CPI", "4qubit")."""
+    return paper_prompt.rstrip()
 MAX_PPL = 100.0
 MIN_DISTINCT2 = 0.6
 MIN_HITS = 6
@@ -451,7 +458,10 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
                  f"{ctl['prompted']['hits']}; random features: {ctl['random']['hits']})")
         goal = "kept physics words out of"
         lead = "The prompt asks about physics. "
-        how = f"scaling the physics feature by r = {float(s):g} along {what}"
+        r = f"r = {float(s):g}"
+        how = {"baseline": f"scaling the physics feature by {r}",
+               "single": f"scaling the physics feature and its flow-graph features at layer {graph.seed.layer} by {r}"
+               }.get(cond, f"scaling the physics feature by {r} along {what}")
     # the fair count first: the fresh seeds did not take part in choosing the setting
     if conf:
         k = conf["steered"]["hits"]
@@ -580,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     if records:
         save()
     for title, spec, task in tqdm(jobs, desc="themes"):
-        prompt = DEMO_PROMPT if task == "activate" else TASK_DEFAULTS[task]["prompt"]
+        prompt = DEMO_PROMPT if task == "activate" else demo_removal_prompt(TASK_DEFAULTS[task]["prompt"])
         n_tok = a.max_new_tokens if task == "activate" else 64
         rec = sweep_theme(bundle, title, spec, task, catalog, prompt, n_tok)
         rec["baseline_hits"] = sum(x["hit"] for x in rec["unsteered"])
