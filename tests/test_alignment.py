@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from steering.experiments import demo_sweep as D
@@ -34,6 +35,26 @@ def test_report_on_a_tiny_bundle_has_every_layer_and_chance(tiny_bundle):
     assert 0 <= row["s_res"]["share_ge_t_res"] <= 1 and row["s_res"]["chance_p99"] > row["s_res"]["chance_median"]
     assert row["span"]["n"] >= 1 and "transfer_fve" in row and set(row["fve"]["res"]) == {"prose", "code"}
     assert "| 1 |" in A.markdown(rep) and rep["summary"]["median_span"] >= 1
+
+
+def test_everyday_texts_come_from_the_snapshot_where_the_cache_has_none(tmp_path):
+    """A committed snapshot stands in for a missing cache file and seeds a longer run - only one
+    made with the same seed (its prompts match); enough tokens there means no model is loaded."""
+    import gzip
+    import json
+
+    rows = [{"i": i, "prompt": everyday.prompt_for(i), "text": f"text number {i} " * 10, "n_tokens": 40}
+            for i in range(3)]
+    snap = tmp_path / "snap.jsonl.gz"
+    snap.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows[::-1]).encode()))
+    cache = tmp_path / "cache" / "everyday.jsonl"
+    assert everyday.load_docs(cache, snapshot=snap) == [r["text"] for r in rows]  # in prompt order
+    with pytest.raises(FileNotFoundError, match="steering.training.everyday"):
+        everyday.load_docs(cache, snapshot=None)
+    everyday.generate(0, path=cache, seed=1, snapshot=snap)  # another seed's run: the snapshot is not its own
+    assert not cache.exists()
+    assert everyday.generate(120, path=cache, seed=0, snapshot=snap) == cache  # 3 x 40 tokens: done
+    assert everyday.read_rows(cache) == rows
 
 
 def test_everyday_prompts_are_seeded_and_independent_of_order():
