@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import statistics
 import tempfile
 import threading
 from pathlib import Path
@@ -409,10 +410,10 @@ class Handlers:
         fluent-looking texts 5/5)."""
         med = {}
         for v in ("unsteered", "steered"):
-            ppl = sorted(g.metrics["perplexity"] for g in result["generations"]
-                         if g.variant == v and g.metrics.get("perplexity") is not None)
+            ppl = [g.metrics["perplexity"] for g in result["generations"]
+                   if g.variant == v and g.metrics.get("perplexity") is not None]
             if ppl:
-                med[v] = ppl[len(ppl) // 2] if len(ppl) % 2 else (ppl[len(ppl) // 2 - 1] + ppl[len(ppl) // 2]) / 2
+                med[v] = statistics.median(ppl)
         if len(med) < 2:
             return ""
         return f" (median perplexity under the unsteered model {med['unsteered']:.0f} -> {med['steered']:.0f})"
