@@ -258,7 +258,8 @@ def test_corpus_sequences_mix_domains_and_are_seeded(tiny_bundle):
     assert a.docs_per_domain["small"] == 1 and a.tokens_per_domain["big"] > 2000  # the big one fills in
     assert torch.equal(a.ids, corpus_sequences(tok, 3000, 32, 0, texts).ids)
     real = corpus_sequences(tok, 4000, 32, 0)  # the installed corpora (scripts/install_corpora.sh)
-    # the installed corpora; "everyday" only where its texts were generated (steering.training.everyday)
+    # the installed corpora; "everyday" where its texts were generated or its snapshot is committed
+    # (steering.training.everyday)
     assert {"prose", "stories", "math", "code"} <= set(real.domains) <= {"prose", "stories", "math", "code", "everyday"}
     assert real.tokens_per_domain["prose"] > 2 * real.tokens_per_domain["math"]  # MIX: prose 0.4, math 0.1
     assert len(set(real.domain[:20].tolist())) > 1  # shuffled across domains

@@ -13,7 +13,8 @@ All installed by scripts/install_corpora.sh:
 - everyday (**synthetic**): stories, diary entries, dialogues, letters and forum posts on everyday,
   personal and emotional topics (weddings, anger, grief, food, sport, music, pets, faith, money,
   health, ...), written by the default model's instruct variant from a seeded grid of prompts
-  (steering/training/everyday.py); made by ``python -m steering.training.everyday``.
+  (steering/training/everyday.py); made by ``python -m steering.training.everyday``, or read from
+  its committed snapshot ``assets/corpora/everyday.jsonl.gz`` where the cache has none.
 
 Token counts are written by the training run into ``assets/saes_v2/train_config.json``.
 Documents are split deterministically into train / held-out (every 50th document held out).
