@@ -6,7 +6,7 @@ mlp / attn >= 0.7 on unseen everyday text).
 The shipped SAEs were trained on the first 128 generated everyday texts (prompts 0-127,
 docs/saes.md "Corpus"); the alignment report's everyday held-out split is every 50th of those,
 380 tokens. Texts from prompt ``--trained-texts`` on (the generator's cache file, or the committed
-snapshot) are documents none of the SAEs saw, written by the same generator (synthetic; a new
+snapshot, read first) are documents none of the SAEs saw, written by the same generator (synthetic; a new
 document, not a new source). Sinks skipped; each text cut to 1,000 characters as in the alignment
 report; FVE = 1 - SSE / total variance about the sample's mean, per (layer, site).
 """
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     t0 = time.time()
-    path = everyday.output_path() if everyday.output_path().is_file() else everyday.SNAPSHOT
+    path = everyday.SNAPSHOT if everyday.SNAPSHOT.is_file() else everyday.output_path()  # the committed texts first
     rows = [r for r in everyday.read_rows(path) if r["i"] >= a.trained_texts and len(r["text"]) > 80]
     if not rows:
         raise SystemExit(f"no everyday texts from prompt {a.trained_texts} on in {path}: "
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = random.Random(a.seed).sample(rows, min(a.texts, len(rows)))
     bundle = Bundle.load(a.preset)
     acts = capture(bundle, [r["text"][:1000] for r in rows], a.tokens)
-    out: dict = {"preset": bundle.preset.name, "source": str(path), "trained_texts": a.trained_texts,
+    root = Path(__file__).resolve().parent.parent
+    source = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+    out: dict = {"preset": bundle.preset.name, "source": source, "trained_texts": a.trained_texts,
                  "texts": len(rows), "tokens": int(next(iter(acts.values())).shape[0]), "fve": {}}
     for (layer, site), x in sorted(acts.items()):
         sae = bundle.sae(layer, site)
