@@ -26,6 +26,7 @@ def prepare_tiny(out_dir: Path) -> dict:
     word the catalog search finds (so tests search for something that exists)."""
     from steering.bundle import Bundle
     from steering.catalog import Catalog, build_catalog
+    from steering.catalog.words import text_words
     from steering.synthetic import make_tiny_preset
 
     preset = make_tiny_preset(out_dir / "preset", arch="llama", name="tiny-app")
@@ -35,7 +36,7 @@ def prepare_tiny(out_dir: Path) -> dict:
     cat = Catalog.load(bundle)
     word = next(w for layer in bundle.layers for i in range(bundle.width(layer, "res"))
                 for t in cat.card(f"{layer}/res/{i}").top_tokens for w in [t.strip().lower()]
-                if w.isalpha() and len(w) > 2 and cat.search(w))
+                if w.isalpha() and len(w) > 2 and text_words(w) and cat.search(w))  # stop words are refused
     demo = out_dir / "demo_examples.json"
     demo.write_text(json.dumps({"examples": [
         {"title": "Tiny example", "preset": "tiny-app", "feature": TINY_FEATURE, "theme": word,
