@@ -108,7 +108,7 @@ def generate(tokens: int, batch: int = 32, max_new_tokens: int = 220, seed: int 
             log.info("everyday text: started from the snapshot %s (%d texts)", snapshot, len(rows))
     done, have = 0, 0
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_rows(path)
         done = 1 + max((r["i"] for r in rows), default=-1)
         have = sum(r.get("n_tokens", 0) for r in rows)
     if have >= tokens:
