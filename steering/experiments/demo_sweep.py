@@ -62,13 +62,6 @@ DEMO_SAMPLES = 2  # samples a click on a curated example generates (from CONFIRM
 # and Music 19 vs 13 of 32, unsteered 1 vs 4. The paper's experiments (steering_curves) keep
 # the paper's prompt; the examples carry this one ("prompt" in demo_examples.json).
 DEMO_PROMPT = "I think"
-
-
-def demo_removal_prompt(paper_prompt: str) -> str:
-    """The removal example's prompt: the paper's physics prompt (App. B.1) without its trailing
-    space, for the same reason as DEMO_PROMPT (session 11: on "... physics is " most samples of
-    every column, unsteered included, began with a digit: "4515 on CPI", "4qubit")."""
-    return paper_prompt.rstrip()
 MAX_PPL = 100.0
 MIN_DISTINCT2 = 0.6
 MIN_HITS = 6
@@ -194,6 +187,13 @@ REMOVAL = {"title": "Physics (remove it)", "query": "physics", "theme": "scienti
                            "Gravity pulls objects toward the earth with a force that depends on their mass."],
            "words": "physics physical quantum particle particles energy theory theories relativity gravity "
                     "universe mass einstein matter mechanics spacetime electron electrons photon"}
+
+
+def demo_removal_prompt(paper_prompt: str) -> str:
+    """The removal example's prompt: the paper's physics prompt (App. B.1) without its trailing
+    space, for the same reason as DEMO_PROMPT (session 11: on "... physics is " most samples of
+    every column, unsteered included, began with a digit: "4515 on CPI", "4qubit")."""
+    return paper_prompt.rstrip()
 
 
 def theme_hits(text: str, words: set[str]) -> list[str]:
