@@ -197,3 +197,64 @@ def test_compile_failure_falls_back_to_the_eager_step(monkeypatch, caplog):
     for e, g in zip(eager, got):
         torch.testing.assert_close(g, e)
     assert sum("running it eagerly" in r.message for r in caplog.records) == 1
+
+
+def _fake_sae(folder, d_in: int, width: int, trained_tokens: int, seed: int) -> dict:
+    """A saved TopK SAE folder in this trainer's format (cfg.json, weights, reference scales)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    w = {"W_enc": torch.randn(d_in, width, generator=g).half(), "b_enc": torch.randn(width, generator=g).half(),
+         "W_dec": torch.randn(width, d_in, generator=g).half(), "b_dec": torch.randn(d_in, generator=g).half()}
+    folder.mkdir(parents=True)
+    save_file(w, folder / "sae_weights.safetensors")
+    save_file({"ref_scale": torch.rand(width, generator=g) + 0.5}, folder / "ref_scale.safetensors")
+    cfg = {"d_in": d_in, "d_sae": width, "dtype": "float16", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "reshape_activations": "none", "k": 2, "architecture": "topk",
+           "rescale_acts_by_decoder_norm": False,
+           "metadata": {"hook_name": "blocks.0.hook_resid_post", "trained_tokens": trained_tokens, "init": "shared"}}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return w
+
+
+def test_merge_keep_latents_drops_only_the_added_latents(tmp_path, monkeypatch):
+    """scripts/merge_continued_saes.py --keep-latents: the shipped SAE holds latents 0..N-1 of the
+    run unchanged (weights and reference scales), says what was dropped, loads in sae-lens, and
+    refuses to drop latents the SAEs had before the run."""
+    import json
+    import runpy
+    import sys
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    script = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "scripts" / "merge_continued_saes.py")
+    dst, src = tmp_path / "dst", tmp_path / "run"
+    _fake_sae(dst / "res" / "layer_0", 4, 6, 1000, 0)
+    (dst / "train_config.json").write_text(json.dumps({"res_continued": {"tokens_seen": 1}}))
+    run_w = _fake_sae(src / "res" / "layer_0", 4, 8, 0, 1)
+    (src / "train_config.json").write_text(json.dumps({"tokens_seen": 500, "config": {"align_weight": 0.03}}))
+    monkeypatch.setattr(sys, "argv", ["merge", "--src", str(src), "--dst", str(dst), "--site", "res",
+                                      "--base-commit", "abc123", "--keep-latents", "6"])
+    runpy.run_path(script, run_name="__main__")
+    got = load_file(dst / "res" / "layer_0" / "sae_weights.safetensors")
+    assert torch.equal(got["W_enc"], run_w["W_enc"][:, :6]) and torch.equal(got["W_dec"], run_w["W_dec"][:6])
+    assert torch.equal(got["b_enc"], run_w["b_enc"][:6]) and torch.equal(got["b_dec"], run_w["b_dec"])
+    assert load_file(dst / "res" / "layer_0" / "ref_scale.safetensors")["ref_scale"].shape == (6,)
+    cfg = json.loads((dst / "res" / "layer_0" / "cfg.json").read_text())
+    assert cfg["d_sae"] == 6 and "latents 6-7" in cfg["metadata"]["dropped"] and "widened" not in cfg["metadata"]
+    assert cfg["metadata"]["trained_tokens"] == 1500 and cfg["metadata"]["continued_tokens"] == 500
+    tc = json.loads((dst / "train_config.json").read_text())
+    assert tc["res_continued"]["keep_latents"] == 6 and tc["res_continued_earlier"] == [{"tokens_seen": 1}]
+    from sae_lens import SAE
+    sae = SAE.load_from_disk(str(dst / "res" / "layer_0"))
+    assert sae.encode(torch.randn(3, 4).half()).shape == (3, 6)
+    # the run's SAEs are now 6 wide before it: keeping 5 would drop one of them
+    monkeypatch.setattr(sys, "argv", ["merge", "--src", str(src), "--dst", str(dst), "--site", "res",
+                                      "--base-commit", "abc123", "--keep-latents", "5"])
+    with pytest.raises(ValueError, match="--keep-latents 5"):
+        runpy.run_path(script, run_name="__main__")
