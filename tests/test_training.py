@@ -96,7 +96,8 @@ def test_warm_start_reads_saved_weights(tmp_path):
         load_stacked(m2, tmp_path, "mlp")
 
     # A wider run keeps the saved latents at their indices and adds unit-norm new ones,
-    # shared by the layers, that start with a small encoder and zero bias.
+    # shared by the layers, with zero bias and encoder columns as long as the saved ones' median
+    # (a shorter column loses the top-k race to trained latents: session 12).
     wide = StackedTopK(n=2, d=8, w=24, k=3)
     load_stacked(wide, tmp_path, "res", torch.Generator().manual_seed(1))
     torch.testing.assert_close(wide.W_dec[:, :16], m.W_dec, rtol=1e-2, atol=2e-3)
@@ -105,7 +106,8 @@ def test_warm_start_reads_saved_weights(tmp_path):
     torch.testing.assert_close(new.norm(dim=-1), torch.ones(2, 8))
     torch.testing.assert_close(new[0], new[1])
     assert (wide.b_enc[:, :, 16:] == 0).all()
-    assert wide.W_enc[:, :, 16:].norm(dim=1).max() < 0.21
+    saved = m.W_enc.norm(dim=1).median(dim=1).values  # [2]
+    torch.testing.assert_close(wide.W_enc[:, :, 16:].norm(dim=1), saved[:, None].expand(2, 8), rtol=1e-2, atol=2e-3)
 
 
 def test_bf16_dense_step_close_to_float32():
@@ -258,3 +260,36 @@ def test_merge_keep_latents_drops_only_the_added_latents(tmp_path, monkeypatch):
                                       "--base-commit", "abc123", "--keep-latents", "5"])
     with pytest.raises(ValueError, match="--keep-latents 5"):
         runpy.run_path(script, run_name="__main__")
+
+
+def test_resampled_latent_can_win_the_top_k():
+    """A dead latent resampled into a trained TopK SAE (encoder columns much longer than 0.2) gets
+    an encoder column as long as the live ones' median, so it enters the top-k on the input it
+    was pointed at; with the former fixed 0.2 it lost to the trained latents and stayed dead."""
+    from steering.training.train import _resample
+
+    torch.manual_seed(0)
+    n, d, w, k, N = 1, 16, 24, 4, 64
+    m = StackedTopK(n=n, d=d, w=w, k=k)
+    dirs = torch.nn.functional.normalize(torch.randn(w, d), dim=-1)
+    with torch.no_grad():
+        m.W_dec[0] = dirs
+        m.W_enc[0] = 3.0 * dirs.T  # trained: columns of norm 3
+    x = torch.randn(n, N, d) * 4
+    x_hat = torch.zeros_like(x)  # every input badly reconstructed
+    fired = torch.ones(n, w)
+    fired[0, -3:] = 0  # the last three latents are dead
+    opt = torch.optim.Adam(m.parameters())
+    _resample(m, opt, fired, x, x_hat, torch.Generator().manual_seed(1))
+    norms = m.W_enc[0].norm(dim=0)
+    assert torch.allclose(norms[-3:], torch.full((3,), 3.0), atol=1e-4)
+    # each resampled latent points at one input; on that input it now ranks in the top-k
+    with torch.no_grad():
+        pre = (x[0] - m.b_dec[0]) @ m.W_enc[0] + m.b_enc[0]  # [N, w]
+        target = [int(((x[0] / x[0].norm(dim=-1, keepdim=True)) @ m.W_dec[0, j]).argmax()) for j in (21, 22, 23)]
+        top = pre.topk(k, dim=-1).indices  # [N, k]
+    assert all(j in top[t].tolist() for j, t in zip((21, 22, 23), target))
+    with torch.no_grad():  # the same latents at the former 0.2 scale: out of the top-k on those inputs
+        m.W_enc[0][:, -3:] *= 0.2 / 3.0
+        top02 = ((x[0] - m.b_dec[0]) @ m.W_enc[0] + m.b_enc[0]).topk(k, dim=-1).indices
+    assert not any(j in top02[t].tolist() for j, t in zip((21, 22, 23), target))

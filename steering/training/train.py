@@ -322,7 +322,8 @@ def load_stacked(sae: StackedTopK, folder: Path, site: str, gen: torch.Generator
 
     A wider run keeps the saved latents as latents 0..w0-1 (their indices, labels and matches
     stay) and adds w - w0 new ones: one random unit dictionary shared by all layers, encoder =
-    0.2 x decoder^T (the scale `_resample` uses), b_enc 0; those that stay dead are resampled.
+    decoder^T scaled to the median encoder-column norm of the saved latents of that layer (as
+    `_resample` does), b_enc 0; those that stay dead are resampled.
     Raises ValueError when a file is missing or the saved SAE is wider or has another d."""
     from safetensors.torch import load_file
 
@@ -347,7 +348,11 @@ def load_stacked(sae: StackedTopK, folder: Path, site: str, gen: torch.Generator
     if w0 < w:
         rows = torch.randn((1, w - w0, d), generator=gen)  # [1, w - w0, d], shared by the n layers
         sae.W_dec[:, w0:] = rows / rows.norm(dim=-1, keepdim=True)
-        sae.W_enc[:, :, w0:] = 0.2 * sae.W_dec[:, w0:].transpose(1, 2)
+        # encoder columns as long as the saved latents' (median per layer): with 0.2 (session 12,
+        # res 1024 -> 1152) the new latents lost the top-k race to the trained ones and 45-85% of
+        # them never fired
+        norm = sae.W_enc[:, :, :w0].norm(dim=1).median(dim=1).values  # [n]
+        sae.W_enc[:, :, w0:] = norm[:, None, None] * sae.W_dec[:, w0:].transpose(1, 2)
         sae.b_enc[:, 0, w0:] = 0.0
         log.info("init_from: %s SAEs widened from %d to %d latents", site, w0, w)
     sae.normalize_decoder()
@@ -356,7 +361,13 @@ def load_stacked(sae: StackedTopK, folder: Path, site: str, gen: torch.Generator
 
 @torch.no_grad()
 def _resample(sae: StackedTopK, opt, fired: torch.Tensor, x, x_hat, gen) -> None:
-    """Point latents that never fired since the last resample at badly reconstructed inputs."""
+    """Point latents that never fired since the last resample at badly reconstructed inputs.
+
+    The encoder column of a resampled latent is its decoder direction scaled to the median
+    encoder-column norm of the latents that did fire (0.2 when none did, at the very start): a
+    TopK latent fires only when it beats the k-th largest pre-activation, and a column much
+    shorter than the trained ones never does (session 12: with a fixed 0.2, most latents added
+    to trained residual SAEs stayed dead)."""
     n, N, d = x.shape
     err = (x - x_hat).pow(2).sum(-1)  # [n, N]
     state = opt.state
@@ -364,11 +375,13 @@ def _resample(sae: StackedTopK, opt, fired: torch.Tensor, x, x_hat, gen) -> None
         dead = (fired[i] == 0).nonzero().flatten()
         if len(dead) == 0:
             continue
+        live = fired[i] > 0
+        scale = float(sae.W_enc[i][:, live].norm(dim=0).median()) if live.any() else 0.2
         pick = torch.multinomial(err[i].cpu(), len(dead), replacement=True, generator=gen).to(x.device)
         dirs = x[i, pick] - x_hat[i, pick]
         dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n_dead, d]
         sae.W_dec[i, dead] = dirs
-        sae.W_enc[i, :, dead] = dirs.T * 0.2
+        sae.W_enc[i, :, dead] = dirs.T * scale
         sae.b_enc[i, 0, dead] = 0.0
         for p, sl in ((sae.W_dec, (i, dead)), (sae.W_enc, (i, slice(None), dead)), (sae.b_enc, (i, 0, dead))):
             if p in state:
