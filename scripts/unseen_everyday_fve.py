@@ -9,6 +9,11 @@ docs/saes.md "Corpus"); the alignment report's everyday held-out split is every 
 snapshot, read first) are documents none of the SAEs saw, written by the same generator (synthetic; a new
 document, not a new source). Sinks skipped; each text cut to 1,000 characters as in the alignment
 report; FVE = 1 - SSE / total variance about the sample's mean, per (layer, site).
+
+Since session 12 the residual SAEs were trained on the whole snapshot (all but its held-out
+split, every 50th text), so texts from prompt 128 on are unseen by the MLP and attention SAEs
+only; for the residual SAEs the unseen everyday figure is the alignment report's (held-out
+split). results/default/alignment/unseen_everyday.json is the session-11 run.
 """
 
 from __future__ import annotations
