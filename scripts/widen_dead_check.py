@@ -26,6 +26,7 @@ for v in ("old", "new"):
         z = sae.encode(x)
         fired = (z > 0).any(0)
         share = float((z[:, 1024:] > 0).sum() / (z > 0).sum())
-        out.append(f"L{l}: dead new {int((~fired[1024:]).sum())}/64, old {int((~fired[:1024]).sum())}/1024, "
+        dead_new, dead_old = int((~fired[1024:]).sum()), int((~fired[:1024]).sum())
+        out.append(f"L{l}: dead new {dead_new}/{z.shape[1] - 1024}, old {dead_old}/1024, "
                    f"new-latent share of L0 {share:.3f}, FVE {fve(acts[(l, 'res')], sae.decode(z).float()):.3f}")
     print(v, "; ".join(out), flush=True)

@@ -202,24 +202,15 @@ def test_compile_failure_falls_back_to_the_eager_step(monkeypatch, caplog):
 
 
 def _fake_sae(folder, d_in: int, width: int, trained_tokens: int, seed: int) -> dict:
-    """A saved TopK SAE folder in this trainer's format (cfg.json, weights, reference scales)."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
+    """A saved SAE folder written by the trainer's own `save_sae`; returns its stored tensors."""
+    from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(seed)
-    w = {"W_enc": torch.randn(d_in, width, generator=g).half(), "b_enc": torch.randn(width, generator=g).half(),
-         "W_dec": torch.randn(width, d_in, generator=g).half(), "b_dec": torch.randn(d_in, generator=g).half()}
-    folder.mkdir(parents=True)
-    save_file(w, folder / "sae_weights.safetensors")
-    save_file({"ref_scale": torch.rand(width, generator=g) + 0.5}, folder / "ref_scale.safetensors")
-    cfg = {"d_in": d_in, "d_sae": width, "dtype": "float16", "device": "cpu", "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "reshape_activations": "none", "k": 2, "architecture": "topk",
-           "rescale_acts_by_decoder_norm": False,
-           "metadata": {"hook_name": "blocks.0.hook_resid_post", "trained_tokens": trained_tokens, "init": "shared"}}
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return w
+    save_sae(folder, 0, "res", torch.randn(d_in, width, generator=g), torch.randn(width, generator=g),
+             torch.randn(width, d_in, generator=g), torch.randn(d_in, generator=g), k=2,
+             ref_scale=torch.rand(width, generator=g) + 0.5,
+             extra={"trained_tokens": trained_tokens, "init": "shared"})
+    return load_file(folder / "sae_weights.safetensors")
 
 
 def test_merge_keep_latents_drops_only_the_added_latents(tmp_path, monkeypatch):
@@ -229,12 +220,11 @@ def test_merge_keep_latents_drops_only_the_added_latents(tmp_path, monkeypatch):
     import json
     import runpy
     import sys
+    from pathlib import Path
 
-    import pytest
-    import torch
     from safetensors.torch import load_file
 
-    script = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "scripts" / "merge_continued_saes.py")
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "merge_continued_saes.py")
     dst, src = tmp_path / "dst", tmp_path / "run"
     _fake_sae(dst / "res" / "layer_0", 4, 6, 1000, 0)
     (dst / "train_config.json").write_text(json.dumps({"res_continued": {"tokens_seen": 1}}))
@@ -252,7 +242,6 @@ def test_merge_keep_latents_drops_only_the_added_latents(tmp_path, monkeypatch):
     assert cfg["metadata"]["trained_tokens"] == 1500 and cfg["metadata"]["continued_tokens"] == 500
     tc = json.loads((dst / "train_config.json").read_text())
     assert tc["res_continued"]["keep_latents"] == 6 and tc["res_continued_earlier"] == [{"tokens_seen": 1}]
-    from sae_lens import SAE
     sae = SAE.load_from_disk(str(dst / "res" / "layer_0"))
     assert sae.encode(torch.randn(3, 4).half()).shape == (3, 6)
     # the run's SAEs are now 6 wide before it: keeping 5 would drop one of them
