@@ -16,6 +16,12 @@ continued 1,152 wide, and most of the 128 latents added at the start of that run
 held-out text; dropping them cost at most 0.006 FVE, so the shipped SAEs stay 1,024 wide). The
 encoder columns, biases, decoder rows and reference scales of the kept latents are copied
 unchanged; TopK then picks its k among the kept latents.
+
+``--revived-only`` merges a ``--revive-dead`` run (session 13: the MLP SAEs' dead latents): only
+the latents the run lists as revived (its train_config.json ``revived``) are copied, their encoder
+columns, encoder biases, decoder rows and reference scales; every other value of the shipped file,
+b_dec included, stays byte for byte, and ``trained_tokens`` is not changed (the other latents did
+not train).
 """
 
 from __future__ import annotations
@@ -39,9 +45,14 @@ def main() -> None:
     p.add_argument("--base-commit", required=True, help="commit of the SAEs the run continued from")
     p.add_argument("--keep-latents", type=int, default=0,
                    help="keep latents 0..N-1 only (drop the ones a widened run added); 0: keep all")
+    p.add_argument("--revived-only", action="store_true",
+                   help="copy only the latents a --revive-dead run trained; everything else stays")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO)
     run = json.loads((a.src / "train_config.json").read_text())
+    if a.revived_only:
+        merge_revived(a, run)
+        return
     before = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())["metadata"]["trained_tokens"]
     cfg0 = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())
     k_before, w_before = cfg0["k"], cfg0["d_sae"]
@@ -82,6 +93,38 @@ def main() -> None:
     d[f"{a.site}_continued"] = {**run, "base_commit": a.base_commit, "keep_latents": a.keep_latents or None}
     tc.write_text(json.dumps(d, indent=2))
     log.info("merged %d %s SAEs: %d + %d tokens", len(layers), a.site, before, run["tokens_seen"])
+
+
+def merge_revived(a, run: dict) -> None:
+    """--revived-only: copy the revived latents of each layer into the shipped SAE."""
+    revived = run.get("revived", {}).get(a.site)
+    if revived is None:
+        raise ValueError(f"{a.src}/train_config.json lists no revived {a.site} latents: not a --revive-dead run")
+    total = 0
+    for l, idx in enumerate(revived):
+        src, out = a.src / a.site / f"layer_{l}", a.dst / a.site / f"layer_{l}"
+        w, base = load_file(src / "sae_weights.safetensors"), load_file(out / "sae_weights.safetensors")
+        if w["W_enc"].shape != base["W_enc"].shape:
+            raise ValueError(f"{src}: W_enc {tuple(w['W_enc'].shape)} but the shipped SAE has "
+                             f"{tuple(base['W_enc'].shape)}")
+        ref, base_ref = load_file(src / "ref_scale.safetensors"), load_file(out / "ref_scale.safetensors")
+        base["W_enc"][:, idx] = w["W_enc"][:, idx]
+        base["b_enc"][idx] = w["b_enc"][idx]
+        base["W_dec"][idx] = w["W_dec"][idx]
+        base_ref["ref_scale"][idx] = ref["ref_scale"][idx]
+        save_file(base, out / "sae_weights.safetensors")
+        save_file(base_ref, out / "ref_scale.safetensors")
+        cfg = json.loads((out / "cfg.json").read_text())
+        cfg["metadata"]["revived"] = (f"{len(idx)} latents dead in the SAE of commit {a.base_commit} were resampled "
+                                      f"and trained alone for {run['tokens_seen']} tokens; every other weight is "
+                                      "that commit's")
+        (out / "cfg.json").write_text(json.dumps(cfg))
+        total += len(idx)
+    tc = a.dst / "train_config.json"
+    d = json.loads(tc.read_text())
+    d[f"{a.site}_revived"] = {**run, "base_commit": a.base_commit}
+    tc.write_text(json.dumps(d, indent=2))
+    log.info("merged %d revived %s latents over %d layers", total, a.site, len(revived))
 
 
 if __name__ == "__main__":

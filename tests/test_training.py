@@ -7,7 +7,7 @@ import torch
 from sae_lens import SAE
 
 from steering.training.stacked import BACKENDS, StackedTopK, alignment_penalty_grad
-from steering.training.train import load_stacked, save_sae
+from steering.training.train import TrainConfig, load_stacked, save_sae
 
 warnings.filterwarnings("ignore", message="Sparse")
 
@@ -282,3 +282,69 @@ def test_resampled_latent_can_win_the_top_k():
         m.W_enc[0][:, -3:] *= 0.2 / 3.0
         top02 = ((x[0] - m.b_dec[0]) @ m.W_enc[0] + m.b_enc[0]).topk(k, dim=-1).indices
     assert not any(j in top02[t].tolist() for j, t in zip((21, 22, 23), target))
+
+
+def test_revive_dead_moves_only_the_revived_latents():
+    """`freeze_latents` (TrainConfig.revive_dead): after Adam steps on a full gradient, every latent
+    outside the trainable mask and b_dec hold their values exactly; the trainable ones move."""
+    from steering.training.train import freeze_latents
+
+    torch.manual_seed(0)
+    m = StackedTopK(n=2, d=8, w=16, k=4)
+    x = torch.randn(2, 40, 8)
+    m.init_from(x, torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    trainable = torch.zeros(2, 16, dtype=torch.bool)
+    trainable[0, [1, 5]] = True
+    trainable[1, 9] = True
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(3):
+        m.grad_step(x, torch.float32, "dense")
+        assert m.W_enc.grad.abs().sum() > 0
+        freeze_latents(m, trainable)
+        opt.step()
+    frozen = ~trainable
+    assert torch.equal(m.W_enc.transpose(1, 2)[frozen], before["W_enc"].transpose(1, 2)[frozen])
+    assert torch.equal(m.b_enc[:, 0][frozen], before["b_enc"][:, 0][frozen])
+    assert torch.equal(m.W_dec[frozen], before["W_dec"][frozen])
+    assert torch.equal(m.b_dec, before["b_dec"])
+    moved = (m.W_dec[trainable] - before["W_dec"][trainable]).norm(dim=-1)  # [3]
+    assert (moved > 0).all()
+    with pytest.raises(ValueError, match="revive_dead needs init_from"):
+        TrainConfig(revive_dead=True)
+
+
+def test_merge_revived_only_copies_the_revived_latents(tmp_path, monkeypatch):
+    """scripts/merge_continued_saes.py --revived-only: the revived latents' encoder columns, biases,
+    decoder rows and reference scales come from the run; every other value stays as shipped."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "merge_continued_saes.py")
+    dst, src = tmp_path / "dst", tmp_path / "run"
+    base = _fake_sae(dst / "mlp" / "layer_0", 4, 6, 1000, 0)
+    base_ref = load_file(dst / "mlp" / "layer_0" / "ref_scale.safetensors")["ref_scale"]
+    (dst / "train_config.json").write_text(json.dumps({}))
+    run_w = _fake_sae(src / "mlp" / "layer_0", 4, 6, 0, 1)
+    run_ref = load_file(src / "mlp" / "layer_0" / "ref_scale.safetensors")["ref_scale"]
+    (src / "train_config.json").write_text(json.dumps({"tokens_seen": 500, "revived": {"mlp": [[2, 4]]},
+                                                       "config": {"align_weight": 0.0}}))
+    monkeypatch.setattr(sys, "argv", ["merge", "--src", str(src), "--dst", str(dst), "--site", "mlp",
+                                      "--base-commit", "abc123", "--revived-only"])
+    runpy.run_path(script, run_name="__main__")
+    got = load_file(dst / "mlp" / "layer_0" / "sae_weights.safetensors")
+    ref = load_file(dst / "mlp" / "layer_0" / "ref_scale.safetensors")["ref_scale"]
+    rev, keep = [2, 4], [0, 1, 3, 5]
+    assert torch.equal(got["W_enc"][:, rev], run_w["W_enc"][:, rev]) and torch.equal(got["W_dec"][rev], run_w["W_dec"][rev])
+    assert torch.equal(got["b_enc"][rev], run_w["b_enc"][rev]) and torch.equal(ref[rev], run_ref[rev])
+    assert torch.equal(got["W_enc"][:, keep], base["W_enc"][:, keep]) and torch.equal(got["W_dec"][keep], base["W_dec"][keep])
+    assert torch.equal(got["b_enc"][keep], base["b_enc"][keep]) and torch.equal(ref[keep], base_ref[keep])
+    assert torch.equal(got["b_dec"], base["b_dec"])
+    md = json.loads((dst / "mlp" / "layer_0" / "cfg.json").read_text())["metadata"]
+    assert md["trained_tokens"] == 1000 and "2 latents dead" in md["revived"]
+    assert json.loads((dst / "train_config.json").read_text())["mlp_revived"]["base_commit"] == "abc123"
+    assert SAE.load_from_disk(str(dst / "mlp" / "layer_0")).encode(torch.randn(3, 4).half()).shape == (3, 6)

@@ -86,6 +86,12 @@ class TrainConfig:
     resample_until: fraction of the run after which no resampling happens.
     stats_from: fraction of the run after which reference scales are accumulated.
     checkpoint_minutes: save a resumable checkpoint this often.
+    revive_dead: warm start only: train nothing but the latents that are dead. The first
+        ``resample_every`` steps only count which latents fire (no update); those that never did
+        are resampled (`_resample`) and become the only trainable latents, every other encoder
+        column, bias and decoder row (and b_dec) keeps its saved value exactly. The shipped
+        features keep their weights, labels and matches; the dead slots get new features.
+        The revived indices are written to train_config.json (``revived``).
     seed: seeds sampling and initialisation.
     """
 
@@ -112,6 +118,7 @@ class TrainConfig:
     resample_until: float = 0.6
     stats_from: float = 0.5
     checkpoint_minutes: float = 10.0
+    revive_dead: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,11 +137,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be bfloat16 or float32, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.revive_dead and not (self.init_from and self.resample_every > 0):
+            raise ValueError("revive_dead needs init_from (the SAEs whose dead latents are revived) "
+                             "and resample_every > 0 (the steps that find them)")
 
     def key(self, corpus_tokens: dict | None = None) -> str:
         """Hash of everything but the budget (and of the corpus' token counts): a resumed run must
         train the same thing on the same text."""
         d = {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "checkpoint_minutes")}
+        if not self.revive_dead:  # the hash of runs made before the option existed
+            d.pop("revive_dead")
         if corpus_tokens:
             d["corpus_tokens"] = corpus_tokens
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -243,6 +255,7 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
     act_sum = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in sites}
     act_cnt = {s: torch.zeros(L, cfg.widths[s], device=dev) for s in sites}
     fve_ema = {s: torch.zeros(L, device=dev) for s in sites}
+    trainable: dict[str, torch.Tensor] = {}  # revive_dead: site -> [L, w] bool, set after the first window
     step, tokens_seen, elapsed = 0, 0, 0.0
     if state is not None:
         for s in sites:
@@ -251,6 +264,7 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
             for name, buf in (("fired", fired), ("act_sum", act_sum), ("act_cnt", act_cnt), ("fve_ema", fve_ema)):
                 buf[s].copy_(state[name][s])
         scale = state["scale"]
+        trainable = state.get("trainable", {})
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         gen.set_state(state["gen"].cpu())  # RNG states are CPU tensors even when training on a GPU
         stream.rng.setstate(state["stream_rng"])
@@ -267,7 +281,8 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
         torch.save({"saes": {s: m.state_dict() for s, m in saes.items()},
                     "opts": {s: o.state_dict() for s, o in opts.items()},
                     "fired": fired, "act_sum": act_sum, "act_cnt": act_cnt, "fve_ema": fve_ema,
-                    "scale": scale, "step": step, "tokens_seen": tokens_seen, "elapsed": time.time() - t0,
+                    "scale": scale, "trainable": trainable, "step": step, "tokens_seen": tokens_seen,
+                    "elapsed": time.time() - t0,
                     "gen": gen.get_state(), "stream_rng": stream.rng.getstate(),
                     "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
         tmp.replace(ckpt)
@@ -285,7 +300,11 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
                 acts[s], enc_dtype, cfg.backend, inv_scale=1 / scale[s], compile=cfg.compile)
             if cfg.align_weight and s == "res":
                 saes[s].W_dec.grad += alignment_penalty_grad(saes[s].W_dec, cfg.align_weight)[1]
-            opts[s].step()
+            if not cfg.revive_dead:
+                opts[s].step()
+            elif s in trainable:  # only the revived latents move; nothing does while they are sought
+                freeze_latents(saes[s], trainable[s])
+                opts[s].step()
             saes[s].normalize_decoder()
             with torch.no_grad():
                 flat, v = idx.reshape(L, -1), vals.reshape(L, -1)
@@ -298,7 +317,13 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
                     act_cnt[s] += active
                 if (cfg.resample_every and step and step % cfg.resample_every == 0
                         and progress() < cfg.resample_until):
-                    _resample(saes[s], opts[s], fired[s], acts[s].float() / scale[s], x_hat, gen)
+                    if cfg.revive_dead and s not in trainable:
+                        trainable[s] = fired[s] == 0
+                        log.info("revive_dead: %s: %d of %d latents dead over %d steps (per layer %s)", s,
+                                 int(trainable[s].sum()), trainable[s].numel(), step,
+                                 trainable[s].sum(1).tolist())
+                    _resample(saes[s], opts[s], fired[s] if s not in trainable else
+                              fired[s].masked_fill(~trainable[s], 1), acts[s].float() / scale[s], x_hat, gen)
                     fired[s].zero_()
         step += 1
         tokens_seen += n_tok
@@ -311,7 +336,7 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
     bar.close()
     checkpoint()
     _save_all(out, cfg, saes, scale, act_sum, act_cnt, stream.token_counts, tokens_seen, fve_ema,
-              time.time() - t0, step)
+              time.time() - t0, step, trainable)
     return json.loads((out / "train_config.json").read_text())
 
 
@@ -389,8 +414,19 @@ def _resample(sae: StackedTopK, opt, fired: torch.Tensor, x, x_hat, gen) -> None
                 state[p]["exp_avg_sq"][sl] = 0
 
 
+@torch.no_grad()
+def freeze_latents(sae: StackedTopK, trainable: torch.Tensor) -> None:
+    """Zero the gradients of every latent outside ``trainable`` [n, w] (bool) and of b_dec, so
+    that Adam leaves them exactly where they are (its moments stay zero: the update is 0)."""
+    frozen = ~trainable  # [n, w]
+    sae.W_enc.grad.masked_fill_(frozen[:, None, :], 0)  # W_enc [n, d, w]
+    sae.b_enc.grad.masked_fill_(frozen[:, None, :], 0)  # b_enc [n, 1, w]
+    sae.W_dec.grad.masked_fill_(frozen[:, :, None], 0)  # W_dec [n, w, d]
+    sae.b_dec.grad.zero_()
+
+
 def _save_all(out: Path, cfg: TrainConfig, saes, scale, act_sum, act_cnt, token_counts,
-              tokens_seen: int, fve_ema, seconds: float, steps: int) -> None:
+              tokens_seen: int, fve_ema, seconds: float, steps: int, trainable: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for s, sae in saes.items():
         for l in range(sae.W_enc.shape[0]):
@@ -410,6 +446,8 @@ def _save_all(out: Path, cfg: TrainConfig, saes, scale, act_sum, act_cnt, token_
         "config": asdict(cfg), "tokens_seen": tokens_seen, "steps": steps, "seconds": round(seconds, 1),
         "tokens_per_second": round(tokens_seen / max(seconds, 1e-9), 1),
         "corpus_tokens": token_counts, "train_fve_ema": {s: [round(v, 4) for v in fve_ema[s].tolist()] for s in saes},
+        **({"revived": {s: [m.nonzero().flatten().tolist() for m in t] for s, t in trainable.items()}}
+           if trainable else {}),
     }, indent=2))
     log.info("saved %d SAEs to %s after %d tokens", sum(s.W_enc.shape[0] for s in saes.values()), out, tokens_seen)
 
@@ -445,6 +483,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     p.add_argument("--align-weight", type=float, default=0.0,
                    help="cross-layer term on the residual SAEs' decoder rows (0: off; see TrainConfig)")
+    p.add_argument("--resample-every", type=int, default=TrainConfig.resample_every,
+                   help="steps between dead-latent resamplings (0: never)")
+    p.add_argument("--revive-dead", action="store_true",
+                   help="with --init-from: train only the latents dead over the first --resample-every "
+                        "steps, every other weight stays as saved (see TrainConfig)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $FFP_CACHE/training/<hash>")
@@ -460,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(preset=a.preset, init=a.init, batch_seqs=a.batch_seqs, lr=a.lr, enc_dtype=a.enc_dtype,
                       model_dtype=a.model_dtype, backend=a.backend, compile=not a.no_compile,
                       init_from=a.init_from, warmup_steps=a.warmup_steps, align_weight=a.align_weight,
-                      max_tokens=a.max_tokens, max_minutes=a.max_minutes, seed=a.seed, **kw)
+                      max_tokens=a.max_tokens, max_minutes=a.max_minutes, seed=a.seed,
+                      resample_every=a.resample_every, revive_dead=a.revive_dead, **kw)
     train(cfg, a.out, a.device, a.checkpoint_dir)
 
 
