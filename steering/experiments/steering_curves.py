@@ -28,7 +28,7 @@ import statistics
 from typing import NamedTuple
 
 from ..generate import generate_variants
-from ..settings import ACTIVATION_PROMPT, REMOVAL_PROMPT, TEMPERATURE, TOP_P
+from ..settings import ACTIVATION_PROMPT, DEPRECATED_CONDITIONS, REMOVAL_PROMPT, TEMPERATURE, TOP_P
 from ..limits import MAX_ROWS
 from ..steer import plan
 from . import common
@@ -58,11 +58,15 @@ ACTIVATION_THEMES = (  # paper App. B.2 (Gemma 2 2B 12/res/4111, 16226, 4230, 54
 REMOVAL_THEME = Theme("Scientific concepts and entities", "physics science", "physics and scientific concepts")
 # Features picked by hand from the catalog search of the default preset's aligned SAEs (the
 # catalog's top hit for the theme query at a middle layer, as the paper steers layer 12 of 26;
-# docs/results.md lists the hits). The catalog has no anger or mental-health feature: these are
-# the nearest it supports.
+# docs/results.md lists the hits). The catalog has no mental-health feature: the nearest it
+# supports. Anger: since session 12 the catalog has "angry" features (until then 13/res/92, then
+# labelled "of, herself, self", stood in); 8/res/505 and 9/res/505 rank above 17/res/234 for the
+# query but lead with "sad".
 PRESET_FEATURES = {"default": {
-    "anger and frustration": ("13/res/92", "nearest: 'emotional' (no anger feature in the catalog)"),
-    "mental health issues": ("6/res/978", "nearest: 'health' (no mental-health feature in the catalog)"),
+    "anger and frustration": ("17/res/234", "'angry, worried, upset' (catalog hit for 'offended angry' whose "
+                                            "label leads with angry; the two above it lead with 'sad')"),
+    "mental health issues": ("6/res/978", "nearest: 'health' with 'mental' in its contexts (no mental-health "
+                                          "feature in the catalog)"),
     "wedding and marriage": ("8/res/893", "'wedding' (catalog hit for 'wedding marriage' at a middle layer)"),
     "religion and God": ("9/res/824", "'religious, religion, God' (the index 824 recurs at layers 8-17)"),
     "Scientific concepts and entities": ("2/res/634", "'science, physics, engineer' (catalog hit for "
@@ -120,9 +124,12 @@ def sweep_layers(graph, stride: int, given: list[int] | None) -> list[int]:
 
 
 def specs_for(graph, condition: str, layer: int, strength: float, task: str, alpha: float, s_end: float):
+    # results keep the condition names they were recorded with ("baseline"); the library gets the
+    # current name (seed-only), so a run logs no deprecation warning
+    condition = DEPRECATED_CONDITIONS.get(condition, condition)
     if task == "remove":
         return plan(graph, condition, layer, strength, mode="rescale")
-    if condition in ("baseline", "single"):
+    if condition in ("seed-only", "single"):
         return plan(graph, condition, layer, strength, "constant")
     return plan(graph, "cumulative", layer, strength, condition, alpha, s_end)
 
