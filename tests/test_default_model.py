@@ -21,11 +21,15 @@ def test_default_bundle_loads_all_90_saes_within_budget(default_bundle):
     assert sum(sizes) <= 200e6 and max(sizes) <= 50e6
 
 
+PREFIX_TOKENS = 12  # every replayed demo text must start with the recorded text's first tokens
+
+
 def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
     """Every curated example of the default preset comes from the demo sweep's evidence
     (results/default/demo/sweep.json): its feature and setting are the sweep's choice for that
-    theme, the hit counts its explanation quotes are the recorded ones, and rerunning the first
-    two seeds of the chosen setting reproduces the recorded texts (the evidence is real)."""
+    theme, the hit counts its explanation quotes are the recorded ones, and rerunning the chosen
+    setting's batch (its 8 first seeds) reproduces the recorded texts (the evidence is real; up to
+    float differences between CPUs late in a text, see below)."""
     import json
     import re
     from pathlib import Path
@@ -67,8 +71,18 @@ def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
                          mode=mode) for n in names[i:i + per]}
         n_tok = 36 if ex.task == "activate" else 64
         gens = generate_variants(default_bundle, rec["prompt"], chunk, D.SEEDS, n_tok, metrics=False)
-        recorded = rec["candidates"][ex.feature]["runs"][chosen["setting"]]["samples"]
-        assert [g.text for g in gens if g.variant == chosen["setting"]] == [r["text"] for r in recorded]
+        recorded = [r["text"] for r in rec["candidates"][ex.feature]["runs"][chosen["setting"]]["samples"]]
+        got = [g.text for g in gens if g.variant == chosen["setting"]]
+        # Exact on the machine that recorded them; on another CPU (session 13: AMD EPYC against the
+        # recording machine) float kernels can tip one sampled token at T = 1.27 late in a text and
+        # everything after it (Weddings: one of 8 texts from token 18 on, with the SAEs it was
+        # recorded with). Evidence made up or produced by other settings would differ from the first
+        # tokens on, so: every text starts as recorded, and at least 6 of 8 are identical.
+        assert len(got) == len(recorded)
+        for a, w in zip(got, recorded):
+            ta, tw = (default_bundle.tokenizer(t)["input_ids"][:PREFIX_TOKENS] for t in (a, w))
+            assert ta == tw, (ex.title, a, w)
+        assert sum(a == w for a, w in zip(got, recorded)) >= 6, (ex.title, got, recorded)
 
 
 def test_gguf_conversion_equals_the_direct_gguf_load(tmp_path, monkeypatch):
