@@ -97,9 +97,14 @@ def main() -> None:
 
 def merge_revived(a, run: dict) -> None:
     """--revived-only: copy the revived latents of each layer into the shipped SAE."""
+    import torch
+
     revived = run.get("revived", {}).get(a.site)
     if revived is None:
         raise ValueError(f"{a.src}/train_config.json lists no revived {a.site} latents: not a --revive-dead run")
+    n_dst = len([f for f in (a.dst / a.site).iterdir() if f.name.startswith("layer_")])
+    if len(revived) != n_dst:
+        raise ValueError(f"the run revived latents in {len(revived)} layers, {a.dst / a.site} has {n_dst}")
     total = 0
     for l, idx in enumerate(revived):
         src, out = a.src / a.site / f"layer_{l}", a.dst / a.site / f"layer_{l}"
@@ -107,6 +112,16 @@ def merge_revived(a, run: dict) -> None:
         if w["W_enc"].shape != base["W_enc"].shape:
             raise ValueError(f"{src}: W_enc {tuple(w['W_enc'].shape)} but the shipped SAE has "
                              f"{tuple(base['W_enc'].shape)}")
+        scales = [json.loads((f / "cfg.json").read_text())["metadata"].get("input_scale") for f in (src, out)]
+        if scales[0] != scales[1]:
+            raise ValueError(f"{src}: input scale {scales[0]} but the shipped SAE's is {scales[1]}: "
+                             "the run did not start from these SAEs")
+        keep = torch.ones(w["W_dec"].shape[0], dtype=torch.bool)
+        keep[idx] = False
+        for name, sl in (("W_enc", (slice(None), keep)), ("b_enc", keep), ("W_dec", keep), ("b_dec", slice(None))):
+            if not torch.allclose(w[name][sl].float(), base[name][sl].float(), rtol=1e-3, atol=1e-4):
+                raise ValueError(f"{src}: {name} of latents the run did not revive differs from the shipped "
+                                 "SAE's: the run did not start from these SAEs, or it trained them")
         ref, base_ref = load_file(src / "ref_scale.safetensors"), load_file(out / "ref_scale.safetensors")
         base["W_enc"][:, idx] = w["W_enc"][:, idx]
         base["b_enc"][idx] = w["b_enc"][idx]
@@ -115,6 +130,9 @@ def merge_revived(a, run: dict) -> None:
         save_file(base, out / "sae_weights.safetensors")
         save_file(base_ref, out / "ref_scale.safetensors")
         cfg = json.loads((out / "cfg.json").read_text())
+        if "revived" in cfg["metadata"]:
+            cfg["metadata"]["revived_earlier"] = [*cfg["metadata"].get("revived_earlier", []),
+                                                  cfg["metadata"]["revived"]]
         cfg["metadata"]["revived"] = (f"{len(idx)} latents dead in the SAE of commit {a.base_commit} were resampled "
                                       f"and trained alone for {run['tokens_seen']} tokens; every other weight is "
                                       "that commit's")
@@ -122,6 +140,8 @@ def merge_revived(a, run: dict) -> None:
         total += len(idx)
     tc = a.dst / "train_config.json"
     d = json.loads(tc.read_text())
+    if f"{a.site}_revived" in d:  # an earlier revival of this site: kept, oldest first
+        d[f"{a.site}_revived_earlier"] = d.get(f"{a.site}_revived_earlier", []) + [d[f"{a.site}_revived"]]
     d[f"{a.site}_revived"] = {**run, "base_commit": a.base_commit}
     tc.write_text(json.dumps(d, indent=2))
     log.info("merged %d revived %s latents over %d layers", total, a.site, len(revived))

@@ -329,16 +329,22 @@ def test_merge_revived_only_copies_the_revived_latents(tmp_path, monkeypatch):
     base = _fake_sae(dst / "mlp" / "layer_0", 4, 6, 1000, 0)
     base_ref = load_file(dst / "mlp" / "layer_0" / "ref_scale.safetensors")["ref_scale"]
     (dst / "train_config.json").write_text(json.dumps({}))
-    run_w = _fake_sae(src / "mlp" / "layer_0", 4, 6, 0, 1)
-    run_ref = load_file(src / "mlp" / "layer_0" / "ref_scale.safetensors")["ref_scale"]
-    (src / "train_config.json").write_text(json.dumps({"tokens_seen": 500, "revived": {"mlp": [[2, 4]]},
+    other = _fake_sae(tmp_path / "other", 4, 6, 0, 1)  # the run: latents 2 and 4 new, the others the base's
+    rev, keep = [2, 4], [0, 1, 3, 5]
+    run_w = {k: v.float().clone() for k, v in base.items()}
+    run_w["W_enc"][:, rev] = other["W_enc"][:, rev].float()
+    run_w["b_enc"][rev], run_w["W_dec"][rev] = other["b_enc"][rev].float(), other["W_dec"][rev].float()
+    run_ref = torch.rand(6) + 0.5
+    save_sae(src / "mlp" / "layer_0", 0, "mlp", run_w["W_enc"], run_w["b_enc"], run_w["W_dec"], run_w["b_dec"], k=2,
+             ref_scale=run_ref, extra={"trained_tokens": 500, "init": "shared"})
+    run_w = load_file(src / "mlp" / "layer_0" / "sae_weights.safetensors")
+    (src / "train_config.json").write_text(json.dumps({"tokens_seen": 500, "revived": {"mlp": [rev]},
                                                        "config": {"align_weight": 0.0}}))
-    monkeypatch.setattr(sys, "argv", ["merge", "--src", str(src), "--dst", str(dst), "--site", "mlp",
-                                      "--base-commit", "abc123", "--revived-only"])
+    argv = ["merge", "--src", str(src), "--dst", str(dst), "--site", "mlp", "--base-commit", "abc123", "--revived-only"]
+    monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(script, run_name="__main__")
     got = load_file(dst / "mlp" / "layer_0" / "sae_weights.safetensors")
     ref = load_file(dst / "mlp" / "layer_0" / "ref_scale.safetensors")["ref_scale"]
-    rev, keep = [2, 4], [0, 1, 3, 5]
     assert torch.equal(got["W_enc"][:, rev], run_w["W_enc"][:, rev]) and torch.equal(got["W_dec"][rev], run_w["W_dec"][rev])
     assert torch.equal(got["b_enc"][rev], run_w["b_enc"][rev]) and torch.equal(ref[rev], run_ref[rev])
     assert torch.equal(got["W_enc"][:, keep], base["W_enc"][:, keep]) and torch.equal(got["W_dec"][keep], base["W_dec"][keep])
@@ -348,3 +354,65 @@ def test_merge_revived_only_copies_the_revived_latents(tmp_path, monkeypatch):
     assert md["trained_tokens"] == 1000 and "2 latents dead" in md["revived"]
     assert json.loads((dst / "train_config.json").read_text())["mlp_revived"]["base_commit"] == "abc123"
     assert SAE.load_from_disk(str(dst / "mlp" / "layer_0")).encode(torch.randn(3, 4).half()).shape == (3, 6)
+    # a run whose other latents are not the shipped ones (it started elsewhere, or trained them) is refused
+    _fake_sae(src / "mlp" / "layer_0", 4, 6, 0, 2)
+    with pytest.raises(ValueError, match="did not revive differs"):
+        runpy.run_path(script, run_name="__main__")
+
+
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_fused_adam_steps_like_plain_adam_on_every_backend(backend):
+    """The trainer's fused Adam reads gradients with the parameters' layout: every backend hands it
+    contiguous ones (the sparse backend's W_enc gradient was a transposed view, and fused Adam
+    moved the weights wrongly)."""
+    torch.manual_seed(0)
+    ms = [StackedTopK(n=2, d=8, w=16, k=4) for _ in range(2)]
+    x = torch.randn(2, 40, 8)
+    for m in ms:
+        m.init_from(x, torch.Generator().manual_seed(0))
+    opts = [torch.optim.Adam(ms[0].parameters(), lr=1e-2, fused=True), torch.optim.Adam(ms[1].parameters(), lr=1e-2)]
+    for m, opt in zip(ms, opts):
+        for _ in range(3):
+            m.grad_step(x, torch.float32, backend)
+            opt.step()
+    for a, b in zip(ms[0].parameters(), ms[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_revive_dead_run_trains_only_the_dead_latents(tiny_llama_preset, tmp_path):
+    """`train` with ``revive_dead`` on a tiny model: latents made dead in a saved SAE (a very
+    negative encoder bias) are found in the first window, resampled and trained; every other
+    saved weight comes back unchanged; the merge's input is what `merge_continued_saes.py
+    --revived-only` expects; a run too short to close the window raises."""
+    from safetensors.torch import load_file, save_file
+
+    from steering.training.train import train
+
+    common = dict(preset=str(tiny_llama_preset), widths={"mlp": 32}, k={"mlp": 4}, mix={"everyday": 1.0}, ctx=32,
+                  batch_seqs=4, backend="dense", compile=False, enc_dtype="float32", model_dtype="float32",
+                  warmup_steps=1)
+    base = tmp_path / "base"
+    train(TrainConfig(**common, max_tokens=600, resample_every=0), base, "cpu", tmp_path / "ck0")
+    n_layers = len(list((base / "mlp").iterdir()))
+    for l in range(n_layers):  # latents 0-4 can never enter the top k
+        f = base / "mlp" / f"layer_{l}" / "sae_weights.safetensors"
+        w = load_file(f)
+        w["b_enc"][:5] = -1e4
+        save_file(w, f)
+    out = tmp_path / "revived"
+    tc = train(TrainConfig(**common, init_from=str(base), revive_dead=True, resample_every=3, max_tokens=2500),
+               out, "cpu", tmp_path / "ck1")
+    assert tc["steps"] > 4 and len(tc["revived"]["mlp"]) == n_layers
+    for l, rev in enumerate(tc["revived"]["mlp"]):
+        assert set(range(5)) <= set(rev) and len(rev) < 32
+        a = load_file(out / "mlp" / f"layer_{l}" / "sae_weights.safetensors")
+        b = load_file(base / "mlp" / f"layer_{l}" / "sae_weights.safetensors")
+        keep = torch.ones(32, dtype=torch.bool)
+        keep[rev] = False
+        assert torch.equal(a["W_enc"][:, keep], b["W_enc"][:, keep]) and torch.equal(a["W_dec"][keep], b["W_dec"][keep])
+        assert torch.equal(a["b_enc"][keep], b["b_enc"][keep]) and torch.equal(a["b_dec"], b["b_dec"])
+        assert (a["b_enc"][:5] > -100).all()  # resampled (bias 0), then trained
+        assert not torch.equal(a["W_dec"][rev], b["W_dec"][rev])
+    with pytest.raises(RuntimeError, match="before step 50"):
+        train(TrainConfig(**common, init_from=str(base), revive_dead=True, resample_every=50, max_tokens=300),
+              tmp_path / "short", "cpu", tmp_path / "ck2")

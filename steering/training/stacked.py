@@ -146,7 +146,9 @@ class StackedTopK(torch.nn.Module):
             inv = inv_scale if inv_scale is not None else torch.ones(x.shape[0], 1, 1, device=x.device)
             out = run_fused_step(self.W_enc, self.b_enc, self.W_dec, self.b_dec, x, inv, self.k, enc_dtype,
                                  compile=compile and backend == "fused")
-            self.W_enc.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = out[:4]
+            # contiguous, with the parameters' layout: fused Adam reads a gradient by the parameter's
+            # strides, and a transposed view was updated wrongly (found in session 13's review)
+            self.W_enc.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = (g.contiguous() for g in out[:4])
             return out[4:]
         x = x.float() if inv_scale is None else x.float() * inv_scale
         n, N, d = x.shape
@@ -180,7 +182,7 @@ class StackedTopK(torch.nn.Module):
         # sum_t dx_c[t] = W_enc @ grad(b_enc): a matrix-vector product per SAE.
         grads[self.b_dec] = (g.view(n, N, d).sum(1) - torch.bmm(self.W_enc, db_enc[..., None])[..., 0])[:, None, :]
         for p, gr in grads.items():
-            p.grad = gr
+            p.grad = gr.contiguous()  # W_enc's is a transposed view: fused Adam needs its own layout
         return x_hat, a, idx, nmse
 
     @torch.no_grad()

@@ -86,12 +86,16 @@ class TrainConfig:
     resample_until: fraction of the run after which no resampling happens.
     stats_from: fraction of the run after which reference scales are accumulated.
     checkpoint_minutes: save a resumable checkpoint this often.
-    revive_dead: warm start only: train nothing but the latents that are dead. The first
-        ``resample_every`` steps only count which latents fire (no update); those that never did
-        are resampled (`_resample`) and become the only trainable latents, every other encoder
-        column, bias and decoder row (and b_dec) keeps its saved value exactly. The shipped
-        features keep their weights, labels and matches; the dead slots get new features.
-        The revived indices are written to train_config.json (``revived``).
+    revive_dead: warm start only: train nothing but the latents that are dead. Until step
+        ``resample_every`` the run only counts which latents fire (no update; the learning-rate
+        warm-up passes meanwhile); those that never fired, however rare a feature they were, are
+        resampled (`_resample`) and become the only trainable latents: every other encoder
+        column, bias and decoder row, and b_dec, gets a zero gradient, so Adam leaves it where it
+        is (decoder rows are renormalised each step, a float rounding only). Merged with
+        ``scripts/merge_continued_saes.py --revived-only``, the latents that fired keep their
+        saved weights, reference scales and matches; the revived slots hold new features (their
+        catalog entries must be rebuilt). The revived indices go to train_config.json
+        (``revived``); a run that ends before step ``resample_every`` raises.
     seed: seeds sampling and initialisation.
     """
 
@@ -141,14 +145,17 @@ class TrainConfig:
             raise ValueError("revive_dead needs init_from (the SAEs whose dead latents are revived) "
                              "and resample_every > 0 (the steps that find them)")
 
-    def key(self, corpus_tokens: dict | None = None) -> str:
-        """Hash of everything but the budget (and of the corpus' token counts): a resumed run must
-        train the same thing on the same text."""
+    def key(self, corpus_tokens: dict | None = None, init_weights: str | None = None) -> str:
+        """Hash of everything but the budget (and of the corpus' token counts and the warm start's
+        weights, `init_fingerprint`): a resumed run must train the same thing on the same text from
+        the same start (the same --init-from folder after a merge is another start)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "checkpoint_minutes")}
         if not self.revive_dead:  # the hash of runs made before the option existed
             d.pop("revive_dead")
         if corpus_tokens:
             d["corpus_tokens"] = corpus_tokens
+        if init_weights:
+            d["init_weights"] = init_weights
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -236,7 +243,8 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
     enc_dtype = getattr(torch, cfg.enc_dtype)
     stream = TokenStream(tok, cfg.mix, cfg.ctx, cfg.seed)
     saes = {s: StackedTopK(L, d, cfg.widths[s], cfg.k[s]).to(dev) for s in sites}
-    ckpt = (ckpt_dir or cache_dir() / "training" / cfg.key(stream.token_counts)) / "ckpt.pt"
+    init_weights = init_fingerprint(Path(cfg.init_from), sites, L) if cfg.init_from else None
+    ckpt = (ckpt_dir or cache_dir() / "training" / cfg.key(stream.token_counts, init_weights)) / "ckpt.pt"
     state = torch.load(ckpt, map_location=dev, weights_only=False) if ckpt.is_file() else None
 
     if state is None and cfg.init_from:
@@ -315,9 +323,10 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
                 if progress() >= cfg.stats_from:
                     act_sum[s] += z_sum * scale[s][:, 0]
                     act_cnt[s] += active
-                if (cfg.resample_every and step and step % cfg.resample_every == 0
-                        and progress() < cfg.resample_until):
-                    if cfg.revive_dead and s not in trainable:
+                window_ends = cfg.revive_dead and s not in trainable and step >= cfg.resample_every
+                if window_ends or (cfg.resample_every and step and step % cfg.resample_every == 0
+                                   and progress() < cfg.resample_until):
+                    if window_ends:
                         trainable[s] = fired[s] == 0
                         log.info("revive_dead: %s: %d of %d latents dead over %d steps (per layer %s)", s,
                                  int(trainable[s].sum()), trainable[s].numel(), step,
@@ -335,9 +344,23 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
             last_ckpt = time.time()
     bar.close()
     checkpoint()
+    if cfg.revive_dead and set(trainable) != set(sites):
+        raise RuntimeError(f"revive_dead: the run ended at step {step}, before step {cfg.resample_every} that finds "
+                           "the dead latents; nothing was trained (give it more --max-minutes / --max-tokens or a "
+                           "smaller --resample-every)")
     _save_all(out, cfg, saes, scale, act_sum, act_cnt, stream.token_counts, tokens_seen, fve_ema,
               time.time() - t0, step, trainable)
     return json.loads((out / "train_config.json").read_text())
+
+
+def init_fingerprint(folder: Path, sites, n_layers: int) -> str:
+    """sha256 (12 hex digits) of the saved weights a warm start reads (``folder/{site}/layer_{l}``)."""
+    h = hashlib.sha256()
+    for s in sites:
+        for l in range(n_layers):
+            path = folder / s / f"layer_{l}" / "sae_weights.safetensors"
+            h.update(path.read_bytes() if path.is_file() else b"missing")
+    return h.hexdigest()[:12]
 
 
 @torch.no_grad()
