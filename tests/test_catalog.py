@@ -245,9 +245,20 @@ def test_round_trip_and_size_bookkeeping(tiny_bundle, built):
     assert loaded.meta["tokens"] == sum(loaded.meta["tokens_per_domain"].values())
     assert set(loaded.meta["tokens_per_domain"]) == set(TEXTS)
     loaded.check_bundle(tiny_bundle)
-    loaded.meta["fingerprints"]["1/res"] += 1.0
-    with pytest.raises(ValueError, match="other SAE weights"):
+    sae = tiny_bundle.sae(1, "res")
+    orig = sae.W_dec.detach().clone()
+    try:
+        with torch.no_grad():  # one decoder row of one SAE changed (a revived latent): refused
+            sae.W_dec[-1] = torch.roll(orig[-1], 1)
+        with pytest.raises(ValueError, match="other SAE weights"):
+            loaded.check_bundle(tiny_bundle)
+        with torch.no_grad():  # the same SAE stored in bf16: still the catalog's
+            sae.W_dec.copy_(orig.to(torch.bfloat16).float())
         loaded.check_bundle(tiny_bundle)
+    finally:
+        with torch.no_grad():
+            sae.W_dec.copy_(orig)
+    loaded.check_bundle(tiny_bundle)
 
 
 def test_corpus_sequences_mix_domains_and_are_seeded(tiny_bundle):

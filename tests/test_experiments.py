@@ -242,3 +242,24 @@ def test_steering_on_ray_workers_equals_the_serial_run(tiny_llama_preset, tmp_pa
                 for p in sorted((root / "steering" / "units").glob("*.json"))}
 
     assert results(tmp_path / "ray") == results(tmp_path / "serial")
+
+
+def test_sae_fingerprint_sees_any_latent(tiny_bundle):
+    """The experiments' unit caches are keyed by `sae_fingerprint`: changing the last decoder row
+    of one SAE (as reviving a dead latent does) changes it; restoring the row restores it."""
+    import torch
+
+    from steering.experiments.common import sae_fingerprint
+
+    key = sorted(tiny_bundle.saes)[-1]
+    sae = tiny_bundle.sae(*key)
+    before = sae_fingerprint(tiny_bundle)
+    row = sae.W_dec[-1].detach().clone()
+    try:
+        with torch.no_grad():
+            sae.W_dec[-1] = torch.roll(row, 1)
+        assert sae_fingerprint(tiny_bundle) != before
+    finally:
+        with torch.no_grad():
+            sae.W_dec[-1] = row
+    assert sae_fingerprint(tiny_bundle) == before

@@ -128,7 +128,7 @@ class Catalog:
                 raise ValueError(f"catalog has {len(cols['label'])} features for {layer}/{site}, the SAE has "
                                  f"{bundle.width(layer, site)}: rebuild the catalog")
             key = f"{layer}/{site}"
-            if key in fps and abs(fps[key] - sae_fingerprint(bundle, layer, site)) > 1e-3 * max(1.0, abs(fps[key])):
+            if key in fps and not fingerprint_matches(fps[key], sae_fingerprint(bundle, layer, site)):
                 raise ValueError(f"catalog was built for other SAE weights at {key} (fingerprint differs): "
                                  "rebuild it with python -m steering catalog build")
 
@@ -313,7 +313,29 @@ def _write_gz(path: Path, data) -> int:
     return path.stat().st_size
 
 
-def sae_fingerprint(bundle, layer: int, site: str) -> float:
-    """A cheap number that changes when an SAE's weights change (sum of |W_dec| of 8 rows)."""
-    return round(float(bundle.sae(layer, site).W_dec[:8].detach().float().abs().sum()), 4)
+FINGERPRINT_BLOCKS = 32  # decoder rows are fingerprinted in this many blocks
+FINGERPRINT_RTOL = 5e-3  # per block: bf16 vs fp16 storage moves a block by < 1e-3, one new row by ~3e-2
+
+
+def sae_fingerprint(bundle, layer: int, site: str) -> list[float]:
+    """Numbers that change when any decoder row of an SAE changes, and not when its dtype does:
+    for each of `FINGERPRINT_BLOCKS` blocks of rows, sum_i |d_i . r_i| over the block's rows i,
+    r_i fixed random vectors. A revived or retrained latent moves its block's number by a few %;
+    fp16 -> bf16 storage by < 0.1%. (Until session 13 one number over the first 8 rows, which
+    missed the MLP SAEs' revived latents.)"""
+    import torch
+
+    W = bundle.sae(layer, site).W_dec.detach().float().cpu()  # [w, d]
+    r = torch.randn(W.shape, generator=torch.Generator().manual_seed(0))  # [w, d]
+    proj = (W * r).sum(1).abs()  # [w]
+    return [round(float(b.sum()), 4) for b in proj.tensor_split(FINGERPRINT_BLOCKS)]
+
+
+def fingerprint_matches(stored, current: list[float]) -> bool:
+    """Whether a catalog's stored fingerprint (a list, or a float from a catalog built before
+    session 13, which is not checked) matches an SAE's current one."""
+    if not isinstance(stored, list):
+        return True
+    return len(stored) == len(current) and all(
+        abs(a - b) <= FINGERPRINT_RTOL * max(1.0, abs(a)) for a, b in zip(stored, current))
 

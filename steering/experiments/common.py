@@ -43,13 +43,17 @@ def out_dir(out: str | None, bundle, command: str) -> Path:
 
 
 def sae_fingerprint(bundle) -> str:
-    """A short hash of every SAE's first decoder rows (changes when any SAE is retrained)."""
+    """A short hash of every weight of every SAE (encoder, decoder, biases): it changes when any
+    latent of any SAE changes. (It hashed the first 4 decoder rows until session 13, and the
+    MLP SAEs whose dead latents were revived got the old units back.)"""
     import hashlib
 
     h = hashlib.sha256()
     for key in sorted(bundle.saes):
         h.update(str(key).encode())
-        h.update(bundle.sae(*key).W_dec[:4].detach().float().cpu().numpy().tobytes())
+        sae = bundle.sae(*key)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            h.update(getattr(sae, name).detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
