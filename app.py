@@ -127,8 +127,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                                placeholder="The bride and groom cut the wedding cake.", scale=3,
                                                elem_id="probe-box")
                             probe_btn = gr.Button("Which features fire?", scale=1, elem_id="probe-btn")
-                        probe_all = gr.Checkbox(label="Show everything: attention sinks and punctuation / "
-                                                "function-word features (hidden by default)", value=False,
+                        probe_all = gr.Checkbox(label="Show everything: attention sinks, punctuation / function-word "
+                                                "and dense features (hidden by default)", value=False,
                                                 elem_id="probe-all")
                         probe_tokens = gr.HighlightedText(label="strongest feature per token (click one to pick it)",
                                                           combine_adjacent=False, show_legend=False,

@@ -251,7 +251,8 @@ class Playground:
                       researcher: bool = False) -> tuple[list[tuple[str, str | None]], list[list]]:
         """Tokens tagged with their strongest feature, and rows [feature, label, max activation in units
         of the feature's typical activation, token]. Attention sinks and features that fire on form
-        (punctuation, function words: `Catalog.function_features`) are left out unless ``show_all``.
+        (punctuation, function words, dense features: `Catalog.function_features`) are left out
+        unless ``show_all``.
         A character split over several tokens is shown once, whole (`catalog.words.token_pieces`)."""
         hide = self.catalog.function_features if self.catalog is not None and not show_all else None
         out = features_for_text(self.bundle, text, k, hide=hide, keep_sinks=show_all)

@@ -344,6 +344,18 @@ def test_catalog_plain_labels_and_form_features(built):
     flags = loaded.function_features(0, "res")
     assert len(flags) == len(loaded.summary[(0, "res")]["label"]) and any(flags) and not all(flags)
     assert loaded.function_features(99, "res") == []
+    # a dense feature (active on more than DENSE_FREQ of the tokens) counts as form, whatever it fires on
+    from steering.catalog.store import DENSE_FREQ
+
+    cols = loaded.summary[(0, "res")]
+    i = flags.index(False)
+    kept = cols["freq"][i]
+    try:
+        cols["freq"][i] = DENSE_FREQ + 0.01
+        assert loaded.function_features(0, "res")[i]
+    finally:
+        cols["freq"][i] = kept
+    assert not loaded.function_features(0, "res")[i]
 
 
 def test_text_probe_hides_form_features_and_sinks_unless_asked(tiny_bundle):

@@ -229,13 +229,16 @@ class Catalog:
         return readable_label([tuple(x) for x in cols["top"][i]], [w for w, _ in cols["cw"][i]], cols["tags"][i])
 
     def function_features(self, layer: int, site: str) -> list[bool]:
-        """Per feature of one SAE: True where it fires on form rather than a topic (punctuation,
-        spaces, function words: `labels.function_share` >= FUNCTION_SHARE)."""
+        """Per feature of one SAE: True where it fires on form rather than a topic: punctuation,
+        spaces, function words (`labels.function_share` >= FUNCTION_SHARE), or on more than
+        DENSE_FREQ of all tokens (dense features, e.g. 6/res/348, active on 73% of tokens and
+        far above its mean on some " the": it topped "Which features fire?" on a concert sentence)."""
         cols = self.summary.get((layer, site))
         if cols is None:
             return []
         self._detailed(site)
-        return [function_share([tuple(x) for x in top]) >= FUNCTION_SHARE for top in cols["top"]]
+        return [function_share([tuple(x) for x in top]) >= FUNCTION_SHARE or freq > DENSE_FREQ
+                for top, freq in zip(cols["top"], cols["freq"])]
 
     def labels(self) -> dict[str, str]:
         """``{"layer/site/index": label}`` for every feature (flow graphs)."""
@@ -313,6 +316,7 @@ def _write_gz(path: Path, data) -> int:
     return path.stat().st_size
 
 
+DENSE_FREQ = 0.3  # a feature active on more tokens than this is dense (94 of the default's 30,720 res features)
 FINGERPRINT_BLOCKS = 32  # decoder rows are fingerprinted in this many blocks
 FINGERPRINT_RTOL = 5e-3  # per block: bf16 vs fp16 storage moves a block by < 1e-3, one new row by ~3e-2
 
