@@ -161,7 +161,10 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column():
                         task = gr.Radio(list(TASK_DEFAULTS), value="activate", label="Task: amplify or remove")
-                        condition = gr.Radio(list(CONDITIONS), value="cumulative",
+                        # the first example's measured setting: its strength with another condition
+                        # (Sport's s = 5 alone, applied cumulatively) turned every text into noise
+                        condition = gr.Radio(list(CONDITIONS),
+                                             value=examples[0].condition if examples else "cumulative",
                                              label="Condition (seed-only = the picked feature alone)")
                         layer = gr.Dropdown([("the seed's layer", -1)] + [(str(i), i) for i in range(n_layers)],
                                             value=-1, label="Layer l (single: steer there; cumulative: up to there)")
