@@ -53,8 +53,8 @@ def main() -> None:
     if a.revived_only:
         merge_revived(a, run)
         return
-    before = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())["metadata"]["trained_tokens"]
     cfg0 = json.loads((a.dst / a.site / "layer_0" / "cfg.json").read_text())
+    before = cfg0["metadata"]["trained_tokens"]
     k_before, w_before = cfg0["k"], cfg0["d_sae"]
     layers = sorted((a.src / a.site).iterdir())
     for layer in layers:
@@ -88,11 +88,18 @@ def main() -> None:
         (out / "cfg.json").write_text(json.dumps(cfg))
     tc = a.dst / "train_config.json"
     d = json.loads(tc.read_text())
-    if f"{a.site}_continued" in d:  # an earlier continuation of this site: kept, oldest first
-        d[f"{a.site}_continued_earlier"] = d.get(f"{a.site}_continued_earlier", []) + [d[f"{a.site}_continued"]]
-    d[f"{a.site}_continued"] = {**run, "base_commit": a.base_commit, "keep_latents": a.keep_latents or None}
+    set_keeping_earlier(d, f"{a.site}_continued", {**run, "base_commit": a.base_commit,
+                                                   "keep_latents": a.keep_latents or None})
     tc.write_text(json.dumps(d, indent=2))
     log.info("merged %d %s SAEs: %d + %d tokens", len(layers), a.site, before, run["tokens_seen"])
+
+
+def set_keeping_earlier(d: dict, key: str, value) -> None:
+    """``d[key] = value``; a value already there (an earlier run's record) moves to the list
+    ``d[key + "_earlier"]``, oldest first."""
+    if key in d:
+        d[f"{key}_earlier"] = [*d.get(f"{key}_earlier", []), d[key]]
+    d[key] = value
 
 
 def merge_revived(a, run: dict) -> None:
@@ -112,7 +119,9 @@ def merge_revived(a, run: dict) -> None:
         if w["W_enc"].shape != base["W_enc"].shape:
             raise ValueError(f"{src}: W_enc {tuple(w['W_enc'].shape)} but the shipped SAE has "
                              f"{tuple(base['W_enc'].shape)}")
-        scales = [json.loads((f / "cfg.json").read_text())["metadata"].get("input_scale") for f in (src, out)]
+        cfg = json.loads((out / "cfg.json").read_text())
+        scales = [json.loads((src / "cfg.json").read_text())["metadata"].get("input_scale"),
+                  cfg["metadata"].get("input_scale")]
         if scales[0] != scales[1]:
             raise ValueError(f"{src}: input scale {scales[0]} but the shipped SAE's is {scales[1]}: "
                              "the run did not start from these SAEs")
@@ -129,20 +138,14 @@ def merge_revived(a, run: dict) -> None:
         base_ref["ref_scale"][idx] = ref["ref_scale"][idx]
         save_file(base, out / "sae_weights.safetensors")
         save_file(base_ref, out / "ref_scale.safetensors")
-        cfg = json.loads((out / "cfg.json").read_text())
-        if "revived" in cfg["metadata"]:
-            cfg["metadata"]["revived_earlier"] = [*cfg["metadata"].get("revived_earlier", []),
-                                                  cfg["metadata"]["revived"]]
-        cfg["metadata"]["revived"] = (f"{len(idx)} latents dead in the SAE of commit {a.base_commit} were resampled "
-                                      f"and trained alone for {run['tokens_seen']} tokens; every other weight is "
-                                      "that commit's")
+        set_keeping_earlier(cfg["metadata"], "revived",
+                            f"{len(idx)} latents dead in the SAE of commit {a.base_commit} were resampled and "
+                            f"trained alone for {run['tokens_seen']} tokens; every other weight is that commit's")
         (out / "cfg.json").write_text(json.dumps(cfg))
         total += len(idx)
     tc = a.dst / "train_config.json"
     d = json.loads(tc.read_text())
-    if f"{a.site}_revived" in d:  # an earlier revival of this site: kept, oldest first
-        d[f"{a.site}_revived_earlier"] = d.get(f"{a.site}_revived_earlier", []) + [d[f"{a.site}_revived"]]
-    d[f"{a.site}_revived"] = {**run, "base_commit": a.base_commit}
+    set_keeping_earlier(d, f"{a.site}_revived", {**run, "base_commit": a.base_commit})
     tc.write_text(json.dumps(d, indent=2))
     log.info("merged %d revived %s latents over %d layers", total, a.site, len(revived))
 

@@ -11,6 +11,7 @@ characters ``\\n``.
 from __future__ import annotations
 
 import datetime
+import functools
 import gzip
 import json
 import logging
@@ -327,12 +328,18 @@ def sae_fingerprint(bundle, layer: int, site: str) -> list[float]:
     r_i fixed random vectors. A revived or retrained latent moves its block's number by a few %;
     fp16 -> bf16 storage by < 0.1%. (Until session 13 one number over the first 8 rows, which
     missed the MLP SAEs' revived latents.)"""
+    W = bundle.sae(layer, site).W_dec.detach().float().cpu()  # [w, d]
+    proj = (W * _fingerprint_directions(*W.shape)).sum(1).abs()  # [w]
+    return [round(float(b.sum()), 4) for b in proj.tensor_split(FINGERPRINT_BLOCKS)]
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprint_directions(w: int, d: int):
+    """The fixed random vectors r_i of `sae_fingerprint`, [w, d], drawn once per SAE shape (the
+    catalog check fingerprints every SAE at start-up)."""
     import torch
 
-    W = bundle.sae(layer, site).W_dec.detach().float().cpu()  # [w, d]
-    r = torch.randn(W.shape, generator=torch.Generator().manual_seed(0))  # [w, d]
-    proj = (W * r).sum(1).abs()  # [w]
-    return [round(float(b.sum()), 4) for b in proj.tensor_split(FINGERPRINT_BLOCKS)]
+    return torch.randn(w, d, generator=torch.Generator().manual_seed(0))
 
 
 def fingerprint_matches(stored, current: list[float]) -> bool:
