@@ -416,3 +416,58 @@ def test_revive_dead_run_trains_only_the_dead_latents(tiny_llama_preset, tmp_pat
     with pytest.raises(RuntimeError, match="before step 50"):
         train(TrainConfig(**common, init_from=str(base), revive_dead=True, resample_every=50, max_tokens=300),
               tmp_path / "short", "cpu", tmp_path / "ck2")
+
+
+def test_revive_mask_counts_rare_latents_and_limits_layers():
+    """`revive_mask`: latents that fired at most ``max_fires`` times, only at ``layers``."""
+    from steering.training.train import revive_mask
+
+    fired = torch.tensor([[0.0, 1, 3, 9], [0, 2, 5, 0], [4, 0, 1, 7]])  # [L=3, w=4]
+    assert revive_mask(fired).tolist() == [[True, False, False, False], [True, False, False, True],
+                                           [False, True, False, False]]
+    assert revive_mask(fired, 3, (0, 2)).tolist() == [[True, True, True, False], [False] * 4,
+                                                      [False, True, True, False]]
+    with pytest.raises(ValueError, match=r"revive_layers \[3\] out of range 0..2"):
+        revive_mask(fired, 0, (3,))
+    with pytest.raises(ValueError, match="need revive_dead"):
+        TrainConfig(revive_max_fires=2)
+    with pytest.raises(ValueError, match="revive_max_fires must be >= 0"):
+        TrainConfig(init_from="x", revive_dead=True, revive_max_fires=-1)
+    base = TrainConfig(init_from="x", revive_dead=True)
+    assert base.key() != TrainConfig(init_from="x", revive_dead=True, revive_max_fires=2).key()
+    assert base.key() != TrainConfig(init_from="x", revive_dead=True, revive_layers=(29,)).key()
+
+
+def test_revive_rare_latents_at_one_layer(tiny_llama_preset, tmp_path, monkeypatch):
+    """``revive_max_fires`` / ``revive_layers`` in a run: at the window's end every latent to revive
+    is resampled, the ones that fired a few times included (not only the never-fired ones); the
+    other layers come back byte for byte."""
+    from safetensors.torch import load_file
+
+    from steering.training import train as train_mod
+
+    common = dict(preset=str(tiny_llama_preset), widths={"mlp": 32}, k={"mlp": 4}, mix={"everyday": 1.0}, ctx=32,
+                  batch_seqs=4, backend="dense", compile=False, enc_dtype="float32", model_dtype="float32",
+                  warmup_steps=1)
+    base = tmp_path / "base"
+    train_mod.train(TrainConfig(**common, max_tokens=600, resample_every=0), base, "cpu", tmp_path / "ck0")
+    n_layers = len(list((base / "mlp").iterdir()))
+    seen = []
+    real = train_mod._resample
+
+    def spy(sae, opt, dead, *rest):
+        seen.append(dead.clone())
+        return real(sae, opt, dead, *rest)
+
+    monkeypatch.setattr(train_mod, "_resample", spy)
+    out = tmp_path / "revived"
+    tc = train_mod.train(TrainConfig(**common, init_from=str(base), revive_dead=True, resample_every=3,
+                                     revive_max_fires=10**6, revive_layers=(0,), max_tokens=1500),
+                         out, "cpu", tmp_path / "ck1")
+    rev = tc["revived"]["mlp"]
+    assert len(rev[0]) == 32 and all(r == [] for r in rev[1:])  # every latent at layer 0 counts as rare
+    assert torch.equal(seen[0][0], torch.zeros(32)) and (seen[0][1:] == 1).all()  # all of layer 0 resampled
+    for l in range(1, n_layers):
+        a = load_file(out / "mlp" / f"layer_{l}" / "sae_weights.safetensors")
+        b = load_file(base / "mlp" / f"layer_{l}" / "sae_weights.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in ("W_enc", "W_dec", "b_enc", "b_dec"))

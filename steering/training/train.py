@@ -96,6 +96,10 @@ class TrainConfig:
         saved weights, reference scales and matches; the revived slots hold new features (their
         catalog entries must be rebuilt). The revived indices go to train_config.json
         (``revived``); a run that ends before step ``resample_every`` raises.
+    revive_max_fires: with revive_dead, a latent that fired at most this many times over the
+        window counts as dead too (0: only those that never fired). A latent that fires once in
+        the ~150k tokens of a 150-step window is dead on any held-out set of a few 10k tokens.
+    revive_layers: with revive_dead, revive only at these layers (None: every layer).
     seed: seeds sampling and initialisation.
     """
 
@@ -123,6 +127,8 @@ class TrainConfig:
     stats_from: float = 0.5
     checkpoint_minutes: float = 10.0
     revive_dead: bool = False
+    revive_max_fires: int = 0
+    revive_layers: tuple | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -144,14 +150,21 @@ class TrainConfig:
         if self.revive_dead and not (self.init_from and self.resample_every > 0):
             raise ValueError("revive_dead needs init_from (the SAEs whose dead latents are revived) "
                              "and resample_every > 0 (the steps that find them)")
+        if (self.revive_max_fires or self.revive_layers is not None) and not self.revive_dead:
+            raise ValueError("revive_max_fires and revive_layers need revive_dead")
+        if self.revive_max_fires < 0:
+            raise ValueError(f"revive_max_fires must be >= 0, got {self.revive_max_fires}")
+        if self.revive_layers is not None:
+            self.revive_layers = tuple(sorted(set(int(x) for x in self.revive_layers)))
 
     def key(self, corpus_tokens: dict | None = None, init_weights: str | None = None) -> str:
         """Hash of everything but the budget (and of the corpus' token counts and the warm start's
         weights, `init_fingerprint`): a resumed run must train the same thing on the same text from
         the same start (the same --init-from folder after a merge is another start)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "checkpoint_minutes")}
-        if not self.revive_dead:  # the hash of runs made before the option existed
-            d.pop("revive_dead")
+        for name, default in (("revive_dead", False), ("revive_max_fires", 0), ("revive_layers", None)):
+            if d[name] == default:  # the hash of runs made before the option existed
+                d.pop(name)
         if corpus_tokens:
             d["corpus_tokens"] = corpus_tokens
         if init_weights:
@@ -327,12 +340,17 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
                 if window_ends or (cfg.resample_every and step and step % cfg.resample_every == 0
                                    and progress() < cfg.resample_until):
                     if window_ends:
-                        trainable[s] = fired[s] == 0
+                        trainable[s] = revive_mask(fired[s], cfg.revive_max_fires, cfg.revive_layers)
                         log.info("revive_dead: %s: %d of %d latents dead over %d steps (per layer %s)", s,
                                  int(trainable[s].sum()), trainable[s].numel(), step,
                                  trainable[s].sum(1).tolist())
-                    _resample(saes[s], opts[s], fired[s] if s not in trainable else
-                              fired[s].masked_fill(~trainable[s], 1), acts[s].float() / scale[s], x_hat, gen)
+                    if window_ends:  # every latent to revive is resampled, rare ones included
+                        dead_now = (~trainable[s]).float()
+                    elif s in trainable:  # later: the revived latents that have not fired since
+                        dead_now = fired[s].masked_fill(~trainable[s], 1)
+                    else:
+                        dead_now = fired[s]
+                    _resample(saes[s], opts[s], dead_now, acts[s].float() / scale[s], x_hat, gen)
                     fired[s].zero_()
         step += 1
         tokens_seen += n_tok
@@ -438,6 +456,20 @@ def _resample(sae: StackedTopK, opt, fired: torch.Tensor, x, x_hat, gen) -> None
 
 
 @torch.no_grad()
+def revive_mask(fired: torch.Tensor, max_fires: int = 0, layers: tuple | None = None) -> torch.Tensor:
+    """Latents to revive: [L, w] bool, True where a latent fired at most ``max_fires`` times over
+    the window (``fired``: [L, w] counts) and its layer is in ``layers`` (None: all)."""
+    mask = fired <= max_fires
+    if layers is not None:
+        bad = [x for x in layers if not 0 <= x < fired.shape[0]]
+        if bad:
+            raise ValueError(f"revive_layers {bad} out of range 0..{fired.shape[0] - 1}")
+        keep = torch.zeros(fired.shape[0], dtype=torch.bool, device=fired.device)
+        keep[list(layers)] = True
+        mask &= keep[:, None]
+    return mask
+
+
 def freeze_latents(sae: StackedTopK, trainable: torch.Tensor) -> None:
     """Zero the gradients of every latent outside ``trainable`` [n, w] (bool) and of b_dec, so
     that Adam leaves them exactly where they are (its moments stay zero: the update is 0)."""
@@ -511,6 +543,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--revive-dead", action="store_true",
                    help="with --init-from: train only the latents dead over the first --resample-every "
                         "steps, every other weight stays as saved (see TrainConfig)")
+    p.add_argument("--revive-max-fires", type=int, default=0,
+                   help="with --revive-dead: latents that fired at most this often in the window count as dead")
+    p.add_argument("--revive-layers", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
+                   help="with --revive-dead: comma list of layers to revive at (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $FFP_CACHE/training/<hash>")
@@ -527,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
                       model_dtype=a.model_dtype, backend=a.backend, compile=not a.no_compile,
                       init_from=a.init_from, warmup_steps=a.warmup_steps, align_weight=a.align_weight,
                       max_tokens=a.max_tokens, max_minutes=a.max_minutes, seed=a.seed,
-                      resample_every=a.resample_every, revive_dead=a.revive_dead, **kw)
+                      resample_every=a.resample_every, revive_dead=a.revive_dead,
+                      revive_max_fires=a.revive_max_fires, revive_layers=a.revive_layers, **kw)
     train(cfg, a.out, a.device, a.checkpoint_dir)
 
 
