@@ -23,7 +23,7 @@ from app_handlers import (FieldNumber, FieldSlider, Handlers, bounded_malloc, cl
 from steering import limits
 from steering.bundle import Bundle, parse_max_memory
 from steering.settings import (ALPHA, CONDITIONS, DEPRECATED_CONDITIONS, S_END, SCHEDULES, STRENGTH, T_MODULE, T_RES,
-                               TASK_DEFAULTS)
+                               TASK_DEFAULTS, APP_PROMPTS)
 from steering.ui import Playground
 
 log = logging.getLogger("app")
@@ -187,8 +187,10 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                         preview_plot = gr.Plot(label="strength per layer (preview of the plan)")
                         with gr.Accordion("Plan as a table", open=False):
                             plan_json = gr.JSON()
-                        prompt = gr.Textbox(label="Prompt (the paper's prompt for the task by default)",
-                                            value=TASK_DEFAULTS["activate"]["prompt"])
+                        prompt = gr.Textbox(label="Prompt (the paper's for the task, without its trailing space, "
+                                                  "which SmolLM2 continues with digits)",
+                                            value=examples[0].prompt if examples and examples[0].task == "activate"
+                                            else APP_PROMPTS["activate"])
                         theme = gr.Textbox(label="Theme for the judge (filled from the feature; edit freely)",
                                            placeholder="e.g. weddings and marriage")
                         auto_theme = gr.Textbox("", visible=False)  # the theme the last card set

@@ -28,7 +28,7 @@ from steering import limits
 from steering.flow import chance_levels
 from steering.graph import FlowGraph, merge_graphs
 from steering.plots import flow_figure, live_figure, schedule_figure, scores_figure
-from steering.settings import ALPHA, S_END, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS
+from steering.settings import ALPHA, APP_PROMPTS, S_END, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS
 from steering.sites import count_hooks
 from steering.ui import VARIANT_TITLES, DemoExample, Playground
 
@@ -473,7 +473,7 @@ class Handlers:
     @staticmethod
     def task_defaults(task: str):
         d = TASK_DEFAULTS.get(task)
-        return (d["prompt"], d["max_new_tokens"]) if d else (gr.update(), gr.update())
+        return (APP_PROMPTS[task], d["max_new_tokens"]) if d else (gr.update(), gr.update())
 
     def health(self) -> dict:
         """Server state for operators and load tests: steering hooks on the model (0 when idle), RSS,

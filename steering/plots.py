@@ -161,7 +161,9 @@ def schedule_figure(rows: list[dict], title: str | None = None) -> go.Figure:
         pcts = [r for r in rows if r.get("pct_of_residual") is not None]
         if pcts:  # what s means in the model's own units
             top = max(pcts, key=lambda r: r["pct_of_residual"])
-            title += f" · largest push {top['pct_of_residual']:.0f}% of the residual norm (layer {top['layer']})"
+            # on its own, smaller line: one line was cut at the right edge of a half-width column
+            title += (f"<br><sup>largest push: {top['pct_of_residual']:.0f}% of the residual norm"
+                      f" (layer {top['layer']})</sup>")
     fig = go.Figure()
     for site, colour in SITE_COLORS.items():
         sub = [r for r in rows if r["site"] == site]
@@ -170,7 +172,8 @@ def schedule_figure(rows: list[dict], title: str | None = None) -> go.Figure:
                                  marker_color=colour, hovertext=[r["feature"] for r in sub]))
     fig.update_layout(title=title, barmode="group", height=260, xaxis={"title": "layer", "dtick": 1},
                       yaxis={"title": "r" if removal else "strength s'(l)"},
-                      margin={"l": 50, "r": 10, "t": 40, "b": 40}, plot_bgcolor="white")
+                      margin={"l": 50, "r": 10, "t": 60 if "<br>" in title else 40, "b": 40},
+                      plot_bgcolor="white")
     return fig
 
 

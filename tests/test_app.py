@@ -487,3 +487,23 @@ def test_demo_headline_and_columns_use_one_scale_and_say_what_was_asked(app_fns,
                      r"\d+ -> \d+\)", gain)
     assert re.search(r"mean theme \*\*\d\.\d/5\*\* · coherence \*\*\d\.\d/5\*\* · metric \*\*[01]\.\d\d\*\*", steered)
     assert f"prompt: «Talk about {live_app['word']}.», then «" in ctrl
+
+
+def test_playground_opens_at_the_first_examples_measured_setting(built_app, live_app):
+    """The Playground's first run is the first curated example's measured setting (condition,
+    strength and prompt); the prompts a task change sets carry no trailing space (SmolLM2 continues
+    "I think " with digits in about half of the samples)."""
+    from app_handlers import Handlers
+    from steering.settings import TASK_DEFAULTS
+    from steering.ui import Playground
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FFP_DEMO_FILE", live_app["demo_file"])
+        first = Playground.create(live_app["bundle"]).examples[0]
+    comps = {c["props"].get("label", ""): c["props"].get("value") for c in built_app.get_config_file()["components"]}
+    value = lambda start: next(v for k, v in comps.items() if k and k.startswith(start))  # noqa: E731
+    assert value("Condition") == first.condition and value("Strength s") == first.strength
+    assert value("Prompt") == first.prompt and not value("Prompt").endswith(" ")
+    for task in TASK_DEFAULTS:
+        prompt, _ = Handlers.task_defaults(task)
+        assert prompt == TASK_DEFAULTS[task]["prompt"].rstrip() and not prompt.endswith(" ")

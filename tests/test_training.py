@@ -471,3 +471,42 @@ def test_revive_rare_latents_at_one_layer(tiny_llama_preset, tmp_path, monkeypat
         a = load_file(out / "mlp" / f"layer_{l}" / "sae_weights.safetensors")
         b = load_file(base / "mlp" / f"layer_{l}" / "sae_weights.safetensors")
         assert all(torch.equal(a[n], b[n]) for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+
+
+def test_degenerate_texts_are_the_generators_loops():
+    """`corpus.degenerate`: loops and emoji runs out, ordinary prose (repeated words apart) in."""
+    from steering.training.corpus import degenerate
+
+    assert degenerate("we will talk about tomorrow, tomorrow, tomorrow, tomorrow and then")
+    assert degenerate("🌈🌆🌈🌈🌈🌈🌈🌊🌊 hi")
+    assert degenerate("Love, no thanks, just a lonely friend. " * 6)  # a phrase looped: distinct-2 low
+    assert not degenerate("No, no, no. She said it twice, then laughed: very, very funny indeed.")
+    assert not degenerate("The bride and groom cut the wedding cake while the band played on.")
+    assert not degenerate("short")
+
+
+def test_catalog_text_drops_everyday_loops(monkeypatch):
+    """The catalog's default text leaves out everyday texts that `degenerate` flags (their repeated
+    tokens were the top context of 1,419 residual features) and keeps the other domains whole."""
+    from steering.catalog import build
+    from steering.training import corpus
+
+    docs = {"everyday": ["A calm day at the lake with my sister and her dog, who chased every duck she saw "
+                         "until the sun went down and we walked home tired and happy.",
+                         "see you tomorrow tomorrow tomorrow tomorrow tomorrow, " * 3],
+            "code": ["x = [0, 0, 0, 0, 0]\nprint(x)\n" * 4]}
+    monkeypatch.setattr(corpus, "DOMAINS", tuple(docs))
+    monkeypatch.setattr(corpus, "sample_texts", lambda d, n, seed=0, split="all", min_chars=100: list(docs[d]))
+    seen = {}
+
+    class Tok:
+        eos_token_id, bos_token_id = 0, None
+
+        def __call__(self, text, **kw):
+            ids = [1 + hash(w) % 50 for w in text.split()]
+            seen[text] = True
+            return {"input_ids": ids}
+
+    build.corpus_sequences(Tok(), 10_000, ctx=16, seed=0, mix={"everyday": 0.5, "code": 0.5})
+    assert any("lake" in t for t in seen) and any("[0, 0, 0" in t for t in seen)
+    assert not any("tomorrow tomorrow" in t for t in seen)

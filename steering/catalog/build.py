@@ -83,6 +83,11 @@ def corpus_sequences(tokenizer, n_tokens: int, ctx: int = CTX, seed: int = 0,
         for d in corpus.DOMAINS:
             try:
                 texts[d] = corpus.sample_texts(d, 10**6, seed=seed, split="all", min_chars=100)
+                if d == "everyday":  # generated text: drop the generator's loops (`corpus.degenerate`)
+                    kept = [t for t in texts[d] if not corpus.degenerate(t)]
+                    log.info("catalog text: %d of %d everyday texts dropped as loops", len(texts[d]) - len(kept),
+                             len(texts[d]))
+                    texts[d] = kept
             except FileNotFoundError as e:  # e.g. the generated everyday texts were not made here
                 log.warning("catalog text: domain %s skipped (%s)", d, e)
         mix = MIX if mix is None else mix

@@ -112,6 +112,28 @@ def everyday() -> list[str]:
 LOADERS = {"prose": prose, "everyday": everyday, "stories": stories, "math": math, "code": code}
 
 
+def degenerate(text: str, max_run: int = 4, min_distinct2: float = 0.5, min_letters: float = 0.5) -> bool:
+    """Whether a generated text fell into a loop: the same word ``max_run`` or more times in a row
+    ("tomorrow, tomorrow, tomorrow, tomorrow"), fewer than ``min_distinct2`` of its word bigrams
+    distinct (a phrase looped; texts of 20+ words), or fewer than ``min_letters`` of its
+    non-space characters letters (emoji runs). Meant for the generated ``everyday`` domain, where
+    116 of its 2,432 texts are such (session 14); in code and math, repeated words are content.
+
+    Repeated tokens drive activations far above a feature's usual range (like attention sinks):
+    the one everyday text that repeats " tomorrow" ~40 times was the top context of 1,419 of the
+    30,720 residual features, all labelled "tomorrow" in the catalog."""
+    chars = [c for c in text if not c.isspace()]
+    if not chars or sum(c.isalpha() for c in chars) / len(chars) < min_letters:
+        return True
+    words = re.findall(r"\w+", text.lower())
+    run = 1
+    for a, b in zip(words, words[1:]):
+        run = run + 1 if a == b else 1
+        if run >= max_run:
+            return True
+    return len(words) >= 20 and len(set(zip(words, words[1:]))) / (len(words) - 1) < min_distinct2
+
+
 def load_domain(domain: str, split: str = "train") -> list[str]:
     """Documents of one domain; ``split`` is ``train``, ``heldout`` or ``all``."""
     if domain not in LOADERS:
