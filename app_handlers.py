@@ -424,7 +424,8 @@ class Handlers:
         pg, ex = self.pg, self.example(title)
         s = ex.settings()
         progress(0.05, desc="flow graph")
-        graph = pg.flow(ex.feature)
+        graph = merge_graphs(pg.flows(ex.feature))  # an example may be a seed set ("a, b")
+        focus = ex.feature.split(",")[0].strip()  # the columns say how strongly the first seed fires
         variants = {"unsteered": [], "steered": pg.plan(s)}
         progress(0.15, desc="writing the texts and the two controls")
         result = pg.steer(variants, s)
@@ -446,11 +447,12 @@ class Handlers:
                      f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5"
                      f"{self._perplexity_note(result)}. "
                      "A different text alone proves nothing: compare with the controls.")
-        ctrl = "\n\n".join(pg.column_markdown(result, c, ex.feature) for c in ("prompted", "random")
+        ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
                             if c in result["variants"])
         short = re.sub(r"\s*\(.*\)\s*$", "", ex.title)  # "Physics (remove it)" -> "Physics"
-        return (self._graph_figure(graph, title=f"Where '{short}' lives in the model (feature {graph.seed})"),
-                pg.column_markdown(result, "unsteered", ex.feature), pg.column_markdown(result, "steered", ex.feature),
+        return (self._graph_figure(graph, title=f"Where '{short}' lives in the model "
+                                                  f"(feature{'s' if ',' in ex.feature else ''} {ex.feature})"),
+                pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
                 scores_figure(sm, VARIANT_TITLES), gain, ctrl)
 
     def example_text(self, title: str):

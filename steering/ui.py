@@ -119,7 +119,8 @@ def load_demo_examples(bundle: Bundle | None = None, path: Path = DEMO_FILE) -> 
             raise ValueError(f"{path}: example {i} has unknown keys {sorted(extra)}; valid: {sorted(known)}")
         ex = DemoExample(**row)
         if bundle is not None and ex.preset == bundle.preset.name:
-            parse_feature(ex.feature, bundle)
+            for f in ex.feature.split(","):  # an id, or a seed set of ids
+                parse_feature(f.strip(), bundle)
             out.append(ex)
         elif bundle is None:
             out.append(ex)

@@ -41,6 +41,9 @@ def prepare_tiny(out_dir: Path) -> dict:
     demo.write_text(json.dumps({"examples": [
         {"title": "Tiny example", "preset": "tiny-app", "feature": TINY_FEATURE, "theme": word,
          "explanation": "A random feature of a random model: only the plumbing is real.",
+         "samples": 1, "max_new_tokens": 8},
+        {"title": "Tiny pair", "preset": "tiny-app", "feature": f"{TINY_FEATURE}, 2/res/5", "theme": word,
+         "explanation": "A seed set: two random features steered together.", "condition": "seed-only",
          "samples": 1, "max_new_tokens": 8}]}))
     return {"preset": str(preset), "bundle": bundle, "catalog": cat, "word": word, "demo_file": str(demo)}
 

@@ -94,8 +94,9 @@ def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path
     sweep = json.loads((tmp_path / "ev" / "sweep.json").read_text())
     food = sweep["themes"][0]
     assert food["title"] == "Food" and len(food["unsteered"]) == 8 and food["candidates"]
-    for c in food["candidates"].values():
-        assert set(c["runs"]) == {f"{cond}:{s:g}" for cond, s in D.GRID}
+    for fid, c in food["candidates"].items():
+        grid = D.SET_GRID if D.is_seed_set(fid) else D.GRID
+        assert set(c["runs"]) == {f"{cond}:{s:g}" for cond, s in grid}
         assert all(len(r["samples"]) == 8 for r in c["runs"].values())
     assert {"prompted", "random"} == set(food["controls"])
     # the best first-stage settings ran again on 8 more seeds, and the choice is one of them
@@ -127,3 +128,50 @@ def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path
 def test_lens_candidates_returns_at_most_n_residual_features(tiny_bundle):
     got = D.lens_candidates(tiny_bundle, {"food", "cake"}, n=2)
     assert 1 <= len(got) <= 2 and all(f.split("/")[1] == "res" for f in got)
+
+
+def test_seed_set_candidate_pairs_the_best_on_theme_features_by_distinct_index():
+    words = set(D.THEMES["Food"]["words"].split())
+    runs = lambda *hits: {f"baseline:{i}": {"hits": h} for i, h in enumerate(hits)}  # noqa: E731
+    rec = {"words": sorted(words), "candidates": {
+        "26/res/1013": {"label": "tomato, sauce", "runs": runs(5, 2)},
+        "27/res/1013": {"label": "sauces, pancakes", "runs": runs(4)},  # same index: the same feature carried on
+        "7/res/514": {"label": "sauce, ketchup", "runs": runs(4, 1)},
+        "19/res/9": {"label": "addr, LOG", "runs": runs(6)},  # not about food
+        "11/res/415": {"label": "food, eating", "runs": runs(0)},  # never hit
+    }}
+    assert D.seed_set_candidate(rec) == "26/res/1013, 7/res/514"
+    del rec["candidates"]["7/res/514"]
+    assert D.seed_set_candidate(rec) is None
+
+
+def test_seed_set_plans_as_the_app_does_and_makes_a_valid_example(tiny_bundle, tmp_path):
+    """A seed-set candidate's plan is the app's (`plan_run` on the same settings), and the example
+    written for it loads in the app (schema pattern, `load_examples`) with each seed at its own layer."""
+    import json
+    import re
+
+    from steering.settings import SteerSettings
+    from steering.steer import plan_run
+    from steering.ui import DemoExample, load_demo_examples
+
+    a, b = "1/res/3", "2/res/5"
+    pair = f"{a}, {b}"
+    specs = D.plan_for(tiny_bundle, pair, "baseline:4", "activate")
+    want = plan_run(tiny_bundle, SteerSettings.create(pair, condition="seed-only", strength=4.0, alpha=D.ALPHA))[1]
+    assert [(str(x.feature), x.strength) for x in specs] == [(str(x.feature), x.strength) for x in want]
+    assert [str(x.feature) for x in specs] == [a, b] and all(x.strength == 4.0 for x in specs)
+    graph = D.graph_for(tiny_bundle, pair)
+    rec = {"title": "Food", "task": "activate", "theme": "food", "words": ["food"], "prompt": "I think",
+           "baseline_hits": 0, "chosen": {"feature": pair, "setting": "baseline:4", "hits": 6},
+           "controls": {"prompted": {"hits": 8}, "random": {"hits": 0}}, "shipped": True,
+           "candidates": {pair: {"span": [graph.l_start, graph.l_end], "label": "food + cake",
+                                 "runs": {"baseline:4": {"hits": 6}}}}}
+    ex = D.example_json(rec, pair, "baseline:4", graph, 8, tiny_bundle.preset.name)
+    assert ex["layer"] is None and ex["condition"] == "seed-only" and ex["feature"] == pair
+    assert "the two features together (strength 4 each)" in ex["explanation"]
+    schema = json.loads(open("assets/demo_examples.schema.json").read())
+    assert re.match(schema["properties"]["examples"]["items"]["properties"]["feature"]["pattern"], pair)
+    assert DemoExample(**ex).settings().features == tuple(x.feature for x in specs)
+    (tmp_path / "ex.json").write_text(json.dumps({"examples": [ex]}))
+    assert [e.feature for e in load_demo_examples(tiny_bundle, tmp_path / "ex.json")] == [pair]

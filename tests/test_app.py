@@ -489,6 +489,16 @@ def test_demo_headline_and_columns_use_one_scale_and_say_what_was_asked(app_fns,
     assert f"prompt: «Talk about {live_app['word']}.», then «" in ctrl
 
 
+def test_a_seed_set_example_runs_in_the_demo_tab(app_fns):
+    """A curated example may be a seed set ("a, b", demo_sweep's seed-set candidates): the Demo tab
+    shows the merged flow graph of both seeds and steers with both."""
+    fns, _ = app_fns
+    fig, _, steered, _, gain, _ = fns["demo"]("Tiny pair")
+    assert f"features {TINY_FEATURE}, 2/res/5" in fig.layout.title.text
+    assert all(f in str(fig.to_dict()["data"]) for f in (TINY_FEATURE, "2/res/5"))  # both seeds' nodes
+    assert "**seed " in steered and "Theme score" in gain
+
+
 def test_playground_opens_at_the_first_examples_measured_setting(built_app, live_app):
     """The Playground's first run is the first curated example's measured setting (condition,
     strength and prompt); the prompts a task change sets carry no trailing space (SmolLM2 continues

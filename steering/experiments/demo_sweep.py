@@ -80,6 +80,11 @@ ALPHA = -0.05  # paper App. B.2
 GRID = [("baseline", 3.0), ("baseline", 5.0), ("baseline", 7.0), ("single", 4.0), ("single", 6.0),
         ("single", 7.0), ("single", 8.0), ("cumulative", 1.0), ("cumulative", 2.0)]
 REMOVAL_GRID = [("single", 0.0), ("single", -2.0), ("cumulative", 0.0), ("cumulative", -2.0)]
+# Session 14: a seed set of the theme's two best on-theme features, each alone at strength s (the
+# app's "a, b" in the feature box: both directions added at once). Each feature is pushed as hard
+# as in the single-feature grid's weaker settings; together the push is larger.
+SET_GRID = [("baseline", 3.0), ("baseline", 4.0), ("baseline", 5.0)]
+N_SET = 2
 
 THEMES = {
     "Weddings": {"query": "wedding", "theme": "weddings and marriage",
@@ -313,6 +318,50 @@ def candidates(bundle, catalog, spec: dict, n_search: int = 1, n_contrast: int =
     return list(dict.fromkeys(out))
 
 
+def is_seed_set(fid: str) -> bool:
+    return "," in fid
+
+
+def graph_for(bundle, fid: str):
+    """The flow graph of a candidate: one feature's, or a seed set's graphs merged (`merge_graphs`)."""
+    from ..flow import build_flow_graph
+    from ..graph import merge_graphs
+
+    return merge_graphs([build_flow_graph(bundle, f.strip()) for f in fid.split(",")])
+
+
+def plan_for(bundle, fid: str, setting: str, task: str) -> list:
+    """The steering specs of a sweep setting for a candidate. A seed set is planned as the app plans
+    it (`steer.plan_run` on `SteerSettings`), so a curated seed-set example replays exactly."""
+    if not is_seed_set(fid):
+        return setting_plan(graph_for(bundle, fid), setting, task)
+    from ..settings import SteerSettings
+    from ..steer import plan_run
+
+    cond, s = setting.split(":")
+    kw = {"strength": float(s), "alpha": ALPHA} if task == "activate" else {"r": float(s)}
+    settings = SteerSettings.create(fid, task=task, condition=DEPRECATED_CONDITIONS.get(cond, cond), **kw)
+    return plan_run(bundle, settings)[1]
+
+
+def seed_set_candidate(rec: dict, n: int = N_SET) -> str | None:
+    """A seed set of the ``n`` on-theme single candidates with the most first-stage hits (at least
+    one each), distinct by index: with the aligned residual SAEs, the same index at two layers is
+    mostly one feature carried along (26/res/1013 and 27/res/1013), so the pair would only double it.
+    None when there are fewer than ``n`` such candidates."""
+    best = []
+    for fid, c in rec["candidates"].items():
+        hits = max((r["hits"] for r in c["runs"].values()), default=0)
+        if not is_seed_set(fid) and hits > 0 and on_theme(c.get("label", ""), rec["words"]):
+            best.append((hits, fid))
+    out, idx = [], set()
+    for _, fid in sorted(best, key=lambda x: (-x[0], x[1])):
+        if fid.split("/")[2] not in idx:
+            out.append(fid)
+            idx.add(fid.split("/")[2])
+    return ", ".join(out[:n]) if len(out) >= n else None
+
+
 def setting_plan(graph, setting: str, task: str) -> list:
     """The steering specs of a sweep setting ``"condition:strength"`` (r for removal) on a feature's
     flow graph, at the seed's layer with the exponential schedule (`steer.plan`)."""
@@ -332,8 +381,10 @@ def judged(gens, names, rec: dict) -> dict:
     return out
 
 
-def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str, max_new_tokens: int) -> dict:
-    from ..flow import build_flow_graph
+def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str, max_new_tokens: int,
+                seed_sets: bool = True) -> dict:
+    """Sweep one theme's candidates over the grid (and, for activation, a seed set of its two best
+    on-theme candidates over SET_GRID, `seed_set_candidate`), then recheck the best settings."""
     from ..generate import generate_variants
 
     words = set(spec["words"].split())
@@ -342,9 +393,9 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
     rec = {"title": title, "task": task, "theme": spec["theme"], "words": sorted(words), "prompt": prompt,
            "grid": [f"{cond}:{s:g}" for cond, s in grid], "unsteered": judge_samples(base, words, task),
            "candidates": {}}
-    for fid in candidates(bundle, catalog, spec):
-        graph = build_flow_graph(bundle, fid)
-        variants = {f"{cond}:{s:g}": setting_plan(graph, f"{cond}:{s:g}", task) for cond, s in grid}
+    def run(fid: str, grid: list) -> None:
+        graph = graph_for(bundle, fid)
+        variants = {f"{cond}:{s:g}": plan_for(bundle, fid, f"{cond}:{s:g}", task) for cond, s in grid}
         runs = {}
         names = list(variants)
         per = max(1, limits.MAX_ROWS // len(SEEDS))  # variants per batched generation
@@ -353,8 +404,14 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
             gens = generate_variants(bundle, prompt, chunk, SEEDS, max_new_tokens)
             for n, run in judged(gens, chunk, rec).items():
                 runs[n] = {"hits": run["hits"], "n_features": len(variants[n]), "samples": run["samples"]}
-        rec["candidates"][fid] = {"span": [graph.l_start, graph.l_end], "label": catalog.label(fid) if catalog else "",
-                                  "runs": runs}
+        label = " + ".join(catalog.label(f.strip()) for f in fid.split(",")) if catalog else ""
+        rec["candidates"][fid] = {"span": [graph.l_start, graph.l_end], "label": label, "runs": runs}
+
+    for fid in candidates(bundle, catalog, spec):
+        run(fid, grid)
+    pair = seed_set_candidate(rec) if task == "activate" and seed_sets else None
+    if pair:
+        run(pair, SET_GRID)
     recheck(bundle, rec, max_new_tokens)
     return rec
 
@@ -362,11 +419,10 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
 def recheck(bundle, rec: dict, max_new_tokens: int) -> None:
     """Run the N_RECHECK best settings of the first stage (`choose` on SEEDS alone) again on
     RECHECK_SEEDS; each gets ``recheck_hits`` and ``recheck_samples`` in its run record."""
-    from ..flow import build_flow_graph
     from ..generate import generate_variants
 
     for fid, setting, _ in ranked(rec, stage="first")[:N_RECHECK]:
-        specs = setting_plan(build_flow_graph(bundle, fid), setting, rec["task"])
+        specs = plan_for(bundle, fid, setting, rec["task"])
         gens = generate_variants(bundle, rec["prompt"], {setting: specs}, RECHECK_SEEDS, max_new_tokens)
         run = judged(gens, (setting,), rec)[setting]
         rec["candidates"][fid]["runs"][setting].update(recheck_hits=run["hits"], recheck_samples=run["samples"])
@@ -404,9 +460,8 @@ def choose(rec: dict) -> tuple[str, str, int] | None:
 
 def controls_for(bundle, rec: dict, fid: str, setting: str, max_new_tokens: int) -> dict:
     from ..controls import generate_with_controls
-    from ..flow import build_flow_graph
 
-    specs = setting_plan(build_flow_graph(bundle, fid), setting, rec["task"])
+    specs = plan_for(bundle, fid, setting, rec["task"])
     gens = generate_with_controls(bundle, rec["prompt"], {"steered": specs}, SEEDS, ("prompt", "random"),
                                   rec["theme"], rec["task"], max_new_tokens=max_new_tokens)
     return judged(gens, ("prompted", "random"), rec)
@@ -425,11 +480,10 @@ def current_confirm(rec: dict) -> dict | None:
 def confirm(bundle, rec: dict, max_new_tokens: int) -> dict:
     """The chosen setting and the unsteered model again on CONFIRM_SEEDS. The chosen setting is the
     best of ~30 on SEEDS, so its hits there are biased upwards; fresh seeds give a fair count."""
-    from ..flow import build_flow_graph
     from ..generate import generate_variants
 
     fid, setting = rec["chosen"]["feature"], rec["chosen"]["setting"]
-    specs = setting_plan(build_flow_graph(bundle, fid), setting, rec["task"])
+    specs = plan_for(bundle, fid, setting, rec["task"])
     gens = generate_variants(bundle, rec["prompt"], {"steered": specs, "unsteered": []}, CONFIRM_SEEDS,
                              max_new_tokens)
     return {"seeds": CONFIRM_SEEDS, "setting": setting, "feature": fid, **judged(gens, ("steered", "unsteered"), rec)}
@@ -438,7 +492,9 @@ def confirm(bundle, rec: dict, max_new_tokens: int) -> dict:
 def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, preset: str) -> dict:
     cond, s = setting.split(":")
     span = f"layers {graph.l_start}-{graph.l_end}"
-    what = {"baseline": "the feature alone", "single": f"the flow-graph features at layer {graph.seed.layer}",
+    pair = is_seed_set(fid)
+    what = {"baseline": "the two features together" if pair else "the feature alone",
+            "single": f"the flow-graph features at layer {graph.seed.layer}",
             "cumulative": f"the whole flow from layer {graph.l_start} up to layer {graph.seed.layer}, "
                           "weaker at later layers"}[cond]
     n_hits = rec["chosen"]["hits"]
@@ -446,11 +502,12 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
     conf = current_confirm(rec)
     ctl = rec["controls"]
     if rec["task"] == "activate":
-        strength = f"strength {float(s):g}"
+        strength = f"strength {float(s):g}" + (" each" if pair else "")
         first = (f"{n_hits} of 8 (unsteered: {rec['baseline_hits']} of 8; asking the model: "
                  f"{ctl['prompted']['hits']}; random directions of the same size: {ctl['random']['hits']})")
         goal = "put the theme into"
-        lead = f"This feature's flow graph follows it across {span}. "
+        lead = (f"Their flow graphs follow them across {span}. " if pair
+                else f"This feature's flow graph follows it across {span}. ")
         how = f"steering with {what} ({strength})"
     else:
         what = what.replace(", weaker at later layers", "")  # r is the same at every layer
@@ -491,7 +548,8 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
         else:
             expl = "Honest result: here steering did not beat the controls. " + expl
     ex = {"title": rec["title"], "feature": fid, "theme": rec["theme"], "explanation": expl, "preset": preset,
-          "task": rec["task"], "condition": DEPRECATED_CONDITIONS.get(cond, cond), "layer": graph.seed.layer,
+          "task": rec["task"], "condition": DEPRECATED_CONDITIONS.get(cond, cond),
+          "layer": None if pair else graph.seed.layer,  # a seed set: each feature at its own layer
           "samples": DEMO_SAMPLES, "seed": CONFIRM_SEEDS[0],  # the Demo tab shows fresh samples, not the choosing ones
           "max_new_tokens": max_new_tokens, "prompt": rec["prompt"]}
     if rec["task"] == "activate":
@@ -509,10 +567,8 @@ def grade(bundle, rec: dict, n_tok: int) -> list[tuple[int, dict]]:
     least MIN_DEMO_FRESH of 8 (a presenter's click shows fresh samples); the margin that orders
     the examples is the fresh-seed one. The explanation says how it compares
     with asking the model."""
-    from ..flow import build_flow_graph
-
     fid, hits = rec["chosen"]["feature"], rec["chosen"]["hits"]
-    graph = build_flow_graph(bundle, fid)
+    graph = graph_for(bundle, fid)
     margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
     conf = current_confirm(rec)
     fresh = None if conf is None else conf["steered"]["hits"] - conf["unsteered"]["hits"]
