@@ -1,12 +1,14 @@
 """Choose the curated demo examples by measurement (issue 17), with the evidence beside them.
 
-    python -m steering.experiments.demo_sweep --preset default          # ~15 min on 2 CPU cores
+    python -m steering.experiments.demo_sweep --preset default          # ~45 min on 2 CPU cores
 
 For each theme a lay audience knows, candidate residual features come from four sentences about
 the theme against the other themes' sentences (features that fire on the theme and not elsewhere,
 `contrast_candidates`), from the logit lens (the features whose decoder direction most raises the
 theme's words in the output, `lens_candidates`) and from the catalog search (the theme's word).
-Each candidate is swept over condition (baseline =
+After those, a **seed set** of the theme's two best on-theme candidates (distinct indices,
+`seed_set_candidate`) runs over SET_GRID: both features alone at once, as the app steers "a, b"
+typed in the feature box (session 14). Each candidate is swept over condition (baseline =
 the seed feature alone, single = its flow-graph nodes at its layer, cumulative = the graph from
 l_start to its layer with the exponential schedule, paper §5.3 / App. B.2) and strength, with 8
 seeds at the paper's sampling settings (36 tokens, T = 1.27, top-p 0.7) and prompt "I think"
