@@ -36,10 +36,8 @@ def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
 
     from steering import limits
     from steering.experiments import demo_sweep as D
-    from steering.flow import build_flow_graph
     from steering.generate import generate_variants
     from steering.settings import DEPRECATED_CONDITIONS
-    from steering.steer import plan
     from steering.ui import load_demo_examples
 
     root = Path(__file__).resolve().parent.parent
@@ -60,15 +58,13 @@ def test_curated_examples_claim_only_what_the_sweep_measured(default_bundle):
         assert conf["steered"]["hits"] > conf["unsteered"]["hits"]
         assert quoted[2:4] == [chosen["hits"], rec["baseline_hits"]], ex.explanation  # then the choosing seeds'
         assert ex.samples <= 8 and ex.seed == conf["seeds"][0]  # a click shows fresh samples
-        # replay the sweep's batch that held the chosen setting (same rows, same seeds)
-        graph = build_flow_graph(default_bundle, ex.feature)
-        mode = "add" if ex.task == "activate" else "rescale"
-        grid = D.GRID if ex.task == "activate" else D.REMOVAL_GRID
-        names = rec.get("grid") or [f"{c}:{v:g}" for c, v in grid]  # the grid the theme was swept with
+        # replay the sweep's batch that held the chosen setting (same rows, same seeds); the
+        # candidate's runs are recorded in the order of the grid it was swept with (a seed set:
+        # SET_GRID), and D.plan_for plans a seed set as the app does
+        names = list(rec["candidates"][ex.feature]["runs"])
         per = max(1, limits.MAX_ROWS // len(D.SEEDS))
         i = names.index(chosen["setting"]) // per * per
-        chunk = {n: plan(graph, n.split(":")[0], graph.seed.layer, float(n.split(":")[1]), "exp", D.ALPHA, 1.0,
-                         mode=mode) for n in names[i:i + per]}
+        chunk = {n: D.plan_for(default_bundle, ex.feature, n, ex.task) for n in names[i:i + per]}
         n_tok = 36 if ex.task == "activate" else 64
         gens = generate_variants(default_bundle, rec["prompt"], chunk, D.SEEDS, n_tok, metrics=False)
         samples = rec["candidates"][ex.feature]["runs"][chosen["setting"]]["samples"]
