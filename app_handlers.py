@@ -418,6 +418,29 @@ class Handlers:
             return ""
         return f" (median perplexity under the unsteered model {med['unsteered']:.0f} -> {med['steered']:.0f})"
 
+    @staticmethod
+    def _rule_note(result: dict, title: str) -> str:
+        """The sweep's own rule on this run's texts (`demo_sweep.judge_samples`: a word of the theme's
+        list in a readable text; for removal, none in a readable text), per column: a count anyone
+        can check by reading, beside the offline judge's softer scores."""
+        from steering.experiments.demo_sweep import MAX_PPL, judge_samples, theme_rule
+
+        rule = theme_rule(title)
+        if rule is None:
+            return ""
+        words, task = rule
+        names = {"unsteered": "unsteered", "steered": "steered", "prompted": "asking the model",
+                 "random": "random features" if task == "remove" else "random directions"}
+        parts = []
+        for v, name in names.items():
+            gens = [g for g in result["generations"] if g.variant == v]
+            if gens:
+                hits = sum(x["hit"] for x in judge_samples(gens, words, task))
+                parts.append(f"{name} {hits} of {len(gens)}")
+        what = ("no physics word" if task == "remove" else "a word from the theme's list")
+        return (f"\n\n**By the rule the example was chosen with** ({what}, perplexity <= {MAX_PPL:g}): "
+                + ", ".join(parts) + ".")
+
     # ---- the demo tab -------------------------------------------------------------------------------
     @safe
     def run_demo(self, title: str, progress=gr.Progress()):
@@ -446,7 +469,8 @@ class Handlers:
                      f"{th('random')}. **Readability**: "
                      f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5"
                      f"{self._perplexity_note(result)}. "
-                     "A different text alone proves nothing: compare with the controls.")
+                     "A different text alone proves nothing: compare with the controls."
+                     + self._rule_note(result, ex.title))
         ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
                             if c in result["variants"])
         short = re.sub(r"\s*\(.*\)\s*$", "", ex.title)  # "Physics (remove it)" -> "Physics"

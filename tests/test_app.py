@@ -489,6 +489,27 @@ def test_demo_headline_and_columns_use_one_scale_and_say_what_was_asked(app_fns,
     assert f"prompt: «Talk about {live_app['word']}.», then «" in ctrl
 
 
+def test_demo_headline_counts_by_the_sweeps_rule():
+    """For a swept theme the Demo headline adds the sweep's own rule per column (a theme word in a
+    readable text; removal: none), counted on the run's texts; nothing for other titles."""
+    from types import SimpleNamespace as G
+
+    from app_handlers import Handlers
+
+    gens = [G(variant="unsteered", seed=0, text="I think it rained.", metrics={"perplexity": 20.0, "distinct_2": 1.0}),
+            G(variant="steered", seed=0, text="I think the football team won.",
+              metrics={"perplexity": 30.0, "distinct_2": 1.0}),
+            G(variant="steered", seed=1, text="I think the goal was great.", metrics={"perplexity": 300.0,
+                                                                                     "distinct_2": 1.0})]
+    note = Handlers._rule_note({"generations": gens}, "Sport")
+    assert "unsteered 0 of 1, steered 1 of 2." in note and "perplexity <= 100" in note  # the second: unreadable
+    removal = Handlers._rule_note({"generations": [G(variant="steered", seed=0, text="I think about ethics.",
+                                                     metrics={"perplexity": 20.0, "distinct_2": 1.0})]},
+                                  "Physics (remove it)")
+    assert "no physics word" in removal and "steered 1 of 1" in removal
+    assert Handlers._rule_note({"generations": gens}, "Tiny example") == ""
+
+
 def test_a_seed_set_example_runs_in_the_demo_tab(app_fns):
     """A curated example may be a seed set ("a, b", demo_sweep's seed-set candidates): the Demo tab
     shows the merged flow graph of both seeds and steers with both."""

@@ -213,6 +213,15 @@ def readable(metrics: dict) -> bool:
     return ppl is not None and ppl <= MAX_PPL and metrics.get("distinct_2", 1.0) >= MIN_DISTINCT2
 
 
+def theme_rule(title: str) -> tuple[set[str], str] | None:
+    """The theme words and task of a curated example's theme (THEMES, REMOVAL) by its title, for
+    showing the rule the examples were chosen by next to a run; None for a title not swept here."""
+    if title == REMOVAL["title"]:
+        return set(REMOVAL["words"].split()), "remove"
+    spec = THEMES.get(title)
+    return (set(spec["words"].split()), "activate") if spec else None
+
+
 def judge_samples(gens, words: set[str], task: str) -> list[dict]:
     out = []
     for g in gens:
