@@ -113,7 +113,11 @@ def merge_revived(a, run: dict) -> None:
     if len(revived) != n_dst:
         raise ValueError(f"the run revived latents in {len(revived)} layers, {a.dst / a.site} has {n_dst}")
     total = 0
+    rare = run.get("config", {}).get("revive_max_fires", 0)
+    what = f"fired at most {rare} times over the run's first window" if rare else "dead"
     for l, idx in enumerate(revived):
+        if not idx:  # a layer the run revived nothing at (--revive-layers): its files stay as they are
+            continue
         src, out = a.src / a.site / f"layer_{l}", a.dst / a.site / f"layer_{l}"
         w, base = load_file(src / "sae_weights.safetensors"), load_file(out / "sae_weights.safetensors")
         if w["W_enc"].shape != base["W_enc"].shape:
@@ -139,7 +143,7 @@ def merge_revived(a, run: dict) -> None:
         save_file(base, out / "sae_weights.safetensors")
         save_file(base_ref, out / "ref_scale.safetensors")
         set_keeping_earlier(cfg["metadata"], "revived",
-                            f"{len(idx)} latents dead in the SAE of commit {a.base_commit} were resampled and "
+                            f"{len(idx)} latents {what} in the SAE of commit {a.base_commit} were resampled and "
                             f"trained alone for {run['tokens_seen']} tokens; every other weight is that commit's")
         (out / "cfg.json").write_text(json.dumps(cfg))
         total += len(idx)

@@ -510,3 +510,30 @@ def test_catalog_text_drops_everyday_loops(monkeypatch):
     build.corpus_sequences(Tok(), 10_000, ctx=16, seed=0, mix={"everyday": 0.5, "code": 0.5})
     assert any("lake" in t for t in seen) and any("[0, 0, 0" in t for t in seen)
     assert not any("tomorrow tomorrow" in t for t in seen)
+
+
+def test_merge_revived_leaves_layers_without_revived_latents_alone(tmp_path, monkeypatch):
+    """A --revive-layers run lists [] for the other layers: their files stay byte for byte; the note
+    of a layer with revived latents says they were rare (fired at most N times), not dead."""
+    import json
+    import runpy
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "merge_continued_saes.py")
+    dst, src = tmp_path / "dst", tmp_path / "run"
+    for l in (0, 1):
+        _fake_sae(dst / "mlp" / f"layer_{l}", 4, 6, 1000, l)
+        (src / "mlp").mkdir(parents=True, exist_ok=True)
+    (dst / "train_config.json").write_text(json.dumps({}))
+    before = {f: f.read_bytes() for f in (dst / "mlp" / "layer_0").iterdir()}
+    shutil.copytree(dst / "mlp" / "layer_1", src / "mlp" / "layer_1")
+    (src / "train_config.json").write_text(json.dumps({"tokens_seen": 500, "revived": {"mlp": [[], [1]]},
+                                                       "config": {"revive_max_fires": 5}}))
+    monkeypatch.setattr(sys, "argv", ["merge", "--src", str(src), "--dst", str(dst), "--site", "mlp",
+                                      "--base-commit", "abc123", "--revived-only"])
+    runpy.run_path(script, run_name="__main__")
+    assert {f: f.read_bytes() for f in (dst / "mlp" / "layer_0").iterdir()} == before
+    md = json.loads((dst / "mlp" / "layer_1" / "cfg.json").read_text())["metadata"]
+    assert "1 latents fired at most 5 times over the run's first window" in md["revived"]
