@@ -433,6 +433,8 @@ def test_revive_mask_counts_rare_latents_and_limits_layers():
         TrainConfig(revive_max_fires=2)
     with pytest.raises(ValueError, match="revive_max_fires must be >= 0"):
         TrainConfig(init_from="x", revive_dead=True, revive_max_fires=-1)
+    with pytest.raises(ValueError, match="revive_layers is empty"):
+        TrainConfig(init_from="x", revive_dead=True, revive_layers=())
     base = TrainConfig(init_from="x", revive_dead=True)
     assert base.key() != TrainConfig(init_from="x", revive_dead=True, revive_max_fires=2).key()
     assert base.key() != TrainConfig(init_from="x", revive_dead=True, revive_layers=(29,)).key()
@@ -460,6 +462,10 @@ def test_revive_rare_latents_at_one_layer(tiny_llama_preset, tmp_path, monkeypat
         return real(sae, opt, dead, *rest)
 
     monkeypatch.setattr(train_mod, "_resample", spy)
+    with pytest.raises(ValueError, match=r"revive_layers \[99\] out of range"):  # before any step runs
+        train_mod.train(TrainConfig(**common, init_from=str(base), revive_dead=True, resample_every=3,
+                                    revive_layers=(99,), max_tokens=1500), tmp_path / "bad", "cpu", tmp_path / "ck9")
+    assert not seen
     out = tmp_path / "revived"
     tc = train_mod.train(TrainConfig(**common, init_from=str(base), revive_dead=True, resample_every=3,
                                      revive_max_fires=10**6, revive_layers=(0,), max_tokens=1500),

@@ -99,6 +99,8 @@ class TrainConfig:
     revive_max_fires: with revive_dead, a latent that fired at most this many times over the
         window counts as dead too (0: only those that never fired). A latent that fires once in
         the ~150k tokens of a 150-step window is dead on any held-out set of a few 10k tokens.
+        After the window, the periodic resampling (until ``resample_until``) takes revived latents
+        that did not fire at all since the last one, as in any run.
     revive_layers: with revive_dead, revive only at these layers (None: every layer).
     seed: seeds sampling and initialisation.
     """
@@ -156,6 +158,8 @@ class TrainConfig:
             raise ValueError(f"revive_max_fires must be >= 0, got {self.revive_max_fires}")
         if self.revive_layers is not None:
             self.revive_layers = tuple(sorted(set(int(x) for x in self.revive_layers)))
+            if not self.revive_layers:
+                raise ValueError("revive_layers is empty: name at least one layer, or leave it out for all")
 
     def key(self, corpus_tokens: dict | None = None, init_weights: str | None = None) -> str:
         """Hash of everything but the budget (and of the corpus' token counts and the warm start's
@@ -252,6 +256,8 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
     dev = pick_device(device)
     model, tok = load_model(preset, dev, getattr(torch, cfg.model_dtype))
     L, d = preset.n_layers, preset.d_model
+    if cfg.revive_layers is not None:  # before the first window runs, not at its end
+        revive_mask(torch.zeros(L, 1), cfg.revive_max_fires, cfg.revive_layers)
     sites = tuple(s for s in SITES if s in cfg.widths)
     enc_dtype = getattr(torch, cfg.enc_dtype)
     stream = TokenStream(tok, cfg.mix, cfg.ctx, cfg.seed)
@@ -341,8 +347,9 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
                                    and progress() < cfg.resample_until):
                     if window_ends:
                         trainable[s] = revive_mask(fired[s], cfg.revive_max_fires, cfg.revive_layers)
-                        log.info("revive_dead: %s: %d of %d latents dead over %d steps (per layer %s)", s,
-                                 int(trainable[s].sum()), trainable[s].numel(), step,
+                        log.info("revive_dead: %s: %d of %d latents fired at most %d times over %d steps "
+                                 "(per layer %s)", s,
+                                 int(trainable[s].sum()), trainable[s].numel(), cfg.revive_max_fires, step,
                                  trainable[s].sum(1).tolist())
                     if window_ends:  # every latent to revive is resampled, rare ones included
                         dead_now = (~trainable[s]).float()
