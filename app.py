@@ -189,7 +189,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                             plan_json = gr.JSON()
                         prompt = gr.Textbox(label="Prompt (the paper's for the task, without its trailing space, "
                                                   "which SmolLM2 continues with digits)",
-                                            value=examples[0].prompt if examples and examples[0].task == "activate"
+                                            value=examples[0].prompt_or_default
+                                            if examples and examples[0].task == "activate"
                                             else APP_PROMPTS["activate"])
                         theme = gr.Textbox(label="Theme for the judge (filled from the feature; edit freely)",
                                            placeholder="e.g. weddings and marriage")

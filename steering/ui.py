@@ -33,7 +33,7 @@ from .groups import live_activations
 from .judging import Judge, OfflineJudge, make_judge, unavailable
 from .presets import ASSETS, SITES
 from .probe import features_for_text
-from .settings import ALPHA, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS, SteerSettings
+from .settings import ALPHA, APP_PROMPTS, STRENGTH, T_MODULE, T_RES, SteerSettings
 from .steer import plan_run, schedule_table
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class DemoExample:
 
     Fields:
         title: button text, e.g. "Weddings".
-        feature: seed feature id ``layer/site/index`` of the preset.
+        feature: seed feature id ``layer/site/index`` of the preset, or a seed set of ids joined
+            by ", " (steered together, each at its own layer).
         theme: what the judge looks for, in plain words.
         explanation: one or two plain-language sentences shown with the example.
         preset: the preset the ids belong to (examples of other presets are not shown).
@@ -90,7 +91,7 @@ class DemoExample:
 
     @property
     def prompt_or_default(self) -> str:
-        return self.prompt or TASK_DEFAULTS[self.task]["prompt"]
+        return self.prompt or APP_PROMPTS[self.task]
 
     def settings(self) -> SteerSettings:
         """The example's run (controls on: the demo always shows both)."""

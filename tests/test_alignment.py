@@ -134,6 +134,7 @@ def test_seed_set_candidate_pairs_the_best_on_theme_features_by_distinct_index()
     words = set(D.THEMES["Food"]["words"].split())
     runs = lambda *hits: {f"baseline:{i}": {"hits": h} for i, h in enumerate(hits)}  # noqa: E731
     rec = {"words": sorted(words), "candidates": {
+        "9/res/77": {"label": "cake, bread", "runs": {"baseline:3": {"hits": 0}, "cumulative:2": {"hits": 7}}},
         "26/res/1013": {"label": "tomato, sauce", "runs": runs(5, 2)},
         "27/res/1013": {"label": "sauces, pancakes", "runs": runs(4)},  # same index: the same feature carried on
         "7/res/514": {"label": "sauce, ketchup", "runs": runs(4, 1)},
@@ -146,32 +147,33 @@ def test_seed_set_candidate_pairs_the_best_on_theme_features_by_distinct_index()
 
 
 def test_seed_set_plans_as_the_app_does_and_makes_a_valid_example(tiny_bundle, tmp_path):
-    """A seed-set candidate's plan is the app's (`plan_run` on the same settings), and the example
-    written for it loads in the app (schema pattern, `load_examples`) with each seed at its own layer."""
+    """A seed-set candidate's plan is what the app runs for the example written from it (the
+    Playground's plan of its settings), and the example loads in the app (schema pattern,
+    `load_demo_examples`) with each seed at its own layer and each graph's own span quoted."""
     import json
     import re
 
-    from steering.settings import SteerSettings
-    from steering.steer import plan_run
-    from steering.ui import DemoExample, load_demo_examples
+    from steering.ui import DemoExample, Playground, load_demo_examples
 
     a, b = "1/res/3", "2/res/5"
     pair = f"{a}, {b}"
     specs = D.plan_for(tiny_bundle, pair, "baseline:4", "activate")
-    want = plan_run(tiny_bundle, SteerSettings.create(pair, condition="seed-only", strength=4.0, alpha=D.ALPHA))[1]
-    assert [(str(x.feature), x.strength) for x in specs] == [(str(x.feature), x.strength) for x in want]
     assert [str(x.feature) for x in specs] == [a, b] and all(x.strength == 4.0 for x in specs)
-    graph = D.graph_for(tiny_bundle, pair)
+    graphs = D.graphs_for(tiny_bundle, pair)
     rec = {"title": "Food", "task": "activate", "theme": "food", "words": ["food"], "prompt": "I think",
            "baseline_hits": 0, "chosen": {"feature": pair, "setting": "baseline:4", "hits": 6},
            "controls": {"prompted": {"hits": 8}, "random": {"hits": 0}}, "shipped": True,
-           "candidates": {pair: {"span": [graph.l_start, graph.l_end], "label": "food + cake",
+           "candidates": {pair: {"span": D.span_of(graphs), "label": "food + cake",
                                  "runs": {"baseline:4": {"hits": 6}}}}}
-    ex = D.example_json(rec, pair, "baseline:4", graph, 8, tiny_bundle.preset.name)
+    ex = D.example_json(rec, pair, "baseline:4", graphs, 8, tiny_bundle.preset.name)
     assert ex["layer"] is None and ex["condition"] == "seed-only" and ex["feature"] == pair
     assert "the two features together (strength 4 each)" in ex["explanation"]
+    assert "Their flow graphs follow them across " + D.span_text(graphs) in ex["explanation"]
     schema = json.loads(open("assets/demo_examples.schema.json").read())
-    assert re.match(schema["properties"]["examples"]["items"]["properties"]["feature"]["pattern"], pair)
-    assert DemoExample(**ex).settings().features == tuple(x.feature for x in specs)
+    pattern = schema["properties"]["examples"]["items"]["properties"]["feature"]["pattern"]
+    assert re.match(pattern, pair) and not re.match(pattern, pair.replace(", ", ","))
+    # what the app runs for the example written from the sweep's record is what the sweep measured
+    app = Playground.create(tiny_bundle).plan(DemoExample(**ex).settings())
+    assert [(x.feature, x.strength, x.mode) for x in app] == [(x.feature, x.strength, x.mode) for x in specs]
     (tmp_path / "ex.json").write_text(json.dumps({"examples": [ex]}))
     assert [e.feature for e in load_demo_examples(tiny_bundle, tmp_path / "ex.json")] == [pair]

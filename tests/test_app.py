@@ -516,6 +516,9 @@ def test_a_seed_set_example_runs_in_the_demo_tab(app_fns):
     fns, _ = app_fns
     fig, _, steered, _, gain, _ = fns["demo"]("Tiny pair")
     assert f"features {TINY_FEATURE}, 2/res/5" in fig.layout.title.text
+    pg = next(f for f in fns.values() if hasattr(f, "__self__") and hasattr(f.__self__, "pg")).__self__.pg
+    ex = next(e for e in pg.examples if e.title == "Tiny pair")
+    assert {str(x.feature) for x in pg.plan(ex.settings())} == {TINY_FEATURE, "2/res/5"}  # both are steered
     assert all(f in str(fig.to_dict()["data"]) for f in (TINY_FEATURE, "2/res/5"))  # both seeds' nodes
     assert "**seed " in steered and "Theme score" in gain
 
@@ -534,7 +537,8 @@ def test_playground_opens_at_the_first_examples_measured_setting(built_app, live
     comps = {c["props"].get("label", ""): c["props"].get("value") for c in built_app.get_config_file()["components"]}
     value = lambda start: next(v for k, v in comps.items() if k and k.startswith(start))  # noqa: E731
     assert value("Condition") == first.condition and value("Strength s") == first.strength
-    assert value("Prompt") == first.prompt and not value("Prompt").endswith(" ")
+    assert value("Prompt") == (first.prompt or TASK_DEFAULTS["activate"]["prompt"].rstrip())
+    assert value("Prompt").strip() and not value("Prompt").endswith(" ")
     for task in TASK_DEFAULTS:
         prompt, _ = Handlers.task_defaults(task)
         assert prompt == TASK_DEFAULTS[task]["prompt"].rstrip() and not prompt.endswith(" ")

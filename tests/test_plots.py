@@ -48,6 +48,11 @@ def test_schedule_and_scores_figures():
     fig = schedule_figure(rows)
     assert {t.name: list(t.y) for t in fig.data} == {"res": [3.0, 2.2], "mlp": [2.2]}
     assert "r per layer" in schedule_figure([{**r, "mode": "rescale"} for r in rows]).layout.title.text
+    # the push in the model's units goes on its own line with room above the plot (it was cut off)
+    pushed = schedule_figure([{**r, "pct_of_residual": 10.0 * r["layer"]} for r in rows])
+    first, second = pushed.layout.title.text.split("<br>")
+    assert first == "Steering strength s'(l) per layer" and "20% of the residual norm (layer 2)" in second
+    assert pushed.layout.margin.t > fig.layout.margin.t
     s = scores_figure({"unsteered": {"behavioral": 0.1, "coherence": 0.9, "metric": 0.09},
                        "steered": {"behavioral": 0.7, "coherence": 0.8, "metric": 0.56}}, {"steered": "Steered"})
     theme = next(t for t in s.data if t.name == "theme")

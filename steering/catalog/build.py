@@ -305,7 +305,8 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
         .isoformat(timespec="seconds"), "seed": seed, "ctx": ctx, "batch": batch, "sites": sorted(set(sites)),
         "tokens": any_stats.n_tokens, "sequences": len(seqs), "domains": data.domains,
         "tokens_per_domain": data.tokens_per_domain, "documents_per_domain": data.docs_per_domain,
-        "texts": "held-out + train documents of the corpus domains (steering/training/corpus.py), one random "
+        "texts": "held-out + train documents of the corpus domains (steering/training/corpus.py; everyday texts "
+                 "that corpus.degenerate flags as the generator's loops left out), one random "
                  "window of <= ctx tokens per document, joined with EOS, shuffled" if texts is None
                  else "caller-supplied texts",
         "mix": MIX if texts is None else None,

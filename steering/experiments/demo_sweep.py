@@ -333,12 +333,30 @@ def is_seed_set(fid: str) -> bool:
     return "," in fid
 
 
+def graphs_for(bundle, fid: str) -> list:
+    """The flow graph of each feature of a candidate (one, or each of a seed set)."""
+    from ..flow import build_flow_graph
+
+    return [build_flow_graph(bundle, f.strip()) for f in fid.split(",")]
+
+
 def graph_for(bundle, fid: str):
     """The flow graph of a candidate: one feature's, or a seed set's graphs merged (`merge_graphs`)."""
-    from ..flow import build_flow_graph
     from ..graph import merge_graphs
 
-    return merge_graphs([build_flow_graph(bundle, f.strip()) for f in fid.split(",")])
+    return merge_graphs(graphs_for(bundle, fid))
+
+
+def span_of(graphs: list) -> list[int]:
+    """[l_start, l_end] of a candidate for the MIN_SPAN rule: a seed set counts its shortest graph
+    (two one-layer graphs at layers 7 and 26 span one layer each, not 7-26)."""
+    g = min(graphs, key=lambda g: g.l_end - g.l_start)
+    return [g.l_start, g.l_end]
+
+
+def span_text(graphs: list) -> str:
+    """"layers 0-29", or for a seed set "layers 0-29 and 23-29" (each graph's own span)."""
+    return "layers " + " and ".join(f"{g.l_start}-{g.l_end}" for g in graphs)
 
 
 def plan_for(bundle, fid: str, setting: str, task: str) -> list:
@@ -356,13 +374,14 @@ def plan_for(bundle, fid: str, setting: str, task: str) -> list:
 
 
 def seed_set_candidate(rec: dict, n: int = N_SET) -> str | None:
-    """A seed set of the ``n`` on-theme single candidates with the most first-stage hits (at least
-    one each), distinct by index: with the aligned residual SAEs, the same index at two layers is
-    mostly one feature carried along (26/res/1013 and 27/res/1013), so the pair would only double it.
-    None when there are fewer than ``n`` such candidates."""
+    """A seed set of the ``n`` on-theme single candidates with the most first-stage hits alone
+    (their ``baseline:*`` runs: the seed set steers each feature alone, at least one hit each),
+    distinct by index: with the aligned residual SAEs, the same index at two layers is mostly one
+    feature carried along (26/res/1013 and 27/res/1013), so the pair would only double it. None
+    when there are fewer than ``n`` such candidates. Ids are joined by ", " (as the app writes them)."""
     best = []
     for fid, c in rec["candidates"].items():
-        hits = max((r["hits"] for r in c["runs"].values()), default=0)
+        hits = max((r["hits"] for name, r in c["runs"].items() if name.startswith("baseline:")), default=0)
         if not is_seed_set(fid) and hits > 0 and on_theme(c.get("label", ""), rec["words"]):
             best.append((hits, fid))
     out, idx = [], set()
@@ -404,8 +423,8 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
     rec = {"title": title, "task": task, "theme": spec["theme"], "words": sorted(words), "prompt": prompt,
            "grid": [f"{cond}:{s:g}" for cond, s in grid], "unsteered": judge_samples(base, words, task),
            "candidates": {}}
-    def run(fid: str, grid: list) -> None:
-        graph = graph_for(bundle, fid)
+    def sweep_candidate(fid: str, grid: list) -> None:
+        graphs = graphs_for(bundle, fid)
         variants = {f"{cond}:{s:g}": plan_for(bundle, fid, f"{cond}:{s:g}", task) for cond, s in grid}
         runs = {}
         names = list(variants)
@@ -416,13 +435,15 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
             for n, run in judged(gens, chunk, rec).items():
                 runs[n] = {"hits": run["hits"], "n_features": len(variants[n]), "samples": run["samples"]}
         label = " + ".join(catalog.label(f.strip()) for f in fid.split(",")) if catalog else ""
-        rec["candidates"][fid] = {"span": [graph.l_start, graph.l_end], "label": label, "runs": runs}
+        rec["candidates"][fid] = {"span": span_of(graphs), "label": label, "runs": runs}
+        if len(graphs) > 1:
+            rec["candidates"][fid]["spans"] = [[g.l_start, g.l_end] for g in graphs]
 
     for fid in candidates(bundle, catalog, spec):
-        run(fid, grid)
+        sweep_candidate(fid, grid)
     pair = seed_set_candidate(rec) if task == "activate" and seed_sets else None
     if pair:
-        run(pair, SET_GRID)
+        sweep_candidate(pair, SET_GRID)
     recheck(bundle, rec, max_new_tokens)
     return rec
 
@@ -500,11 +521,17 @@ def confirm(bundle, rec: dict, max_new_tokens: int) -> dict:
     return {"seeds": CONFIRM_SEEDS, "setting": setting, "feature": fid, **judged(gens, ("steered", "unsteered"), rec)}
 
 
-def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, preset: str) -> dict:
+N_WORDS = {2: "two", 3: "three", 4: "four"}
+
+
+def example_json(rec: dict, fid: str, setting: str, graphs: list, max_new_tokens: int, preset: str) -> dict:
+    """The curated example of a graded theme (``graphs``: `graphs_for` the chosen candidate)."""
     cond, s = setting.split(":")
-    span = f"layers {graph.l_start}-{graph.l_end}"
+    span = span_text(graphs)
+    graph = graphs[0]
     pair = is_seed_set(fid)
-    what = {"baseline": "the two features together" if pair else "the feature alone",
+    what = {"baseline": f"the {N_WORDS.get(len(graphs), len(graphs))} features together" if pair
+            else "the feature alone",
             "single": f"the flow-graph features at layer {graph.seed.layer}",
             "cumulative": f"the whole flow from layer {graph.l_start} up to layer {graph.seed.layer}, "
                           "weaker at later layers"}[cond]
@@ -553,7 +580,7 @@ def example_json(rec: dict, fid: str, setting: str, graph, max_new_tokens: int, 
             vs = "worked better" if prompted > n_hits else "did as well" if prompted == n_hits else "did worse"
             counted = conf["steered"]["hits"] if conf else n_hits  # the fresh seeds' count where there is one
             why = (f"{goal} fewer than six of the eight {'fresh ' if conf else ''}samples" if counted < MIN_HITS
-                   else "the flow graph spans a single layer")
+                   else "a flow graph of it spans a single layer")
             expl = (f"Honest result: steering beat the unsteered model and random directions here ({ask} {vs}), "
                     f"but {why}. ") + expl
         else:
@@ -579,21 +606,22 @@ def grade(bundle, rec: dict, n_tok: int) -> list[tuple[int, dict]]:
     the examples is the fresh-seed one. The explanation says how it compares
     with asking the model."""
     fid, hits = rec["chosen"]["feature"], rec["chosen"]["hits"]
-    graph = graph_for(bundle, fid)
+    graphs = graphs_for(bundle, fid)
+    lo, hi = span_of(graphs)
     margin = hits - max(rec["baseline_hits"], rec["controls"]["random"]["hits"])
     conf = current_confirm(rec)
     fresh = None if conf is None else conf["steered"]["hits"] - conf["unsteered"]["hits"]
     # the fresh seeds' count is the unbiased one: it decides where there is one (the choosing
     # seeds' count only where the check has not been run)
     enough = conf["steered"]["hits"] >= MIN_HITS if conf is not None else hits >= MIN_HITS
-    rec["shipped"] = (enough and graph.l_end - graph.l_start + 1 >= MIN_SPAN and margin > 0
+    rec["shipped"] = (enough and hi - lo + 1 >= MIN_SPAN and margin > 0
                       and (fresh is None or fresh > 0))
     rec["in_demo"] = (margin > 0 and (fresh is None or (fresh > 0 and conf["steered"]["hits"] >= MIN_DEMO_FRESH))
                       and on_theme(rec["candidates"][fid].get("label", ""), rec["words"]))
     if not rec["in_demo"]:
         return []
     return [(margin if fresh is None else fresh,
-             example_json(rec, fid, rec["chosen"]["setting"], graph, n_tok, bundle.preset.name))]
+             example_json(rec, fid, rec["chosen"]["setting"], graphs, n_tok, bundle.preset.name))]
 
 
 def main(argv: list[str] | None = None) -> int:
