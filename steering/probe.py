@@ -9,7 +9,7 @@ import torch
 
 from . import limits
 from .catalog.words import token_pieces, token_strings
-from .sinks import sink_mask
+from .sinks import DISPLAY_SINK_RATIO, sink_mask
 
 
 @torch.no_grad()
@@ -47,7 +47,8 @@ def features_for_text(bundle, text: str, k: int = 10, sites: Iterable[str] = ("r
         hidden = [torch.as_tensor(hide(*key) or [False] * bundle.width(*key), dtype=torch.bool) for key in keys]
         z[:, torch.cat(hidden)] = 0
     if not keep_sinks:
-        sinks = sink_mask(torch.stack([store[k][0] for k in res_keys])[:, None])[0].cpu() if res_keys else None
+        sinks = (sink_mask(torch.stack([store[k][0] for k in res_keys])[:, None], ratio=DISPLAY_SINK_RATIO)[0].cpu()
+                 if res_keys else None)
         z[0] = 0  # attention sink
         if sinks is not None:
             z[sinks] = 0  # and any other sink (by residual norm)

@@ -60,3 +60,26 @@ def test_add_mode_leaves_a_norm_sink_untouched(tiny_bundle):
     clean, steered = run([[]], True), run([[SteerSpec(f, 4.0)]], True)
     assert torch.allclose(steered[(1, "res")][0, 2], clean[(1, "res")][0, 2])  # the sink
     assert not torch.allclose(steered[(1, "res")][0, 3], clean[(1, "res")][0, 3])
+
+
+def test_what_people_read_skips_massive_activation_tokens_too(tiny_bundle, monkeypatch):
+    """A position at 5-10x the median norm is not a sink for training (SINK_RATIO) but is left out of
+    what people read: the catalog's statistics and "Which features fire?" (DISPLAY_SINK_RATIO)."""
+    from steering import probe, sinks
+    from steering.catalog import build
+
+    h = torch.ones(1, 6, 4)
+    h[0, 3] *= 7.0  # a massive-activation token, like SmolLM2's " the" at 5-10x
+    assert sink_mask(h).tolist() == [[True, False, False, False, False, False]]
+    assert sink_mask(h, ratio=sinks.DISPLAY_SINK_RATIO)[0].tolist() == [True, False, False, True, False, False]
+    seen = []
+
+    def spy(*a, **k):
+        seen.append(k.get("ratio", sinks.SINK_RATIO))
+        return sink_mask(*a, **k)
+
+    for mod in (probe, build):
+        monkeypatch.setattr(mod, "sink_mask", spy)
+    probe.features_for_text(tiny_bundle, "The bride and groom cut the cake.")
+    build.build_catalog(tiny_bundle, n_tokens=256, ctx=32, batch=8, texts={"prose": ["a b c d e f g h " * 40]})
+    assert seen and set(seen) == {sinks.DISPLAY_SINK_RATIO}

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .. import limits
 from .. import sites as S
 from ..features import parse_feature
-from ..sinks import SINK_RATIO, sink_mask
+from ..sinks import DISPLAY_SINK_RATIO, sink_mask
 from .labels import LLM_MODEL, llm_item, llm_labels, token_tags
 from .store import FORMAT, Catalog, sae_fingerprint
 from .words import WORD, text_words, token_strings
@@ -273,7 +273,7 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
         with bundle.lock, S.capture_sites(mods, store):
             inner(input_ids=ids.to(bundle.device))
         # attention sinks by residual norm (position 0 always; others such as a repeated first token)
-        sinks = (sink_mask(torch.stack([store[k] for k in res_keys]))[:, 1:].cpu() if res_keys
+        sinks = (sink_mask(torch.stack([store[k] for k in res_keys]), ratio=DISPLAY_SINK_RATIO)[:, 1:].cpu() if res_keys
                  else torch.zeros(len(ids), ids.shape[1] - 1, dtype=torch.bool))  # [b, ctx - 1]
         n_sinks += int(sinks.sum())
         seq_index = torch.arange(start, start + len(ids))
@@ -311,7 +311,8 @@ def build_catalog(bundle, n_tokens: int = 150_000, ctx: int = CTX, batch: int = 
                  else "caller-supplied texts",
         "mix": MIX if texts is None else None,
         "position_0": "skipped (attention sink)",
-        "sinks": f"positions whose residual norm is >= {SINK_RATIO:g}x the row median are skipped too "
+        "sinks": f"positions whose residual norm is >= {DISPLAY_SINK_RATIO:g}x the row median are skipped too "
+                 "(sinks and massive-activation tokens, steering.sinks.DISPLAY_SINK_RATIO) "
                  f"({n_sinks} such positions besides position 0)",
         "label_source": "llm" if n_llm and n_llm == sum(len(c["label"]) for c in summary.values()) else
                         "mixed" if n_llm else "offline",
