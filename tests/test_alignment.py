@@ -146,6 +146,17 @@ def test_seed_set_candidate_pairs_the_best_on_theme_features_by_distinct_index()
     assert D.seed_set_candidate(rec) is None
 
 
+def test_a_seed_set_ties_as_the_larger_push():
+    """`ranked`'s tie-break (the weaker push) counts every seed of a seed set: two features at s = 5
+    push 10, more than one at s = 7 (session 14: the first seed-set sweep picked the pair on that tie)."""
+    words = ["wedding"]
+    rec = {"words": words, "candidates": {
+        "25/res/573": {"label": "wedding", "span": [0, 29], "runs": {"baseline:7": {"hits": 3, "recheck_hits": 3}}},
+        "25/res/573, 7/res/893": {"label": "wedding + wedding", "span": [0, 29],
+                                  "runs": {"baseline:5": {"hits": 3, "recheck_hits": 3}}}}}
+    assert D.choose(rec)[:2] == ("25/res/573", "baseline:7")
+
+
 def test_seed_set_plans_as_the_app_does_and_makes_a_valid_example(tiny_bundle, tmp_path):
     """A seed-set candidate's plan is what the app runs for the example written from it (the
     Playground's plan of its settings), and the example loads in the app (schema pattern,

@@ -470,11 +470,12 @@ def ranked(rec: dict, stage: str = "final") -> list[tuple[str, str, int]]:
     """[(feature, setting, hits on SEEDS)], best first: features whose label names the theme first
     (`on_theme`), then graphs spanning >= MIN_SPAN layers, then the most hits - on SEEDS and
     RECHECK_SEEDS together where a setting was rechecked (``stage="final"``; a rechecked setting
-    comes before one that was not), on SEEDS alone for ``stage="first"`` - and ties to the weaker push."""
+    comes before one that was not), on SEEDS alone for ``stage="first"`` - and ties to the weaker push
+    (a seed set of n features at s pushes n x s: two at s = 5 are not weaker than one at s = 7)."""
     keyed = []
     for fid, c in rec["candidates"].items():
         for name, run in c["runs"].items():
-            s = float(name.split(":")[1])
+            s = float(name.split(":")[1]) * len(fid.split(","))  # the push: s for each seed of a seed set
             checked = stage == "final" and "recheck_hits" in run
             hits = run["hits"] + run.get("recheck_hits", 0) if checked else run["hits"]
             key = (on_theme(c.get("label", ""), rec.get("words", ())), c["span"][1] - c["span"][0] + 1 >= MIN_SPAN,
