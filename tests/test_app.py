@@ -17,7 +17,7 @@ from apprun import ROOT, TINY_FEATURE
 
 STEER_DEFAULTS = dict(feature=TINY_FEATURE, t_res=0.5, t_module=0.15, task="activate", condition="cumulative", layer=-1,
                       strength=4.0, schedule="exp", alpha=-0.25, s_end=1.0, r=0, exclude=[], include=[], seed=5, samples=1,
-                      max_new_tokens=8, prompt="I think ", chat=False, theme="wedding", compare=False, api_key="",
+                      max_new_tokens=8, prompt="I think", chat=False, theme="wedding", compare=False, api_key="",
                       controls=[], scope="all")
 
 
