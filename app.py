@@ -192,8 +192,12 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                             value=examples[0].prompt_or_default
                                             if examples and examples[0].task == "activate"
                                             else APP_PROMPTS["activate"])
-                        theme = gr.Textbox(label="Theme for the judge (filled from the feature; edit freely)",
-                                           placeholder="e.g. weddings and marriage")
+                        # the first example's theme with its feature: a first Steer gets scores and the asking
+                        # control (with an empty box every sample read "no theme given"); kept like a theme an
+                        # example put there (auto_theme empty), replaced by a card whose label names a theme
+                        first_theme = examples[0].theme if examples else ""
+                        theme = gr.Textbox(first_theme, placeholder="e.g. weddings and marriage",
+                                           label="Theme for the judge (filled from the feature; edit freely)")
                         auto_theme = gr.Textbox("", visible=False)  # the theme the last card set
                         with gr.Row():
                             seed = FieldNumber(value=0, precision=0, label="Seed", minimum=0, maximum=limits.MAX_SEED)

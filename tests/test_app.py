@@ -524,8 +524,8 @@ def test_a_seed_set_example_runs_in_the_demo_tab(app_fns):
 
 
 def test_playground_opens_at_the_first_examples_measured_setting(built_app, live_app):
-    """The Playground's first run is the first curated example's measured setting (condition,
-    strength and prompt); the prompts a task change sets carry no trailing space (SmolLM2 continues
+    """The Playground's first run is the first curated example's measured setting (feature,
+    condition, strength, prompt and theme, so it is scored and the asking control runs); the prompts a task change sets carry no trailing space (SmolLM2 continues
     "I think " with digits in about half of the samples)."""
     from app_handlers import Handlers
     from steering.settings import TASK_DEFAULTS
@@ -539,6 +539,13 @@ def test_playground_opens_at_the_first_examples_measured_setting(built_app, live
     assert value("Condition") == first.condition and value("Strength s") == first.strength
     assert value("Prompt") == (first.prompt or TASK_DEFAULTS["activate"]["prompt"].rstrip())
     assert value("Prompt").strip() and not value("Prompt").endswith(" ")
+    assert value("Feature id") == first.feature and value("Theme for the judge") == first.theme  # scored at once
+    # the card shown on page load keeps it (an example's theme, not one an earlier card set)
+    load = next(d for d in built_app.get_config_file()["dependencies"]
+                if getattr(built_app.fns[d["id"]].fn, "__name__", "") == "card_quiet" and d["targets"][0][1] == "load")
+    fn = built_app.fns[load["id"]].fn
+    _, kept_theme, _ = fn(first.feature, False, first.theme, "")
+    assert kept_theme == first.theme or (isinstance(kept_theme, dict) and "value" not in kept_theme)
     for task in TASK_DEFAULTS:
         prompt, _ = Handlers.task_defaults(task)
         assert prompt == TASK_DEFAULTS[task]["prompt"].rstrip() and not prompt.endswith(" ")
