@@ -196,8 +196,9 @@ def scores_figure(summary: dict[str, dict], titles: dict[str, str] | None = None
         fig.add_trace(go.Bar(x=labels, y=values, name=label, marker_color=colour,
                              text=[f"{v:.2f}" if v is not None else "" for v in values], textposition="outside",
                              cliponaxis=False))
-    fig.update_layout(barmode="group", height=300, yaxis={"range": [0, 1.15], "title": "score (0-1)"},
-                      margin={"l": 50, "r": 10, "t": 40, "b": 60}, plot_bgcolor="white",
+    # t = 80: the app's plot label covers the top ~40 px, where the legend sat hidden (walkthrough)
+    fig.update_layout(barmode="group", height=330, yaxis={"range": [0, 1.15], "title": "score (0-1)"},
+                      margin={"l": 50, "r": 10, "t": 80, "b": 60}, plot_bgcolor="white",
                       legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
     return fig
 
