@@ -192,6 +192,17 @@ def card_theme(card) -> str:
     return judge_theme(list(zip(card.top_tokens, card.top_token_shares)), card.context_words)
 
 
+def _no_theme_note(lens: list[str]) -> str:
+    """The card's note for a feature whose label names no theme (`card_theme` gave ""); ``lens``:
+    the words its direction pushes the model toward (`Catalog.lens_words`), which explain why
+    such a feature can still steer toward a theme."""
+    why = ("It fires on small words or word pieces, so what it reads names no theme"
+           + (f"; what it writes does: its direction pushes the model toward {', '.join(lens)} "
+              "and steering adds that direction" if lens else ""))
+    return (f"_{why}. Check “Theme for the judge” (it keeps your search words or the example's theme) "
+            "or type what the judge should look for._")
+
+
 @dataclass
 class Playground:
     """Everything the app reads for every session; built once by `create`, never mutated later.
@@ -311,14 +322,14 @@ class Playground:
             theme = card_theme(c)
             raw = f" · raw: <code>{_escape(c.label)}</code>" if researcher and c.label_source != "llm" else ""
             lines += [f"**{self.label(str(f), researcher)}** <small>({c.label_source} label{raw})</small>", "",
-                      *([] if theme else ["_Its label names no theme (it fires on small words or word pieces): "
-                                          "check “Theme for the judge” (it keeps your search words or the "
-                                          "example's theme) or type what the judge should look for._", ""]),
+                      *([] if theme else [_no_theme_note(self.catalog.lens_words(f)), ""]),
                       f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
                       f"mean when active **{c.mean_act:.2f}**", "",
                       f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  "]
             if researcher:
                 lines.append(f"Promotes (logit lens): {', '.join(repr(t) for t in c.promoted_tokens[:6])}")
+            elif lens := self.catalog.lens_words(f):
+                lines.append(f"Pushes the model toward: {', '.join(lens)}")
             lines += ["", "**Top contexts** (the token where it fires is highlighted):"]
             for ctx in c.contexts:
                 toks = [_escape(t) for t in ctx["tokens"]]

@@ -335,6 +335,59 @@ def test_readable_labels_use_whole_words_and_name_form_features():
     assert readable_label([(" God", 0.3), (" moon", 0.2), (" Moon", 0.1)], [], []) == "God, moon"
 
 
+def test_form_features_say_what_they_push_toward():
+    """Walkthrough (session 14): the Music example's 27/res/402 carded as "small words (a, of, in)
+    ... its label names no theme" while the Demo steered music with it. A form feature's lay label
+    now adds the whole words its direction makes the model say (logit lens) and the content words
+    among its top tokens; word pieces, stop words, words outside the vocabulary and words common
+    to many features stay out."""
+    from steering.catalog.labels import lens_words, readable_label
+
+    vocab = frozenset({"melodies", "melody", "tuning", "athlete", "since", "time", "banana"})
+    promoted = [" melodies", "ution", " melody", " Melody", "athlete", " the", " tuning"]
+    assert lens_words(promoted, vocab) == ["melodies", "melody"]
+    assert lens_words(promoted, vocab, n=3) == ["melodies", "melody", "tuning"]  # 'athlete': no leading space
+    assert lens_words(promoted, vocab, common={"melodies"}) == ["melody", "tuning"]
+    assert lens_words([" athlet", " fog"], vocab | {"fog"}) == []  # a piece; under 4 letters
+    assert lens_words(promoted, frozenset()) == []
+    small = [(" of", 0.3), (" in", 0.3), (" from", 0.3), (",", 0.1)]
+    assert readable_label(small, [], [], ["melodies", "melody"]) == "small words (of, in, from), pushing toward melodies, melody"
+    olympic = [(" Olympic", 0.2), (" in", 0.3), (" the", 0.3), (" as", 0.2)]
+    assert readable_label(olympic, [], [], ["athlete"]) == "Olympic and small words (in, the, as), pushing toward athlete"
+    assert readable_label(olympic, [], ["code"], ["athlete"]) == "Olympic and small words (in, the, as) in code, pushing toward athlete"
+    cake = [(" cake", 0.4), (" cakes", 0.1)]
+    assert readable_label(cake, [], [], ["banana"]) == "cake, cakes"  # a content feature is named by what it reads
+    assert readable_label([(",", 0.6), (" ", 0.2)], [], ["punctuation"], ["time"]) == "punctuation, pushing toward time"
+
+
+def test_catalog_lens_words_only_in_late_layers(built, monkeypatch):
+    """`Catalog.lens_words` reads the logit lens from LENS_MIN_DEPTH of the depth on (it means
+    little in early layers); the lay label and card use it, the raw label is unchanged."""
+    import steering.catalog.store as store
+
+    _, loaded, *_ = built
+    monkeypatch.setattr(store, "_vocab", lambda: frozenset({"zebra", "walrus"}))
+    top_layer = max(l for l, s in loaded.summary if s == "res")
+    loaded._detailed("res")
+    cols_lo, cols_hi = loaded.summary[(0, "res")], loaded.summary[(top_layer, "res")]
+    saved = cols_lo["out"][0], cols_hi["out"][0]
+    try:
+        cols_lo["out"][0] = cols_hi["out"][0] = [" zebra", " walrus"]
+        assert loaded.lens_words(f"{top_layer}/res/0") == ["zebra", "walrus"]
+        assert loaded.lens_words("0/res/0") == []
+    finally:
+        cols_lo["out"][0], cols_hi["out"][0] = saved
+
+
+def test_the_card_says_why_a_form_feature_can_steer():
+    """The card's note for a label naming no theme gives the words the direction pushes toward."""
+    from steering.ui import _no_theme_note
+
+    with_lens, without = _no_theme_note(["melodies", "melody"]), _no_theme_note([])
+    assert "pushes the model toward melodies, melody" in with_lens and "steering adds" in with_lens
+    assert "pushes" not in without and "Theme for the judge" in without and "Theme for the judge" in with_lens
+
+
 def test_catalog_plain_labels_and_form_features(built):
     _, loaded, *_ = built
     for fid in ("0/res/1", "2/res/7", "1/res/3"):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from .words import common_promoted, show_token, text_words, theme_words
+from .words import STOP_WORDS, common_promoted, show_token, text_words, theme_words
 
 log = logging.getLogger(__name__)
 LLM_MODEL = "gpt-4o-mini"
@@ -97,24 +97,52 @@ def judge_theme(top: list[tuple[str, float]], context_words: list[str]) -> str:
     return ", ".join(words or ctx)
 
 
-def readable_label(top: list[tuple[str, float]], context_words: list[str], tags: list[str]) -> str:
+LENS_MIN_DEPTH = 0.5  # lens words only from the second half of the layers (see lens_words)
+
+
+def lens_words(promoted: list[str], vocab: frozenset[str], common: set[str] = frozenset(), n: int = 2) -> list[str]:
+    """Up to ``n`` whole English words among a feature's logit-lens tokens (``promoted``, strongest
+    first): tokens that start a word, letters only, >= 4 letters, words of ``vocab`` (e.g. the
+    MiniLM vocabulary, `embeddings.minilm_vocab`), not stop words, not in ``common``
+    (`words.common_promoted`), lower-cased, distinct. Pieces such as 'athlet' or 'ution' are
+    dropped. The logit lens reads a direction through the final norm and the unembedding, which
+    means little in early layers, so callers use it from LENS_MIN_DEPTH of the depth on."""
+    out: list[str] = []
+    for tok in promoted:
+        w = tok.strip().lower()
+        if (tok[:1].isspace() and w.isalpha() and len(w) >= 4 and w in vocab and w not in STOP_WORDS
+                and w not in common and w not in out):
+            out.append(w)
+    return out[:n]
+
+
+def readable_label(top: list[tuple[str, float]], context_words: list[str], tags: list[str],
+                   lens: list[str] = ()) -> str:
     """A label for a lay reader: whole words only (`label_words`: top tokens that start a word,
-    then words its top contexts share), never word pieces or logit-lens tokens. A feature that
-    fires on form (`function_share`) is named by its tags ('punctuation', 'numbers') or as 'small
-    words (is, had)'; a domain tag is said in words ('in code')."""
+    then words its top contexts share), never word pieces. A feature that fires on form
+    (`function_share`) is named by its tags ('punctuation', 'numbers') or as 'small words (is,
+    had)', with the content words among its top tokens before it ('Olympic and small words (in,
+    the)'); then ``lens`` (`lens_words`: whole words its direction makes the model say) is added as
+    'pushing toward melodies, melody', since what such a feature steers toward is not in its input
+    side (e.g. 27/res/402, which fires on 'a', 'of', 'in' in texts about instruments); a domain
+    tag is said in words ('in code')."""
     words, ctx = label_words(top, context_words)
     domain = [f"in {t}" for t in tags if t in DOMAIN_TAGS]
     named = [PLAIN_TAGS[t] for t in tags if t in PLAIN_TAGS]
     form = function_share(top) >= FUNCTION_SHARE
+    push = ""
     if not form and not words and ctx:
         main = f"texts with {', '.join(ctx)}"
     elif form or not words:
         small = [w for w in dict.fromkeys(t.strip().lower() for t, _ in top if not text_words(t))
                  if w.isalpha() and len(w) > 1][:3]
         main = " and ".join(named) or (f"small words ({', '.join(small)})" if small else "word pieces")
+        if words and not named:  # a content word among the top tokens of a form feature: 'Olympic'
+            main = f"{', '.join(words)} and {main}"
+        push = f", pushing toward {', '.join(lens)}" if lens else ""
     else:
         main = ", ".join(words) + (f" (in texts with {', '.join(ctx)})" if ctx else "")
-    return " ".join([main] + domain)
+    return " ".join([main] + domain) + push
 
 
 

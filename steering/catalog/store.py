@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..features import FeatureId, parse_feature
-from .labels import FUNCTION_SHARE, function_share, readable_label, relabel_offline
+from .labels import FUNCTION_SHARE, LENS_MIN_DEPTH, function_share, lens_words, readable_label, relabel_offline
 from .search import Hit, search, site_index
-from .words import N_RELATED, RELATED_MIN_SIM, catalog_words, minilm_embedder, related_words
+from .words import N_RELATED, RELATED_MIN_SIM, catalog_words, common_promoted, minilm_embedder, related_words
 
 log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 50 * 2**20
@@ -94,6 +94,7 @@ class Catalog:
         self._contexts: dict[tuple[int, str], list] = dict(contexts or {})
         self._index: dict[str, dict] = {}
         self._related: dict[str, list] | None = None
+        self._common: dict[str, set[str]] = {}
         self._lock = threading.RLock()
 
     # ---- loading / saving --------------------------------------------------------------
@@ -227,7 +228,26 @@ class Catalog:
         i = f.index
         if cols["src"][i] == "l":
             return cols["label"][i]
-        return readable_label([tuple(x) for x in cols["top"][i]], [w for w, _ in cols["cw"][i]], cols["tags"][i])
+        return readable_label([tuple(x) for x in cols["top"][i]], [w for w, _ in cols["cw"][i]], cols["tags"][i],
+                              self.lens_words(f))
+
+    def lens_words(self, fid) -> list[str]:
+        """Whole words the feature's direction makes the model say (`labels.lens_words` of its
+        logit-lens tokens), for features in the second half of the layers (LENS_MIN_DEPTH) only;
+        [] elsewhere or when the MiniLM vocabulary is not installed."""
+        f = parse_feature(fid) if isinstance(fid, str) else fid
+        layers = [l for l, s in self.summary if s == f.site]
+        if not layers or f.layer < LENS_MIN_DEPTH * max(layers):
+            return []
+        cols = self.columns(f, detail=True)
+        return lens_words(cols["out"][f.index], _vocab(), self._common_promoted(f.site))
+
+    def _common_promoted(self, site: str) -> set[str]:
+        with self._lock:
+            if site not in self._common:
+                self._detailed(site)
+                self._common[site] = common_promoted(self.summary, site)
+            return self._common[site]
 
     def function_features(self, layer: int, site: str) -> list[bool]:
         """Per feature of one SAE: True where it fires on form rather than a topic: punctuation,
@@ -303,6 +323,18 @@ class Catalog:
                                    "context words → promoted tokens [tags]), promoted words common to many features "
                                    "left out")
         self.meta["derived"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@functools.cache
+def _vocab() -> frozenset[str]:
+    """The MiniLM vocabulary's whole words (`embeddings.minilm_vocab`); empty, with a warning, when
+    the judge's package is not installed (labels then carry no lens words)."""
+    from ..embeddings import minilm_vocab
+    try:
+        return minilm_vocab()
+    except FileNotFoundError as e:
+        log.warning("labels without lens words: %s", e)
+        return frozenset()
 
 
 def _read_gz(path: Path):
