@@ -118,7 +118,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                         search_note = gr.Markdown(elem_id="search-note")
                         hits = gr.Dataframe(headers=["feature", "what it is about", "score", "shared words"],
                                             interactive=False,
-                                            label="Results, best match first (click a row to pick it)", max_height=300,
+                                            label="Results, best match first (click a row to pick it)", max_height=480,
                                             wrap=True, column_widths=["18%", "44%", "10%", "28%"],
                                             elem_id="search-results")
                     with gr.Column():
@@ -136,7 +136,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                         probe_rows = gr.Dataframe(headers=["feature", "label", "max act. (x typical)", "token"],
                                                   interactive=False, column_widths=["18%", "50%", "14%", "18%"],
                                                   label="Most active features (click a row to pick it)",
-                                                  max_height=220, wrap=True)
+                                                  max_height=420, wrap=True)
                 with gr.Row():
                     feature = gr.Textbox(label="Feature id (layer/site/index; several separated by commas: a seed "
                                          "set)", value=default_feature,
@@ -184,7 +184,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                         include = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
                                               label="Also steer nodes outside the span")
                     with gr.Column():
-                        preview_plot = gr.Plot(label="strength per layer (preview of the plan)")
+                        preview_plot = gr.Plot(label="strength per layer (preview of the plan)", elem_id="plan-preview")
                         with gr.Accordion("Plan as a table", open=False):
                             plan_json = gr.JSON()
                         prompt = gr.Textbox(label="Prompt (the paper's for the task, without its trailing space, "
@@ -271,7 +271,9 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         card_btn.click(h.card, [feature, researcher], [card_md, theme], api_name="card", **LIGHT)
         flowed = flow_btn.click(h.flow, [feature, t_res, t_module, live_prompt, researcher],
                                 [flow_plot, nodes, graph_json, live_plot, exclude, include], api_name="flow", **MODEL)
-        for ctl in (task, condition, layer, strength, schedule, alpha, s_end, r, exclude, include):
+        # the preview follows every input of the plan (a new feature or threshold too), before any graph is built
+        for ctl in (feature, t_res, t_module, task, condition, layer, strength, schedule, alpha, s_end, r, exclude,
+                    include):
             ctl.change(h.schedule_quiet, plan_inputs, [preview_plot, plan_json], api_name=False,
                        trigger_mode="always_last", show_progress="hidden", **LIGHT)
         # after the graph only: a bad id is one message, not one per event
@@ -287,6 +289,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         if examples:
             demo_outputs = [demo_graph, demo_base, demo_steer, demo_scores, demo_gain, demo_ctrl]
             demo_pick.change(h.example_text, demo_pick, demo_expl, api_name=False, queue=False)
+            # another example: the last one's texts, graph and scores leave the screen
+            demo_pick.change(cleared(6), None, demo_outputs, api_name=False, queue=False)
             demo_run.click(h.run_demo, demo_pick, demo_outputs, api_name="demo", **MODEL).failure(
                 cleared(6), None, demo_outputs, api_name=False, queue=False)
             demo_open.click(h.open_in_playground, demo_pick,
@@ -295,6 +299,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                              carried], api_name=False, queue=False)
         demo.load(h.card_quiet, [feature, researcher, theme, auto_theme], [card_md, theme, auto_theme], api_name=False,
                   **LIGHT)
+        demo.load(h.schedule_quiet, plan_inputs, [preview_plot, plan_json], api_name=False, show_progress="hidden",
+                  **LIGHT)  # the opening feature's plan, before its graph is built
         gr.api(h.health, api_name="health", queue=False)
     return demo
 

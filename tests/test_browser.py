@@ -124,6 +124,20 @@ def test_bad_input_shows_a_short_error(browser, live_app):
     page.shot("tiny-error")
 
 
+def test_plan_preview_is_drawn_before_any_graph(browser, live_app):
+    """Walkthrough (session 14): the plan preview stayed empty until a flow graph was built. It is
+    drawn on page load for the opening feature, and follows a new feature id typed in the box."""
+    page = Page(browser, live_app["url"])
+    pg = page.page
+    pg.get_by_role("tab", name="Playground").click()
+    bars = pg.locator("#plan-preview .js-plotly-plot .bars path")
+    bars.first.wait_for()
+    assert "per layer" in page.text("plan-preview") and pg.locator("#flow-plot .js-plotly-plot").count() == 0
+    pg.locator("#feature-id textarea, #feature-id input").first.fill("99/res/1")
+    page.wait_text("plan-preview", "no plan")  # in the plot's title: no toast while typing
+    assert pg.locator(".toast-body").count() == 0
+
+
 def test_open_example_in_playground_and_pick_a_token(browser, live_app):
     page = Page(browser, live_app["url"])
     pg = page.page
