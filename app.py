@@ -18,8 +18,8 @@ import os
 
 import gradio as gr
 
-from app_handlers import (FieldNumber, FieldSlider, Handlers, bounded_malloc, cleared, named, pick_hit, pick_row,
-                          pick_token)
+from app_handlers import (FieldNumber, FieldSlider, Handlers, bounded_malloc, cleared, layer_after_pick, named,
+                          pick_hit, pick_row, pick_token)
 from steering import limits
 from steering.bundle import Bundle, parse_max_memory
 from steering.settings import (ALPHA, CONDITIONS, DEPRECATED_CONDITIONS, S_END, SCHEDULES, STRENGTH, T_MODULE, T_RES,
@@ -263,9 +263,10 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         researcher.change(h.card_view, [feature, researcher], card_md, api_name=False, **LIGHT)
         researcher.change(h.flow_relabel, [graph_json, live_prompt, researcher], [flow_plot, nodes, live_plot],
                           api_name=False, **MODEL)
-        hits.select(pick_hit, query, [feature, theme], api_name=False, queue=False)
-        probe_rows.select(pick_row, None, feature, api_name=False, queue=False)
-        probe_tokens.select(pick_token, None, feature, api_name=False, queue=False)
+        for picked in (hits.select(pick_hit, query, [feature, theme], api_name=False, queue=False),
+                       probe_rows.select(pick_row, None, feature, api_name=False, queue=False),
+                       probe_tokens.select(pick_token, None, feature, api_name=False, queue=False)):
+            picked.then(layer_after_pick, [feature, layer, carried], [layer, carried], api_name=False, queue=False)
         feature.change(h.card_quiet, [feature, researcher, theme, auto_theme], [card_md, theme, auto_theme],
                        api_name=False, trigger_mode="always_last", **LIGHT)
         card_btn.click(h.card, [feature, researcher], [card_md, theme], api_name="card", **LIGHT)

@@ -474,6 +474,19 @@ def test_judge_theme_from_search_words_is_kept_when_the_label_names_none(live_ap
     assert hint.startswith("_") and kept(keep) and kept(auto)
 
 
+def test_a_picked_feature_starts_at_its_own_layer():
+    """Walkthrough (session 15): Demo "Music" -> Open in the Playground -> pick a search result: the
+    carried layer 27 lay outside the new feature's span, so the preview, the graph and Steer were
+    all refused. A pick sets the layer back to the seed's layer and the carried note says so."""
+    from app_handlers import layer_after_pick
+
+    layer, note = layer_after_pick("4/res/507", 27, "Settings carried from the demo example \"Music\"")
+    assert layer == -1 and "4/res/507" in note and note.startswith("Settings carried") and "still apply" in note
+    layer, note = layer_after_pick("4/res/507", 12, "")  # a layer set by hand: reset, no note to amend
+    assert layer == -1 and isinstance(note, dict) and "value" not in note
+    assert all(isinstance(x, dict) and "value" not in x for x in layer_after_pick("4/res/507", -1, "carried"))
+
+
 def test_demo_headline_and_columns_use_one_scale_and_say_what_was_asked(app_fns, live_app):
     """The demo's headline gives theme and readability on /5 with the median perplexity of both
     columns (the offline coherence alone is 5/5 for most fluent-looking text); column means use
