@@ -210,10 +210,12 @@ def pick_hit(query: str, evt: gr.SelectData):
 
 
 def layer_after_pick(feature: str, layer, carried: str):
-    """After a feature is picked from a list (search, probe table or token): the layer goes back to
-    the seed's layer (-1), since a layer is one of the feature's own span (the Music example's
-    layer 27 carried into the Playground refused every plan of a feature spanning 0-13); when an
-    example's settings were carried, its note says so. Returns (layer, carried note) updates."""
+    """After a click in a list (search, probe table or token): the layer goes back to the seed's
+    layer (-1), since a steered layer must lie in the feature's own span (the Music example's layer
+    27, carried into the Playground, refused every plan of a feature spanning 0-13); when an
+    example's settings were carried, its note says so. Returns (layer, carried note) updates. A
+    click that picks nothing (a token without a feature) resets the layer too: this runs after
+    the pick and cannot see whether the id changed."""
     if layer in (-1, None, "-1"):
         return gr.update(), gr.update()
     note = (f"{carried}\n\n_You picked `{feature}`: the layer went back to the seed's layer; "

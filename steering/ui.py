@@ -196,7 +196,7 @@ def _no_theme_note(lens: list[str]) -> str:
     """The card's note for a feature whose label names no theme (`card_theme` gave ""); ``lens``:
     the words its direction pushes the model toward (`Catalog.lens_words`), which explain why
     such a feature can still steer toward a theme."""
-    why = ("Its strongest tokens are small words or word pieces, so its label cannot name a theme from "
+    why = ("Its strongest tokens are small words, punctuation or word pieces, so its label cannot name a theme from "
            "them (the top contexts below show where they occur)"
            + (f"; what its direction writes can: it pushes the model toward {', '.join(lens)}, "
               "and steering adds that direction" if lens else ""))
