@@ -42,7 +42,9 @@ class Page:
         self.page = browser.new_page(viewport={"width": 1440, "height": 1000})
         self.page.on("request", self._request)
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.goto(url, wait_until="networkidle")
+        # "load", then every step waits for its own element: "networkidle" (no request for 500 ms) timed
+        # out twice in 30 s on a loaded 2-core machine once the page fired two load events
+        self.page.goto(url, wait_until="load")
         self.page.set_default_timeout(STEP_MS)
 
     def _request(self, req) -> None:
