@@ -543,3 +543,28 @@ def test_merge_revived_leaves_layers_without_revived_latents_alone(tmp_path, mon
     assert {f: f.read_bytes() for f in (dst / "mlp" / "layer_0").iterdir()} == before
     md = json.loads((dst / "mlp" / "layer_1" / "cfg.json").read_text())["metadata"]
     assert "1 latents fired at most 5 times over the run's first window" in md["revived"]
+
+
+def test_training_text_can_drop_everyday_loops(monkeypatch):
+    """`--drop-loops` (session 15): the trainer's stream leaves out everyday texts that `degenerate`
+    flags, as the catalog does; other domains stay whole; the option is part of the run's key."""
+    from steering.training import corpus
+    from steering.training.train import TokenStream, TrainConfig
+
+    docs = {"everyday": ["A calm day at the lake with my sister and her dog, who chased every duck. " * 3,
+                         "see you tomorrow tomorrow tomorrow tomorrow tomorrow, " * 3],
+            "code": ["x = [0, 0, 0, 0, 0]\nprint(x)\n" * 4]}
+    monkeypatch.setattr(corpus, "load_domain", lambda d, split="train": list(docs[d]))
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [1 + len(w) for w in text.split()]}
+
+    mix = {"everyday": 0.5, "code": 0.5}
+    kept, full = TokenStream(Tok(), mix, 8, 0, drop_loops=True), TokenStream(Tok(), mix, 8, 0)
+    n_loop = len(docs["everyday"][1].split()) + 1  # its tokens and the eos
+    assert full.token_counts["everyday"] - kept.token_counts["everyday"] == n_loop
+    assert full.token_counts["code"] == kept.token_counts["code"]
+    assert TrainConfig().key() != TrainConfig(drop_loops=True).key()

@@ -102,6 +102,9 @@ class TrainConfig:
         After the window, the periodic resampling (until ``resample_until``) takes revived latents
         that did not fire at all since the last one, as in any run.
     revive_layers: with revive_dead, revive only at these layers (None: every layer).
+    drop_loops: leave out the generated everyday texts that fell into a loop (`corpus.degenerate`:
+        116 of 2,432, e.g. " tomorrow" ~40 times in a row), as the catalog does since session 14;
+        runs before session 15 trained on them.
     seed: seeds sampling and initialisation.
     """
 
@@ -131,6 +134,7 @@ class TrainConfig:
     revive_dead: bool = False
     revive_max_fires: int = 0
     revive_layers: tuple | None = None
+    drop_loops: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -166,7 +170,8 @@ class TrainConfig:
         weights, `init_fingerprint`): a resumed run must train the same thing on the same text from
         the same start (the same --init-from folder after a merge is another start)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "checkpoint_minutes")}
-        for name, default in (("revive_dead", False), ("revive_max_fires", 0), ("revive_layers", None)):
+        for name, default in (("revive_dead", False), ("revive_max_fires", 0), ("revive_layers", None),
+                              ("drop_loops", False)):
             if d[name] == default:  # the hash of runs made before the option existed
                 d.pop(name)
         if corpus_tokens:
@@ -179,14 +184,20 @@ class TrainConfig:
 class TokenStream:
     """Random fixed-length chunks of tokenized documents, domains sampled by weight."""
 
-    def __init__(self, tokenizer, mix: dict, ctx: int, seed: int, split: str = "train"):
+    def __init__(self, tokenizer, mix: dict, ctx: int, seed: int, split: str = "train", drop_loops: bool = False):
+        """``drop_loops``: leave out generated everyday texts that fell into a loop (`corpus.degenerate`)."""
         self.ctx, self.rng = ctx, random.Random(seed)
         self.chunks: dict[str, torch.Tensor] = {}
         self.token_counts: dict[str, int] = {}
         eos = tokenizer.eos_token_id
         for domain in mix:
             ids: list[int] = []
-            for doc in corpus.load_domain(domain, split):
+            docs = corpus.load_domain(domain, split)
+            if drop_loops and domain == "everyday":
+                kept = [d for d in docs if not corpus.degenerate(d)]
+                log.info("everyday: %d of %d texts left out as loops", len(docs) - len(kept), len(docs))
+                docs = kept
+            for doc in docs:
                 ids += tokenizer(doc)["input_ids"] + [eos]
             n = len(ids) // ctx
             self.chunks[domain] = torch.tensor(ids[: n * ctx]).view(n, ctx)
@@ -260,7 +271,7 @@ def train(cfg: TrainConfig, out: Path, device: str | None = None, ckpt_dir: Path
         revive_mask(torch.zeros(L, 1), cfg.revive_max_fires, cfg.revive_layers)
     sites = tuple(s for s in SITES if s in cfg.widths)
     enc_dtype = getattr(torch, cfg.enc_dtype)
-    stream = TokenStream(tok, cfg.mix, cfg.ctx, cfg.seed)
+    stream = TokenStream(tok, cfg.mix, cfg.ctx, cfg.seed, drop_loops=cfg.drop_loops)
     saes = {s: StackedTopK(L, d, cfg.widths[s], cfg.k[s]).to(dev) for s in sites}
     init_weights = init_fingerprint(Path(cfg.init_from), sites, L) if cfg.init_from else None
     ckpt = (ckpt_dir or cache_dir() / "training" / cfg.key(stream.token_counts, init_weights)) / "ckpt.pt"
@@ -554,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="with --revive-dead: latents that fired at most this often in the window count as dead")
     p.add_argument("--revive-layers", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
                    help="with --revive-dead: comma list of layers to revive at (default: all)")
+    p.add_argument("--drop-loops", action="store_true",
+                   help="leave out generated everyday texts that fell into a loop (corpus.degenerate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $FFP_CACHE/training/<hash>")
@@ -571,7 +584,8 @@ def main(argv: list[str] | None = None) -> None:
                       init_from=a.init_from, warmup_steps=a.warmup_steps, align_weight=a.align_weight,
                       max_tokens=a.max_tokens, max_minutes=a.max_minutes, seed=a.seed,
                       resample_every=a.resample_every, revive_dead=a.revive_dead,
-                      revive_max_fires=a.revive_max_fires, revive_layers=a.revive_layers, **kw)
+                      revive_max_fires=a.revive_max_fires, revive_layers=a.revive_layers,
+                      drop_loops=a.drop_loops, **kw)
     train(cfg, a.out, a.device, a.checkpoint_dir)
 
 
