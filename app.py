@@ -116,7 +116,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                                scale=3, elem_id="search-box")
                             search_btn = gr.Button("Search", scale=1, elem_id="search-btn")
                         search_note = gr.Markdown(elem_id="search-note")
-                        hits = gr.Dataframe(headers=["feature", "what it is about", "score", "shared words"],
+                        hits = gr.Dataframe(headers=["feature", "what it is about", "score", "why it matched"],
                                             interactive=False,
                                             label="Results, best match first (click a row to pick it)", max_height=480,
                                             wrap=True, column_widths=["18%", "44%", "10%", "28%"],

@@ -192,6 +192,30 @@ def card_theme(card) -> str:
     return judge_theme(list(zip(card.top_tokens, card.top_token_shares)), card.context_words)
 
 
+MATCH_FIELDS = {"label": "in its label", "top": "fires on", "tag": "its tag", "context": "in its texts",
+                "promoted": "pushes toward"}
+
+
+def plain_matches(matched: list[str]) -> str:
+    """The search's "why it matched" (`catalog.search`: ``word (field, field ≈related)``) in plain
+    words: "music (top, context, promoted ≈melodies)" -> "music: fires on it, in its texts, pushes
+    toward “melodies”" (the walkthrough read "top ≈musical" and "promoted" as jargon)."""
+    out = []
+    for m in matched:
+        word, _, fields = m.partition(" (")
+        if not fields:
+            out.append(m)
+            continue
+        parts = []
+        for f in fields.rstrip(")").split(", "):
+            name, _, related = f.partition(" ≈")
+            plain = MATCH_FIELDS.get(name, name)
+            parts.append(f"{plain} “{related}”" if related else (f"{plain} it" if name in ("top", "promoted")
+                                                                   else plain))
+        out.append(f"{word}: {', '.join(dict.fromkeys(parts))}")
+    return "; ".join(out)
+
+
 def _no_theme_note(lens: list[str]) -> str:
     """The card's note for a feature whose label names no theme (`card_theme` gave ""); ``lens``:
     the words its direction pushes the model toward (`Catalog.lens_words`), which explain why
@@ -250,7 +274,8 @@ class Playground:
         if not hits:
             raise ValueError(f"no good match for {query.strip()[:80]!r}: no feature of this model matches it; try a "
                              "related everyday word, or type a sentence in 'Which features fire?'")
-        return [[h.feature, self.label(h.feature, researcher), round(h.score, 2), ", ".join(h.matched)] for h in hits]
+        return [[h.feature, self.label(h.feature, researcher), round(h.score, 2), plain_matches(h.matched)]
+                for h in hits]
 
     @staticmethod
     def search_note(query: str, scores: list[float]) -> str:

@@ -497,3 +497,14 @@ def test_shipped_catalog_is_not_dominated_by_one_context():
         tops = [tuple(e[0][0]) for e in json.loads(gzip.open(f).read()) if e]
         window, n = collections.Counter(tops).most_common(1)[0]
         assert n / len(tops) <= 0.03, (f.name, "".join(window), n)
+
+
+def test_search_reasons_in_plain_words():
+    """The search table's last column says why a feature matched in plain words (the walkthrough
+    read "music (context, top, top ≈musical)" and "promoted ≈melodies" as jargon)."""
+    from steering.ui import plain_matches
+
+    assert plain_matches(["music (context, top, top ≈musical)"]) == "music: in its texts, fires on it, fires on “musical”"
+    assert plain_matches(["tune (promoted ≈melodies)", "song (label, tag)"]) == \
+        "tune: pushes toward “melodies”; song: in its label, its tag"
+    assert plain_matches(["feature id"]) == "feature id"
