@@ -76,7 +76,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
     # ---- layout -----------------------------------------------------------------------------------
     lim = limits.limits_table()
     with gr.Blocks(title="Feature Flow Playground", delete_cache=(1800, 3600)) as demo:
-        gr.Markdown(f"# Feature Flow Playground\nHow an idea travels through **{bundle.preset.model}** "
+        gr.Markdown(f"# Feature Flow Playground\nHow an idea travels through **{model_name(bundle.preset.model)}** "
                     f"({n_layers} layers), and how to steer the model with it. Preset `{bundle.preset.name}` · "
                     f"{bundle.device} · scores by the {judge_name}. Method: Laptev et al., *Analyze Feature Flow "
                     "to Enhance Interpretation and Steering in Language Models* (ICML 2025).")
@@ -304,6 +304,15 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                   **LIGHT)  # the opening feature's plan, before its graph is built
         gr.api(h.health, api_name="health", queue=False)
     return demo
+
+
+def model_name(model: str) -> str:
+    """The model as a person names it: a GGUF file "SmolLM2-135M-Instruct.Q4_1.gguf" reads
+    "SmolLM2-135M-Instruct (Q4_1 weights)"; a hub id stays as it is."""
+    if model.endswith(".gguf") and "." in model[:-5]:
+        name, quant = model[:-5].rsplit(".", 1)
+        return f"{name} ({quant} weights)"
+    return model
 
 
 def _about(pg: Playground, lim: dict) -> str:

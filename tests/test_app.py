@@ -562,3 +562,11 @@ def test_playground_opens_at_the_first_examples_measured_setting(built_app, live
     for task in TASK_DEFAULTS:
         prompt, _ = Handlers.task_defaults(task)
         assert prompt == TASK_DEFAULTS[task]["prompt"].rstrip() and not prompt.endswith(" ")
+
+
+def test_header_names_the_model_as_a_person_would():
+    """The walkthrough read the header's "SmolLM2-135M-Instruct.Q4_1.gguf" as a file name."""
+    from app import model_name
+
+    assert model_name("SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct (Q4_1 weights)"
+    assert model_name("google/gemma-2-2b") == "google/gemma-2-2b" and model_name("tiny.gguf") == "tiny.gguf"
