@@ -103,7 +103,7 @@ class TrainConfig:
         that did not fire at all since the last one, as in any run.
     revive_layers: with revive_dead, revive only at these layers (None: every layer).
     drop_loops: leave out the generated everyday texts that fell into a loop (`corpus.degenerate`:
-        116 of 2,432, e.g. " tomorrow" ~40 times in a row), as the catalog does since session 14;
+        125 of the 2,314 training texts, e.g. " tomorrow" ~40 times in a row), as the catalog does since session 14;
         runs before session 15 trained on them.
     seed: seeds sampling and initialisation.
     """
