@@ -551,7 +551,8 @@ def test_training_text_can_drop_everyday_loops(monkeypatch):
     from steering.training import corpus
     from steering.training.train import TokenStream, TrainConfig
 
-    docs = {"everyday": ["A calm day at the lake with my sister and her dog, who chased every duck. " * 3,
+    docs = {"everyday": ["A calm day at the lake with my sister and her dog, who chased every duck she saw until "
+                         "the sun went down and we walked home tired and happy.",
                          "see you tomorrow tomorrow tomorrow tomorrow tomorrow, " * 3],
             "code": ["x = [0, 0, 0, 0, 0]\nprint(x)\n" * 4]}
     monkeypatch.setattr(corpus, "load_domain", lambda d, split="train": list(docs[d]))
