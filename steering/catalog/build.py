@@ -82,12 +82,9 @@ def corpus_sequences(tokenizer, n_tokens: int, ctx: int = CTX, seed: int = 0,
         texts = {}
         for d in corpus.DOMAINS:
             try:
-                texts[d] = corpus.sample_texts(d, 10**6, seed=seed, split="all", min_chars=100)
-                if d == "everyday":  # generated text: drop the generator's loops (`corpus.degenerate`)
-                    kept = [t for t in texts[d] if not corpus.degenerate(t)]
-                    log.info("catalog text: %d of %d everyday texts dropped as loops", len(texts[d]) - len(kept),
-                             len(texts[d]))
-                    texts[d] = kept
+                # generated everyday text: the generator's loops left out (`corpus.degenerate`)
+                texts[d] = corpus.without_loops(d, corpus.sample_texts(d, 10**6, seed=seed, split="all",
+                                                                       min_chars=100), "catalog text")
             except FileNotFoundError as e:  # e.g. the generated everyday texts were not made here
                 log.warning("catalog text: domain %s skipped (%s)", d, e)
         mix = MIX if mix is None else mix

@@ -134,6 +134,17 @@ def degenerate(text: str, max_run: int = 4, min_distinct2: float = 0.5, min_lett
     return len(words) >= 20 and len(set(zip(words, words[1:]))) / (len(words) - 1) < min_distinct2
 
 
+def without_loops(domain: str, docs: list[str], where: str) -> list[str]:
+    """``docs`` of ``domain`` without the generator's loops (`degenerate`) when the domain is the
+    generated ``everyday`` one (other domains are returned as they are); logs how many ``where``
+    (e.g. "catalog text") left out."""
+    if domain != "everyday":
+        return docs
+    kept = [d for d in docs if not degenerate(d)]
+    log.info("%s: %d of %d everyday texts left out as loops", where, len(docs) - len(kept), len(docs))
+    return kept
+
+
 def load_domain(domain: str, split: str = "train") -> list[str]:
     """Documents of one domain; ``split`` is ``train``, ``heldout`` or ``all``."""
     if domain not in LOADERS:

@@ -193,10 +193,8 @@ class TokenStream:
         for domain in mix:
             ids: list[int] = []
             docs = corpus.load_domain(domain, split)
-            if drop_loops and domain == "everyday":
-                kept = [d for d in docs if not corpus.degenerate(d)]
-                log.info("everyday: %d of %d texts left out as loops", len(docs) - len(kept), len(docs))
-                docs = kept
+            if drop_loops:
+                docs = corpus.without_loops(domain, docs, "training text")
             for doc in docs:
                 ids += tokenizer(doc)["input_ids"] + [eos]
             n = len(ids) // ctx
