@@ -345,16 +345,16 @@ class Playground:
         scale = float(self.bundle.ref_scale(f.layer, f.site)[f.index])
         if self.catalog is not None:
             c = self.catalog.card(f)  # built once per keystroke: the theme comes from the same card
-            theme = card_theme(c)
+            theme, lens = card_theme(c), self.catalog.lens_words(f)
             raw = f" · raw: <code>{_escape(c.label)}</code>" if researcher and c.label_source != "llm" else ""
             lines += [f"**{self.label(str(f), researcher)}** <small>({c.label_source} label{raw})</small>", "",
-                      *([] if theme else [_no_theme_note(self.catalog.lens_words(f)), ""]),
+                      *([] if theme else [_no_theme_note(lens), ""]),
                       f"max activation **{c.max_act:.2f}** · fires on **{100 * c.frequency:.3f}%** of tokens · "
                       f"mean when active **{c.mean_act:.2f}**", "",
                       f"Fires most on: {', '.join(repr(t) for t in c.top_tokens[:6])}  "]
             if researcher:
                 lines.append(f"Promotes (logit lens): {', '.join(repr(t) for t in c.promoted_tokens[:6])}")
-            elif lens := self.catalog.lens_words(f):
+            elif lens:
                 lines.append(f"Pushes the model toward: {', '.join(lens)}")
             lines += ["", "**Top contexts** (the token where it fires is highlighted):"]
             for ctx in c.contexts:
