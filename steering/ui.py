@@ -196,24 +196,18 @@ MATCH_FIELDS = {"label": "in its label", "top": "fires on", "tag": "its tag", "c
                 "promoted": "pushes toward"}
 
 
-def plain_matches(matched: list[str]) -> str:
-    """The search's "why it matched" (`catalog.search`: ``word (field, field ≈related)``) in plain
-    words: "music (top, context, promoted ≈melodies)" -> "music: fires on it, in its texts, pushes
-    toward “melodies”" (the walkthrough read "top ≈musical" and "promoted" as jargon)."""
-    out = []
+def plain_matches(matched) -> str:
+    """Why a search hit matched (`catalog.search.Match` list), in plain words: Match("music",
+    "top", "musical") -> "music: fires on “musical”" (the walkthrough read the compact form
+    "top ≈musical" and "promoted" as jargon). Reasons of one query word are joined, words by "; "."""
+    if any(m.field == "id" for m in matched):
+        return "feature id"
+    by_word: dict[str, list[str]] = {}
     for m in matched:
-        word, _, fields = m.partition(" (")
-        if not fields:
-            out.append(m)
-            continue
-        parts = []
-        for f in fields.rstrip(")").split(", "):
-            name, _, related = f.partition(" ≈")
-            plain = MATCH_FIELDS.get(name, name)
-            parts.append(f"{plain} “{related}”" if related else (f"{plain} it" if name in ("top", "promoted")
-                                                                   else plain))
-        out.append(f"{word}: {', '.join(dict.fromkeys(parts))}")
-    return "; ".join(out)
+        plain = MATCH_FIELDS.get(m.field, m.field)
+        by_word.setdefault(m.word, []).append(
+            f"{plain} “{m.related}”" if m.related else (f"{plain} it" if m.field in ("top", "promoted") else plain))
+    return "; ".join(f"{w}: {', '.join(dict.fromkeys(parts))}" for w, parts in by_word.items())
 
 
 def _no_theme_note(lens: list[str]) -> str:

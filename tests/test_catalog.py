@@ -171,18 +171,21 @@ def test_search_finds_features_by_top_tokens_and_ranks_label_matches_first(built
     assert all(h.feature.split("/")[1] == "res" for h in hits)
     # label match first; hits sorted by the score they show (strong fields count double)
     hits = loaded.search("wedding", k=10_000, sites=("res", "mlp", "attn"))
-    assert hits[0].feature == "2/res/7" and "label" in hits[0].matched[0]
+    fields = lambda h: {m.field for m in h.matched}  # noqa: E731
+    assert hits[0].feature == "2/res/7" and "label" in fields(hits[0])
+    assert hits[0].reasons()[0].startswith("wedding (") and "label" in hits[0].reasons()[0]
     word = next(w for w in ("cake", "flour", "push", "self", "bake", "butter") if any(
-        "context" in h.matched[0] and "top" not in h.matched[0] for h in loaded.search(w, k=10_000, sites=SITES)))
+        "context" in fields(h) and "top" not in fields(h) for h in loaded.search(w, k=10_000, sites=SITES)))
     hits = loaded.search(word, k=10_000, sites=SITES)
-    assert hits[0].feature == "1/res/2" and "label" in hits[0].matched[0]
-    strong = [any(f in m for m in h.matched for f in ("label", "top", "tag")) for h in hits]
+    assert hits[0].feature == "1/res/2" and "label" in fields(hits[0])
+    strong = [bool(fields(h) & {"label", "top", "tag"}) for h in hits]
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True) and not all(strong)
     assert loaded.search("weddings")[0].feature == "2/res/7"  # stemmed
-    assert not any("wed" == h.matched[0].split()[0] for h in loaded.search("wed", k=10_000))
+    assert not any(m.word == "wed" for h in loaded.search("wed", k=10_000) for m in h.matched)
     # multi-word: matching both words beats matching one
     both = loaded.search("wedding vows", k=3)
-    assert both[0].feature == "2/res/7" and len(both[0].matched) == 2
+    assert both[0].feature == "2/res/7" and {m.word for m in both[0].matched} == {"wedding", "vows"}
+    assert len(both[0].reasons()) == 2 and both[0].to_json()["matched"] == both[0].reasons()
     # layer filter and feature ids
     assert all(h.feature.startswith("1/") for h in loaded.search(word, layers=[1], k=10_000))
     assert loaded.search("2/res/7")[0].feature == "2/res/7"
@@ -293,7 +296,8 @@ def test_related_words_expand_queries(built):
     assert loaded.related() == cat.related() and "wedding" in dict(loaded.related()["nuptials"])
     assert "zzz" not in loaded.related()  # nothing similar to it
     hits = loaded.search("nuptials", k=10_000, sites=SITES)
-    assert hits[0].feature == "2/res/7" and "≈wedding" in hits[0].matched[0]
+    assert hits[0].feature == "2/res/7" and ("nuptials", "wedding") in {(m.word, m.related) for m in hits[0].matched}
+    assert "≈wedding" in hits[0].reasons()[0]
     exact = {h.feature: h.score for h in loaded.search("wedding", k=10_000, sites=SITES)}
     for h in hits:  # an expanded match scores RELATED_WEIGHT x similarity of the exact one
         assert h.score == pytest.approx(W.RELATED_WEIGHT * 1.0 * exact[h.feature], rel=1e-3, abs=1e-3)
@@ -502,9 +506,11 @@ def test_shipped_catalog_is_not_dominated_by_one_context():
 def test_search_reasons_in_plain_words():
     """The search table's last column says why a feature matched in plain words (the walkthrough
     read "music (context, top, top ≈musical)" and "promoted ≈melodies" as jargon)."""
+    from steering.catalog.search import Match
     from steering.ui import plain_matches
 
-    assert plain_matches(["music (context, top, top ≈musical)"]) == "music: in its texts, fires on it, fires on “musical”"
-    assert plain_matches(["tune (promoted ≈melodies)", "song (label, tag)"]) == \
+    assert plain_matches([Match("music", "context"), Match("music", "top"), Match("music", "top", "musical")]) == \
+        "music: in its texts, fires on it, fires on “musical”"
+    assert plain_matches([Match("tune", "promoted", "melodies"), Match("song", "label"), Match("song", "tag")]) == \
         "tune: pushes toward “melodies”; song: in its label, its tag"
-    assert plain_matches(["feature id"]) == "feature id"
+    assert plain_matches([Match("2/res/7", "id")]) == "feature id"

@@ -13,18 +13,38 @@ from .labels import DOMAIN_TAGS
 from .words import RELATED_WEIGHT, common_promoted, stem, text_words
 
 
+class Match(NamedTuple):
+    """One reason a feature matched: the query ``word``, the catalog ``field`` it was found in
+    (label, top, tag, context, promoted; "id" for a feature-id query) and, when it matched through
+    a related word (MiniLM neighbour), that ``related`` word ("" for the word itself)."""
+
+    word: str
+    field: str
+    related: str = ""
+
+
 class Hit(NamedTuple):
-    """A search result: feature id, label, relevance score, why it matched, and how it fires."""
+    """A search result: feature id, label, relevance score, why it matched (one `Match` per query
+    word x field x related word, sorted), and how it fires (max activation, firing frequency)."""
 
     feature: str
     label: str
     score: float
-    matched: list[str]
+    matched: tuple[Match, ...]
     max_act: float
     frequency: float
 
+    def reasons(self) -> list[str]:
+        """``matched`` compactly, one string per query word: "music (context, top, top ≈musical)"."""
+        if any(m.field == "id" for m in self.matched):
+            return ["feature id"]
+        by_word: dict[str, list[str]] = {}
+        for m in self.matched:
+            by_word.setdefault(m.word, []).append(m.field + (f" ≈{m.related}" if m.related else ""))
+        return [f"{w} ({', '.join(sorted(f))})" for w, f in by_word.items()]
+
     def to_json(self) -> dict:
-        return self._asdict()
+        return {**self._asdict(), "matched": self.reasons()}
 
 
 GOOD_SCORE = 1.5  # a hit below this matched only weakly: a related word or a rare top token
@@ -100,28 +120,28 @@ def search(cat, query: str, k: int = 20, sites: Iterable[str] = ("res",),
     if re.fullmatch(r"\s*\d+\s*/\s*[a-zA-Z]+\s*/\s*\d+\s*", query):
         f = parse_feature(query)
         cols = cat.columns(f)
-        return [Hit(str(f), cols["label"][f.index], 1.0, ["feature id"], cols["max"][f.index],
+        return [Hit(str(f), cols["label"][f.index], 1.0, (Match(str(f), "id"),), cols["max"][f.index],
                     cols["freq"][f.index])]
     words = list(dict.fromkeys(text_words(query)))
     if not words:
         raise ValueError(f"search query {query!r} has no searchable words (stop words and single letters "
                          "are ignored); type words such as 'wedding' or 'python code'")
     score: dict[tuple, float] = defaultdict(float)
-    matched: dict[tuple, dict] = defaultdict(dict)
+    matched: dict[tuple, set[Match]] = defaultdict(set)
     related = cat.related()
     for site in sites:
         index = cat.site_index(site)
         for w in words:
-            terms = [(stem(w), 1.0, "")] + [(stem(r), RELATED_WEIGHT * sim, f" ≈{r}")
+            terms = [(stem(w), 1.0, "")] + [(stem(r), RELATED_WEIGHT * sim, r)
                                            for r, sim in related.get(w, ()) if stem(r) != stem(w)]
             best: dict[tuple, float] = {}  # (feature key, field) -> best term: related words do not add up
-            for term, mult, note in terms:
+            for term, mult, rel in terms:
                 for layer, i, fld, weight in index.get(term, ()):
                     if layer_set is not None and layer not in layer_set:
                         continue
                     key = (layer, site, i)
                     best[(key, fld)] = max(best.get((key, fld), 0.0), _FIELD_WEIGHT[fld] * weight * mult)
-                    matched[key].setdefault(w, set()).add(fld + note)
+                    matched[key].add(Match(w, fld, rel))
             for (key, _), v in best.items():
                 score[key] += v
     hits = []
@@ -129,10 +149,11 @@ def search(cat, query: str, k: int = 20, sites: Iterable[str] = ("res",),
         layer, site, i = key
         cols = cat.summary[(layer, site)]
         m = matched[key]
-        coverage = len(m) / len(words)
+        coverage = len({x.word for x in m}) / len(words)
         specificity = 1.0 / (1.0 + 10.0 * cols["freq"][i])
-        strong = any(f.split()[0] in _STRONG for flds in m.values() for f in flds)
-        why = [f"{w} ({', '.join(sorted(flds))})" for w, flds in m.items()]
+        strong = any(x.field in _STRONG for x in m)
+        order = {w: n for n, w in enumerate(words)}
+        why = tuple(sorted(m, key=lambda x: (order[x.word], x.field, x.related)))
         # a match in a label, top token or tag counts double, so the shown score is the ranking
         total = round(s * coverage * specificity * (2.0 if strong else 1.0), 4)
         hits.append((total, -cols["freq"][i],
