@@ -364,7 +364,14 @@ class Handlers:
             variants[other] = pg.plan(s, other)
         progress(0.15, desc=f"generating {len(variants)} variants x {s.samples} samples in one batch")
         s = dataclasses.replace(s, theme=s.theme or pg.default_theme(str(seed)))
-        result = yield from self._stream(s, variants, other, api_key or "", progress)
+        def frame(now: dict, partial: str) -> tuple:  # the seven run outputs while the texts are written
+            ctrl_now = "\n\n".join(partial(c) for c in ("prompted", "random") if any(n == c for n, _ in now))
+            return (partial("unsteered"), partial("steered"),
+                    gr.update(value=partial(other), visible=True) if s.compare else gr.update(),
+                    gr.update(), gr.update(), gr.update(),
+                    gr.update(value=ctrl_now, visible=bool(ctrl_now)) if ctrl_now else gr.update())
+
+        result = yield from self._stream(s, variants, api_key or "", progress, frame)
         schedules = {k: pg.schedule_rows(v) for k, v in variants.items() if v}
         record = pg.run_record(s, schedules, result)
         path = write_record(self.record_dir, f"run_{seed.layer}_{seed.site}_{seed.index}", record)
@@ -377,9 +384,11 @@ class Handlers:
                gr.update(value=third, visible=s.compare), scores_figure(pg.summary(result), VARIANT_TITLES),
                str(path), record, gr.update(value=ctrl, visible=bool(ctrl)))
 
-    def _stream(self, s, variants: dict, other: str, api_key: str, progress):
-        """Run the generation in a thread and yield the columns written so far; returns the result
-        (per request: nothing is kept on the shared handlers)."""
+    def _stream(self, s, variants: dict, api_key: str, progress, frame):
+        """Run the generation in a thread and yield ``frame(now, partial)`` every 0.4 s with the
+        texts written so far (``now``: (variant, seed) -> new token ids; ``partial(variant)``: that
+        column's markdown so far); returns the result (per request: nothing is kept on the shared
+        handlers). The Playground and the Demo tab stream through it (issue 17)."""
         pg = self.pg
         live: dict = {}  # (variant, seed) -> new token ids so far: the texts stream while they are written
         live_lock = threading.Lock()  # the generation thread writes it, this handler reads snapshots
@@ -407,12 +416,7 @@ class Handlers:
                 step = max(len(r) for r in now.values())
                 progress(0.15 + 0.8 * min(1.0, step / max(1, s.max_new_tokens)),
                          desc=f"writing: token {step} of {s.max_new_tokens}")
-                ctrl_now = "\n\n".join(pg.partial_markdown(now, c) for c in ("prompted", "random")
-                                        if any(n == c for n, _ in now))
-                yield (pg.partial_markdown(now, "unsteered"), pg.partial_markdown(now, "steered"),
-                       gr.update(value=pg.partial_markdown(now, other), visible=True) if s.compare
-                       else gr.update(), gr.update(), gr.update(), gr.update(),
-                       gr.update(value=ctrl_now, visible=bool(ctrl_now)) if ctrl_now else gr.update())
+                yield frame(now, functools.partial(pg.partial_markdown, now))
         if "error" in box:
             raise box["error"]
         return box["result"]
@@ -458,16 +462,27 @@ class Handlers:
     # ---- the demo tab -------------------------------------------------------------------------------
     @safe
     def run_demo(self, title: str, progress=gr.Progress()):
+        """Run a curated example: its flow graph first, then the four columns streamed while they
+        are written (as the Playground's Steer), then the scores and the headline."""
         pg, ex = self.pg, self.example(title)
         s = ex.settings()
         progress(0.05, desc="flow graph")
         graph = merge_graphs(pg.flows(ex.feature))  # an example may be a seed set ("a, b")
         focus = ex.feature.split(",")[0].strip()  # the columns say how strongly the first seed fires
         variants = {"unsteered": [], "steered": pg.plan(s)}
-        progress(0.15, desc="writing the texts and the two controls")
-        result = pg.steer(variants, s)
-        sm = pg.summary(result)
+        short = re.sub(r"\s*\(.*\)\s*$", "", ex.title)  # "Physics (remove it)" -> "Physics"
+        figure = self._graph_figure(graph, title=f"Where '{short}' lives in the model "
+                                                  f"(feature{'s' if ',' in ex.feature else ''} {ex.feature})")
         gain = pg.prompt_line(s.prompt, s.chat)  # above the columns
+        yield figure, "", "", None, gain, ""  # the graph and the prompt while the texts are written
+        progress(0.15, desc="writing the texts and the two controls")
+
+        def frame(now: dict, partial) -> tuple:
+            ctrl_now = "\n\n".join(partial(c) for c in ("prompted", "random") if any(n == c for n, _ in now))
+            return gr.update(), partial("unsteered"), partial("steered"), gr.update(), gr.update(), ctrl_now
+
+        result = yield from self._stream(s, variants, "", progress, frame)
+        sm = pg.summary(result)
         if "steered" in sm and "unsteered" in sm:
             def th(v):
                 return f"{sm[v]['behavioral'] * 5:.1f}/5" if v in sm else "n/a"
@@ -487,11 +502,9 @@ class Handlers:
                      + self._rule_note(result, ex.title))
         ctrl = "\n\n".join(pg.column_markdown(result, c, focus) for c in ("prompted", "random")
                             if c in result["variants"])
-        short = re.sub(r"\s*\(.*\)\s*$", "", ex.title)  # "Physics (remove it)" -> "Physics"
-        return (self._graph_figure(graph, title=f"Where '{short}' lives in the model "
-                                                  f"(feature{'s' if ',' in ex.feature else ''} {ex.feature})"),
-                pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
-                scores_figure(sm, VARIANT_TITLES), gain, ctrl)
+        self.trim()
+        yield (figure, pg.column_markdown(result, "unsteered", focus), pg.column_markdown(result, "steered", focus),
+               scores_figure(sm, VARIANT_TITLES), gain, ctrl)  # the graph again: an API client gets the last frame
 
     def example_text(self, title: str):
         ex = next((e for e in self.examples if e.title == title), None)

@@ -271,6 +271,26 @@ def test_steer_streams_the_texts_while_they_are_written(app_fns, monkeypatch):
     assert any(isinstance(u[6], dict) and "random directions" in str(u[6].get("value", "")) for u in partial)
 
 
+def test_demo_streams_the_graph_first_then_the_texts(app_fns, monkeypatch):
+    """Issue 17: a curated example shows its flow graph and prompt at once, then every column fills
+    token by token (it had shown a progress bar for the whole generation); the last frame is the run."""
+    import time
+
+    from steering import generate as G
+
+    put = G.RowStreamer.put
+    monkeypatch.setattr(G.RowStreamer, "put", lambda self, v: (put(self, v), time.sleep(0.15)))
+    fns, _ = app_fns
+    frames = list(fns["demo"]("Tiny example"))
+    first, partial, final = frames[0], frames[1:-1], frames[-1]
+    assert first[0].data and first[1] == first[2] == "" and first[4].startswith("**Prompt**")
+    assert len(partial) >= 2 and all("writing" in f[2] for f in partial)
+    grown = [len(f[2]) for f in partial]
+    assert grown == sorted(grown) and grown[-1] > grown[0]
+    assert any("Control: random directions" in f[5] for f in partial)  # the controls stream too
+    assert "writing" not in final[2] and "Steered" in final[2] and final[0] is first[0] and final[3] is not None
+
+
 def test_schedule_preview_follows_the_schedule(app_fns):
     from steering.flow import build_flow_graph
     from steering.steer import plan, schedule_table
@@ -376,7 +396,7 @@ def test_flow_graph_labels_follow_the_view(app_fns, live_app):
     assert all(cat.label(f) in t for f, t in hovers(raw_fig).items())
     assert {r[0]: r[-1] for r in raw_rows} == {f: cat.label(f) for f in lay}
     assert hovers(fns["flow"](TINY_FEATURE, 0.5, 0.15, "", True)[0]) == hovers(raw_fig)
-    demo_fig = fns["demo"]("Tiny example")[0]
+    demo_fig = last(fns["demo"]("Tiny example"))[0]
     assert all(cat.plain_label(f) in t for f, t in hovers(demo_fig).items())
 
 
@@ -494,7 +514,7 @@ def test_demo_headline_and_columns_use_one_scale_and_say_what_was_asked(app_fns,
     import re
 
     fns, _ = app_fns
-    _, _, steered, _, gain, ctrl = fns["demo"]("Tiny example")
+    _, _, steered, _, gain, ctrl = last(fns["demo"]("Tiny example"))
     assert re.search(r"\*\*Theme score\*\* \([^)]+\): \d\.\d/5 without steering -> \*\*\d\.\d/5\*\* with it", gain)
     assert re.search(r"\*\*Readability\*\*: \d\.\d/5 -> \d\.\d/5 \(median perplexity under the unsteered model "
                      r"\d+ -> \d+\)", gain)
@@ -527,7 +547,7 @@ def test_a_seed_set_example_runs_in_the_demo_tab(app_fns):
     """A curated example may be a seed set ("a, b", demo_sweep's seed-set candidates): the Demo tab
     shows the merged flow graph of both seeds and steers with both."""
     fns, _ = app_fns
-    fig, _, steered, _, gain, _ = fns["demo"]("Tiny pair")
+    fig, _, steered, _, gain, _ = last(fns["demo"]("Tiny pair"))
     assert f"features {TINY_FEATURE}, 2/res/5" in fig.layout.title.text
     pg = next(f for f in fns.values() if hasattr(f, "__self__") and hasattr(f.__self__, "pg")).__self__.pg
     ex = next(e for e in pg.examples if e.title == "Tiny pair")

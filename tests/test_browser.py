@@ -75,7 +75,7 @@ def _walkthrough(page: Page, word: str, prefix: str, demo: bool = True) -> None:
     pg = page.page
     if demo:
         pg.locator("#demo-run").click()
-        page.wait_text("demo-steered", r"Steered[\s\S]*seed")
+        page.wait_text("demo-steered", r"Steered[\s\S]*seed[\s\S]*theme")  # streamed, then scored
         assert "Unsteered" in page.text("demo-unsteered")
         pg.locator("#demo-graph .js-plotly-plot path.point").first.wait_for()
         page.shot(f"{prefix}-demo")
