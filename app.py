@@ -90,6 +90,10 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                     with gr.Row():
                         demo_run = gr.Button("Run this example", variant="primary", elem_id="demo-run")
                         demo_open = gr.Button("Open it in the Playground", elem_id="demo-open")
+                    with gr.Accordion(f"All the fresh samples it was checked on (recorded; a run shows "
+                                      f"{examples[0].samples} of them)", open=False):
+                        demo_evid = gr.Markdown(h.example_evidence(examples[0].title), elem_id="demo-evidence",
+                                                latex_delimiters=[])
                     demo_gain = gr.Markdown(elem_id="demo-gain")
                     with gr.Row():
                         demo_base = gr.Markdown(elem_id="demo-unsteered", latex_delimiters=[])
@@ -290,6 +294,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         if examples:
             demo_outputs = [demo_graph, demo_base, demo_steer, demo_scores, demo_gain, demo_ctrl]
             demo_pick.change(h.example_text, demo_pick, demo_expl, api_name=False, queue=False)
+            demo_pick.change(h.example_evidence, demo_pick, demo_evid, api_name=False, queue=False)
             # another example: the last one's texts, graph and scores leave the screen
             demo_pick.change(cleared(6), None, demo_outputs, api_name=False, queue=False)
             demo_run.click(h.run_demo, demo_pick, demo_outputs, api_name="demo", **MODEL).failure(

@@ -30,7 +30,7 @@ from steering.graph import FlowGraph, merge_graphs
 from steering.plots import flow_figure, live_figure, schedule_figure, scores_figure
 from steering.settings import ALPHA, APP_PROMPTS, S_END, STRENGTH, T_MODULE, T_RES, TASK_DEFAULTS
 from steering.sites import count_hooks
-from steering.ui import VARIANT_TITLES, DemoExample, Playground
+from steering.ui import VARIANT_TITLES, DemoExample, Playground, evidence_markdown
 
 log = logging.getLogger("app")
 
@@ -509,6 +509,11 @@ class Handlers:
     def example_text(self, title: str):
         ex = next((e for e in self.examples if e.title == title), None)
         return f"**{ex.title}** — {ex.explanation or ex.theme}" if ex else ""
+
+    def example_evidence(self, title: str) -> str:
+        """Every fresh sample the example was checked on, as recorded by the demo sweep (the run
+        shows two of them, which can be its misses)."""
+        return evidence_markdown(self.pg.evidence.get(title), shown=self.example(title).samples)
 
     def open_in_playground(self, title: str):
         """Every setting of the example's run into the Playground form, and a note saying what was carried."""

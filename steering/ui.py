@@ -128,6 +128,47 @@ def load_demo_examples(bundle: Bundle | None = None, path: Path = DEMO_FILE) -> 
     return out
 
 
+def load_demo_evidence(path: Path = DEMO_FILE) -> dict[str, dict]:
+    """The demo sweep's record of every theme that has a fresh-seed check, by title: the file the
+    examples file names under ``evidence`` (``results/<preset>/demo/sweep.json``, relative to the
+    repository root, i.e. the examples file's grandparent folder); {} when either is absent."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    rel = data.get("evidence") if isinstance(data, dict) else None
+    src = path.resolve().parent.parent / rel if rel else None
+    if src is None or not src.is_file():
+        if rel:
+            log.warning("demo evidence %s named by %s is missing", rel, path)
+        return {}
+    sweep = json.loads(src.read_text())
+    return {t["title"]: {**t, "rules": sweep.get("rules", {}), "source": rel}
+            for t in sweep.get("themes", []) if t.get("confirm")}
+
+
+def evidence_markdown(rec: dict | None, shown: int = 2) -> str:
+    """Every fresh-seed sample a curated example was checked on (`load_demo_evidence` record), each
+    marked by the sweep's rule (✓ counted, ✗ not), steered texts verbatim, with the steered and
+    unsteered counts: a run in the Demo tab shows only the first ``shown`` of them, which can be
+    the misses (walkthrough, session 16: Religion's seeds 16-17 are two of its two misses)."""
+    if not rec:
+        return "_No recorded fresh-seed samples for this example._"
+    conf, rules = rec["confirm"], rec.get("rules", {})
+    steered, unsteered = conf["steered"]["samples"], conf["unsteered"]["samples"]
+    n, seeds = len(steered), [x["seed"] for x in steered]
+    what = "no theme word" if rec.get("task") == "remove" else "a word of the theme"
+    rule = (f"{what}, perplexity <= {rules.get('max_perplexity', 100):g} under the unsteered model"
+            + (f", distinct-2 >= {rules['min_distinct_2']:g}" if "min_distinct_2" in rules else ""))
+    lines = [f"**All {n} fresh samples this setting was checked on** (seeds {min(seeds)}-{max(seeds)}, "
+             f"recorded by the demo sweep in `{rec.get('source', 'sweep.json')}`; ✓ = counted by the rule: {rule}): "
+             f"steered **{sum(x['hit'] for x in steered)} of {n}**, unsteered {sum(x['hit'] for x in unsteered)} "
+             f"of {n}. Running the example shows the first {shown} seeds live.", ""]
+    for x in steered:
+        why = "" if x["hit"] else (" _(unreadable by the rule)_" if not x.get("readable", True) else "")
+        lines.append(f"- {'✓' if x['hit'] else '✗'} **seed {x['seed']}**: {_verbatim(x['text']) or '(empty)'}{why}")
+    return "\n".join(lines)
+
+
 # ---- provenance ------------------------------------------------------------------------------------
 
 def model_hash(bundle: Bundle) -> str:
@@ -235,6 +276,8 @@ class Playground:
         examples: curated demo examples of this preset.
         batcher: merges concurrent users' generation requests into one batched call
             (`steering.batching`); None generates each request alone.
+        evidence: the demo sweep's record per example title (`load_demo_evidence`), shown in the
+            Demo tab as every fresh sample the example was checked on.
     """
 
     bundle: Bundle
@@ -244,6 +287,7 @@ class Playground:
     versions: dict = field(default_factory=dict)
     examples: list[DemoExample] = field(default_factory=list)
     batcher: GenerationBatcher | None = None
+    evidence: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def create(cls, bundle: Bundle, judge=None) -> "Playground":
@@ -256,7 +300,7 @@ class Playground:
                   "saes": {f"{l}/{s}": sae_hash(bundle.sae_folders.get((l, s))) for l, s in sorted(bundle.saes)}}
         demo = Path(os.environ.get("FFP_DEMO_FILE", DEMO_FILE))
         return cls(bundle, catalog, judge or make_judge(), hashes, library_versions(), load_demo_examples(bundle, demo),
-                   GenerationBatcher(bundle) if limits.MODEL_CONCURRENCY > 1 else None)
+                   GenerationBatcher(bundle) if limits.MODEL_CONCURRENCY > 1 else None, load_demo_evidence(demo))
 
     # ---- picking a feature ---------------------------------------------------------------------
     def search(self, query: str, k: int = 20, researcher: bool = False) -> list[list]:

@@ -64,3 +64,47 @@ def test_feature_activation_line_says_what_a_zero_means():
     assert ("27/res/402 when the unsteered model reads this text: mean activation 0.00, fires on 0 of 36 tokens "
             "(none: this text does not evoke it)") in md
     assert "mean activation 11.75, fires on 13 of 36 tokens</small>" in md
+
+
+def test_demo_evidence_lists_every_fresh_sample_of_each_shipped_example():
+    """Session 16's walkthrough: Religion's run showed seeds 16-17, its two misses of 8, under a text
+    promising 6 of 8. The Demo tab lists every recorded fresh sample with the rule's mark; the
+    marks agree with the counts each example's explanation quotes."""
+    import re
+
+    from steering.ui import evidence_markdown, load_demo_evidence, load_demo_examples
+
+    evidence = load_demo_evidence()
+    examples = [e for e in load_demo_examples() if e.preset == "default"]
+    assert examples
+    for ex in examples:
+        rec = evidence[ex.title]
+        md = evidence_markdown(rec, shown=ex.samples)
+        marks = re.findall(r"^- ([✓✗]) \*\*seed (\d+)\*\*", md, flags=re.M)
+        assert [int(s) for _, s in marks] == rec["confirm"]["seeds"]
+        hits = sum(m == "✓" for m, _ in marks)
+        assert hits == rec["confirm"]["steered"]["hits"] == int(re.findall(r"(\d+) of 8", ex.explanation)[0])
+        assert f"steered **{hits} of 8**" in md and f"first {ex.samples} seeds" in md
+    assert "No recorded" in evidence_markdown(None)
+
+
+def test_demo_evidence_escapes_texts_and_reads_the_examples_file(tmp_path):
+    import json
+
+    from steering.ui import evidence_markdown, load_demo_evidence
+
+    sample = {"seed": 16, "text": "- <b>cake</b> *now*", "hit": True, "readable": True}
+    miss = {"seed": 17, "text": "gibberish", "hit": False, "readable": False}
+    rec = {"title": "Food", "task": "activate", "confirm": {"seeds": [16, 17], "steered": {"hits": 1, "samples": [sample, miss]},
+                                                           "unsteered": {"hits": 0, "samples": [miss, miss]}}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "sweep.json").write_text(json.dumps({"rules": {"max_perplexity": 100}, "themes": [rec]}))
+    (tmp_path / "assets").mkdir()
+    path = tmp_path / "assets" / "demo_examples.json"
+    path.write_text(json.dumps({"examples": [], "evidence": "results/sweep.json"}))
+    loaded = load_demo_evidence(path)
+    md = evidence_markdown(loaded["Food"], shown=2)
+    assert "<b>" not in md and "&lt;b&gt;" in md and "\\*now\\*" in md and "\\- " in md  # verbatim, not markup
+    assert "steered **1 of 2**, unsteered 0 of 2" in md and "_(unreadable by the rule)_" in md
+    path.write_text(json.dumps({"examples": []}))
+    assert load_demo_evidence(path) == {}
