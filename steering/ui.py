@@ -543,11 +543,17 @@ class Playground:
         if mean:  # the same /5 scale as each sample's line; the metric is 0-1
             lines.append(f"mean theme **{mean['behavioral'] * 5:.1f}/5** · coherence **{mean['coherence'] * 5:.1f}/5**"
                          f" · metric **{mean['metric']:.2f}**\n")
+        plain = {g.seed: g.token_ids for g in result["generations"] if g.variant == "unsteered"}
         for g, s in zip(result["generations"], result["scores"]):
             if g.variant != variant:
                 continue
             text = _verbatim(g.text) or "(empty)"
             lines.append(f"**seed {g.seed}**\n\n> {text}\n")
+            if variant not in ("unsteered", "prompted") and list(plain.get(g.seed, ())) == list(g.token_ids):
+                # same prompt, same seed, same tokens: the change never reached the sampled tokens
+                lines.append("_Word for word the unsteered text of this seed: "
+                             + ("the scaled features did not fire on these tokens, so nothing changed._"
+                                if result.get("task") == "remove" else "the push did not change a sampled token._"))
             if s.available:
                 tag = "offline fallback judge" if s.offline else s.judge
                 theme = f"theme {s.behavioral:.1f}/5"

@@ -66,6 +66,25 @@ def test_feature_activation_line_says_what_a_zero_means():
     assert "mean activation 11.75, fires on 13 of 36 tokens</small>" in md
 
 
+def test_a_control_identical_to_the_unsteered_text_says_why():
+    """Session 16's walkthrough: the removal's random-features text of seed 16 was word for word the
+    unsteered one and looked like a bug; it is a real no-op (those features never fired), now said."""
+    score = SimpleNamespace(available=False, error="n/a")
+
+    def gen(variant, seed, ids):
+        return SimpleNamespace(variant=variant, seed=seed, text="t", token_ids=ids, metrics={})
+
+    gens = [gen("unsteered", 16, [1, 2]), gen("unsteered", 17, [3, 4]), gen("random", 16, [1, 2]),
+            gen("random", 17, [3, 5])]
+    result = {"generations": gens, "scores": [score] * 4, "variants": ["unsteered", "random"], "task": "remove"}
+    md = Playground.column_markdown(result, "random")
+    assert md.count("Word for word the unsteered text") == 1 and "did not fire" in md
+    assert md.index("Word for word") < md.index("**seed 17**")  # under seed 16's text only
+    assert "Word for word" not in Playground.column_markdown(result, "unsteered")
+    md = Playground.column_markdown({**result, "task": "activate"}, "random")
+    assert "did not change a sampled token" in md
+
+
 def test_demo_evidence_lists_every_fresh_sample_of_each_shipped_example():
     """Session 16's walkthrough: Religion's run showed seeds 16-17, its two misses of 8, under a text
     promising 6 of 8. The Demo tab lists every recorded fresh sample with the rule's mark; the
