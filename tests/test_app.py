@@ -271,6 +271,19 @@ def test_steer_streams_the_texts_while_they_are_written(app_fns, monkeypatch):
     assert any(isinstance(u[6], dict) and "random directions" in str(u[6].get("value", "")) for u in partial)
 
 
+def test_demo_evidence_panel_is_wired(built_app):
+    """The Demo tab's evidence panel is built with the first example's record (the tiny examples
+    file names no evidence, so it says so) and follows the example picker."""
+    cfg = built_app.get_config_file()
+    comp = {c["id"]: c for c in cfg["components"]}
+    panel = next(c for c in cfg["components"] if c.get("props", {}).get("elem_id") == "demo-evidence")
+    assert "No recorded fresh-seed samples" in panel["props"]["value"]
+    pick = next(c["id"] for c in cfg["components"] if c.get("props", {}).get("elem_id") == "demo-pick")
+    assert any(panel["id"] in d["outputs"] and [pick, "change"] in [list(t) for t in d["targets"]]
+               for d in cfg["dependencies"]), "the panel follows the picked example"
+    assert comp[pick]["type"] == "radio"
+
+
 def test_demo_streams_the_graph_first_then_the_texts(app_fns, monkeypatch):
     """Issue 17: a curated example shows its flow graph and prompt at once, then every column fills
     token by token (it had shown a progress bar for the whole generation); the last frame is the run."""
