@@ -364,7 +364,8 @@ class Handlers:
             variants[other] = pg.plan(s, other)
         progress(0.15, desc=f"generating {len(variants)} variants x {s.samples} samples in one batch")
         s = dataclasses.replace(s, theme=s.theme or pg.default_theme(str(seed)))
-        def frame(now: dict, partial: str) -> tuple:  # the seven run outputs while the texts are written
+
+        def frame(now: dict, partial) -> tuple:  # the seven run outputs while the texts are written
             ctrl_now = "\n\n".join(partial(c) for c in ("prompted", "random") if any(n == c for n, _ in now))
             return (partial("unsteered"), partial("steered"),
                     gr.update(value=partial(other), visible=True) if s.compare else gr.update(),
