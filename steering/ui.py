@@ -23,7 +23,7 @@ from . import limits
 from .bundle import Bundle, file_sha256, package_dir
 from .catalog import Catalog
 from .catalog.labels import judge_theme
-from .catalog.search import GOOD_SCORE
+from .catalog.search import GOOD_SCORE, matches_by_word
 from .features import FeatureId, parse_feature
 from .flow import build_flow_graph
 from .batching import GenerationBatcher
@@ -243,12 +243,12 @@ def plain_matches(matched) -> str:
     "top ≈musical" and "promoted" as jargon). Reasons of one query word are joined, words by "; "."""
     if any(m.field == "id" for m in matched):
         return "feature id"
-    by_word: dict[str, list[str]] = {}
-    for m in matched:
-        plain = MATCH_FIELDS.get(m.field, m.field)
-        by_word.setdefault(m.word, []).append(
-            f"{plain} “{m.related}”" if m.related else (f"{plain} it" if m.field in ("top", "promoted") else plain))
-    return "; ".join(f"{w}: {', '.join(dict.fromkeys(parts))}" for w, parts in by_word.items())
+    def plain(m) -> str:
+        name = MATCH_FIELDS.get(m.field, m.field)
+        return f"{name} “{m.related}”" if m.related else (f"{name} it" if m.field in ("top", "promoted") else name)
+
+    return "; ".join(f"{w}: {', '.join(dict.fromkeys(plain(m) for m in ms))}"
+                     for w, ms in matches_by_word(matched).items())
 
 
 def _no_theme_note(lens: list[str]) -> str:

@@ -23,6 +23,15 @@ class Match(NamedTuple):
     related: str = ""
 
 
+def matches_by_word(matched: Iterable[Match]) -> dict[str, list[Match]]:
+    """``matched`` grouped by query word, words in order of first appearance (`Hit.reasons` and the
+    app's plain-words column both read it)."""
+    out: dict[str, list[Match]] = {}
+    for m in matched:
+        out.setdefault(m.word, []).append(m)
+    return out
+
+
 class Hit(NamedTuple):
     """A search result: feature id, label, relevance score, why it matched (one `Match` per query
     word x field x related word, sorted), and how it fires (max activation, firing frequency)."""
@@ -38,10 +47,8 @@ class Hit(NamedTuple):
         """``matched`` compactly, one string per query word: "music (context, top, top ≈musical)"."""
         if any(m.field == "id" for m in self.matched):
             return ["feature id"]
-        by_word: dict[str, list[str]] = {}
-        for m in self.matched:
-            by_word.setdefault(m.word, []).append(m.field + (f" ≈{m.related}" if m.related else ""))
-        return [f"{w} ({', '.join(sorted(f))})" for w, f in by_word.items()]
+        return [f"{w} ({', '.join(sorted(m.field + (f' ≈{m.related}' if m.related else '') for m in ms))})"
+                for w, ms in matches_by_word(self.matched).items()]
 
     def to_json(self) -> dict:
         return {**self._asdict(), "matched": self.reasons()}
@@ -145,6 +152,7 @@ def search(cat, query: str, k: int = 20, sites: Iterable[str] = ("res",),
             for (key, _), v in best.items():
                 score[key] += v
     hits = []
+    order = {w: n for n, w in enumerate(words)}  # reasons listed in query order
     for key, s in score.items():
         layer, site, i = key
         cols = cat.summary[(layer, site)]
@@ -152,7 +160,6 @@ def search(cat, query: str, k: int = 20, sites: Iterable[str] = ("res",),
         coverage = len({x.word for x in m}) / len(words)
         specificity = 1.0 / (1.0 + 10.0 * cols["freq"][i])
         strong = any(x.field in _STRONG for x in m)
-        order = {w: n for n, w in enumerate(words)}
         why = tuple(sorted(m, key=lambda x: (order[x.word], x.field, x.related)))
         # a match in a label, top token or tag counts double, so the shown score is the ranking
         total = round(s * coverage * specificity * (2.0 if strong else 1.0), 4)
