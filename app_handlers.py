@@ -365,8 +365,7 @@ class Handlers:
         progress(0.15, desc=f"generating {len(variants)} variants x {s.samples} samples in one batch")
         s = dataclasses.replace(s, theme=s.theme or pg.default_theme(str(seed)))
 
-        def frame(now: dict, partial) -> tuple:  # the seven run outputs while the texts are written
-            ctrl_now = "\n\n".join(partial(c) for c in ("prompted", "random") if any(n == c for n, _ in now))
+        def frame(partial, ctrl_now: str) -> tuple:  # the seven run outputs while the texts are written
             return (partial("unsteered"), partial("steered"),
                     gr.update(value=partial(other), visible=True) if s.compare else gr.update(),
                     gr.update(), gr.update(), gr.update(),
@@ -386,10 +385,11 @@ class Handlers:
                str(path), record, gr.update(value=ctrl, visible=bool(ctrl)))
 
     def _stream(self, s, variants: dict, api_key: str, progress, frame):
-        """Run the generation in a thread and yield ``frame(now, partial)`` every 0.4 s with the
-        texts written so far (``now``: (variant, seed) -> new token ids; ``partial(variant)``: that
-        column's markdown so far); returns the result (per request: nothing is kept on the shared
-        handlers). The Playground and the Demo tab stream through it (issue 17)."""
+        """Run the generation in a thread and yield ``frame(partial, controls)`` every 0.4 s with the
+        texts written so far (``partial(variant)``: that column's markdown so far; ``controls``: the
+        control columns written so far, "" before their first token); returns the result (per
+        request: nothing is kept on the shared handlers). The Playground and the Demo tab stream
+        through it (issue 17)."""
         pg = self.pg
         live: dict = {}  # (variant, seed) -> new token ids so far: the texts stream while they are written
         live_lock = threading.Lock()  # the generation thread writes it, this handler reads snapshots
@@ -417,7 +417,9 @@ class Handlers:
                 step = max(len(r) for r in now.values())
                 progress(0.15 + 0.8 * min(1.0, step / max(1, s.max_new_tokens)),
                          desc=f"writing: token {step} of {s.max_new_tokens}")
-                yield frame(now, functools.partial(pg.partial_markdown, now))
+                ctrl_now = "\n\n".join(pg.partial_markdown(now, c) for c in ("prompted", "random")
+                                        if any(n == c for n, _ in now))
+                yield frame(functools.partial(pg.partial_markdown, now), ctrl_now)
         if "error" in box:
             raise box["error"]
         return box["result"]
@@ -478,8 +480,7 @@ class Handlers:
         yield figure, "", "", None, gain, ""  # the graph and the prompt while the texts are written
         progress(0.15, desc="writing the texts and the two controls")
 
-        def frame(now: dict, partial) -> tuple:
-            ctrl_now = "\n\n".join(partial(c) for c in ("prompted", "random") if any(n == c for n, _ in now))
+        def frame(partial, ctrl_now: str) -> tuple:
             return gr.update(), partial("unsteered"), partial("steered"), gr.update(), gr.update(), ctrl_now
 
         result = yield from self._stream(s, variants, "", progress, frame)
