@@ -77,12 +77,48 @@ def test_demo_hit_rules():
     rec["candidates"]["9/res/4"] = {"span": [2, 9], "label": "bride, cake · ctx: vows", "runs": {"single:4": {"hits": 2}}}
     assert D.choose(rec)[:2] == ("9/res/4", "single:4")
     assert D.on_theme("Bride, the, 9", words) and not D.on_theme("file, command", words)
-    # the choice is made on the 16 seeds where a setting was rechecked: 8 + 3 beats 7 + 1
-    rec["candidates"]["9/res/4"]["runs"] = {"single:4": {"hits": 8, "recheck_hits": 1},
-                                            "single:8": {"hits": 7, "recheck_hits": 3},
+    # the choice is made on the 24 seeds where a setting was rechecked: 8 + 3 beats 7 + 1
+    def checked(hits: int, seeds=D.RECHECK_SEEDS) -> dict:
+        return {"recheck_hits": hits, "recheck_samples": [{"seed": s, "hit": i < hits} for i, s in enumerate(seeds)]}
+
+    rec["candidates"]["9/res/4"]["runs"] = {"single:4": {"hits": 8, **checked(1)},
+                                            "single:8": {"hits": 7, **checked(3)},
                                             "single:6": {"hits": 8}}
     assert D.choose(rec)[:2] == ("9/res/4", "single:8")
     assert [r[1] for r in D.ranked(rec, stage="first")[:2]] == ["single:4", "single:6"]
+    # a recheck on fewer seeds than the rules' (an older record) does not count until completed
+    rec["candidates"]["9/res/4"]["runs"]["single:8"].update(checked(8, D.RECHECK_SEEDS[:8]))
+    assert D.choose(rec)[:2] == ("9/res/4", "single:4")
+
+
+def test_recheck_generates_only_the_seeds_a_record_lacks(monkeypatch):
+    """A recorded sweep whose recheck had fewer seeds (session 16: seeds 8-15) is completed, not
+    redone: only the missing seeds are generated, the recorded samples are kept, and the hits
+    count all of RECHECK_SEEDS."""
+    import steering.generate as G
+
+    asked = []
+
+    def fake(bundle, prompt, variants, seeds, max_new_tokens, **kw):
+        asked.append((list(variants), list(seeds)))
+        return [G.Generation(name, s, "a wedding" if s % 2 else "nothing", [], {"perplexity": 10.0})
+                for name in variants for s in seeds]
+
+    monkeypatch.setattr(G, "generate_variants", fake)
+    monkeypatch.setattr(D, "plan_for", lambda *a: [])
+    old = [{"seed": s, "text": "kept", "hit": True} for s in D.RECHECK_SEEDS[:8]]
+    rec = {"task": "activate", "prompt": "I think", "words": ["wedding"], "candidates": {
+        "9/res/4": {"label": "wedding", "span": [2, 9], "runs": {
+            "single:4": {"hits": 5, "recheck_hits": 8, "recheck_samples": old}, "single:8": {"hits": 4}}}}}
+    D.recheck(None, rec, 4)
+    runs = rec["candidates"]["9/res/4"]["runs"]
+    assert asked == [(["single:4"], D.RECHECK_SEEDS[8:]), (["single:8"], D.RECHECK_SEEDS)]
+    assert [x["seed"] for x in runs["single:4"]["recheck_samples"]] == D.RECHECK_SEEDS
+    assert runs["single:4"]["recheck_samples"][:8] == old  # recorded samples kept as they were
+    assert runs["single:4"]["recheck_hits"] == 8 + sum(s % 2 for s in D.RECHECK_SEEDS[8:])
+    assert D.rechecked(runs["single:8"]) and runs["single:8"]["recheck_hits"] == sum(s % 2 for s in D.RECHECK_SEEDS)
+    D.recheck(None, rec, 4)  # complete: nothing more is generated
+    assert len(asked) == 2
 
 
 def test_demo_sweep_runs_end_to_end_on_a_tiny_preset(tiny_llama_preset, tmp_path, capsys):

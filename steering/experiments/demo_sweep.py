@@ -22,7 +22,7 @@ For removal (the paper's physics prompt, App. B.1) a hit is a readable sample wi
 The chosen setting per theme: features whose catalog label names a theme word first (`on_theme`: a
 presenter shows a feature that is visibly about the theme), then graphs spanning >= MIN_SPAN
 layers, then the most hits (ties: the weaker push). The best N_RECHECK settings of the first 8
-seeds run again on 8 more (RECHECK_SEEDS) and the choice is made on all 16 (`ranked`), which
+seeds run again on 16 more (RECHECK_SEEDS) and the choice is made on all 24 (`ranked`), which
 lessens the luck of a best-of-~35 pick on 8 seeds; even so its count is biased upwards, so the
 chosen setting runs once more on 8 fresh seeds (`confirm`, CONFIRM_SEEDS). It counts as shipped
 (convincing) only when it reaches MIN_HITS of 8 on the fresh seeds (the unbiased count), beats the
@@ -53,9 +53,13 @@ from ..settings import DEPRECATED_CONDITIONS
 
 log = logging.getLogger(__name__)
 SEEDS = list(range(8))
-RECHECK_SEEDS = list(range(8, 16))  # the best few settings again: the choice is made on 16 seeds
-CONFIRM_SEEDS = list(range(16, 24))  # fresh seeds for the chosen setting (SEEDS + RECHECK_SEEDS chose it)
-N_RECHECK = 3
+# The best few settings again: the choice is made on 24 seeds. Session 17 widened the recheck (it
+# was 3 settings on seeds 8-15, fresh seeds 16-23): of the six settings chosen on 16 seeds in
+# session 16, four fell to 4-5 of 8 on the fresh seeds (a best-of-~35 pick on 16 seeds still
+# favours luck), so more settings are rechecked on more seeds before the fresh check.
+RECHECK_SEEDS = list(range(8, 24))
+CONFIRM_SEEDS = list(range(24, 32))  # fresh seeds for the chosen setting (SEEDS + RECHECK_SEEDS chose it)
+N_RECHECK = 6
 DEMO_SAMPLES = 2  # samples a click on a curated example generates (from CONFIRM_SEEDS[0] on)
 # The demo's activation prompt: the paper's "I think " (App. B.2) without its trailing space. With
 # SmolLM2's tokenizer a prompt ending in a bare space token is continued with a digit in about half
@@ -449,15 +453,29 @@ def sweep_theme(bundle, title: str, spec: dict, task: str, catalog, prompt: str,
 
 
 def recheck(bundle, rec: dict, max_new_tokens: int) -> None:
-    """Run the N_RECHECK best settings of the first stage (`choose` on SEEDS alone) again on
-    RECHECK_SEEDS; each gets ``recheck_hits`` and ``recheck_samples`` in its run record."""
+    """Run the N_RECHECK best settings of the first stage (`ranked` on SEEDS alone) again on
+    RECHECK_SEEDS; each gets ``recheck_hits`` and ``recheck_samples`` (in seed order) in its run
+    record. Only the seeds a setting's record lacks are generated (a recorded sweep whose recheck
+    had fewer seeds is completed, not redone): every row of a batched generation has its own
+    sampler seed and steering, so a sample does not depend on the rows generated beside it."""
     from ..generate import generate_variants
 
     for fid, setting, _ in ranked(rec, stage="first")[:N_RECHECK]:
-        specs = plan_for(bundle, fid, setting, rec["task"])
-        gens = generate_variants(bundle, rec["prompt"], {setting: specs}, RECHECK_SEEDS, max_new_tokens)
-        run = judged(gens, (setting,), rec)[setting]
-        rec["candidates"][fid]["runs"][setting].update(recheck_hits=run["hits"], recheck_samples=run["samples"])
+        run = rec["candidates"][fid]["runs"][setting]
+        have = {x["seed"]: x for x in run.get("recheck_samples", ()) if x["seed"] in RECHECK_SEEDS}
+        todo = [s for s in RECHECK_SEEDS if s not in have]
+        if todo:
+            specs = plan_for(bundle, fid, setting, rec["task"])
+            gens = generate_variants(bundle, rec["prompt"], {setting: specs}, todo, max_new_tokens)
+            have.update({x["seed"]: x for x in judged(gens, (setting,), rec)[setting]["samples"]})
+        samples = [have[s] for s in RECHECK_SEEDS]
+        run.update(recheck_hits=sum(x["hit"] for x in samples), recheck_samples=samples)
+
+
+def rechecked(run: dict) -> bool:
+    """Whether a setting's run was rechecked on all of RECHECK_SEEDS (a record of an older, smaller
+    recheck does not count until `recheck` completes it)."""
+    return [x["seed"] for x in run.get("recheck_samples", ())] == RECHECK_SEEDS
 
 
 def on_theme(label: str, words) -> bool:
@@ -476,7 +494,7 @@ def ranked(rec: dict, stage: str = "final") -> list[tuple[str, str, int]]:
     for fid, c in rec["candidates"].items():
         for name, run in c["runs"].items():
             s = float(name.split(":")[1]) * len(fid.split(","))  # the push: s for each seed of a seed set
-            checked = stage == "final" and "recheck_hits" in run
+            checked = stage == "final" and rechecked(run)
             hits = run["hits"] + run.get("recheck_hits", 0) if checked else run["hits"]
             key = (on_theme(c.get("label", ""), rec.get("words", ())), c["span"][1] - c["span"][0] + 1 >= MIN_SPAN,
                    checked, hits, -abs(s))
@@ -567,8 +585,9 @@ def example_json(rec: dict, fid: str, setting: str, graphs: list, max_new_tokens
                 f"On the 8 seeds it was first tried on: {first}")
     else:
         expl = f"{lead}{how[0].upper()}{how[1:]} {goal} {first}"
-    if "recheck_hits" in run:
-        expl += f"; picked on 16 seeds ({run['hits'] + run['recheck_hits']} of 16)"
+    if rechecked(run):
+        n = len(SEEDS) + len(RECHECK_SEEDS)
+        expl += f"; picked on {n} seeds ({run['hits'] + run['recheck_hits']} of {n})"
     expl += "."
     if conf:
         expl += (f" Running it shows {DEMO_SAMPLES} of the fresh samples (seeds {CONFIRM_SEEDS[0]}-"
@@ -634,8 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--themes", default="", help="comma list of theme titles (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=36)
     p.add_argument("--rewrite-examples", action="store_true",
-                   help="rebuild the examples file from the recorded sweep.json (generates only the controls "
-                   "of a theme whose choice the current rules change, and the fresh-seed check where missing)")
+                   help="rebuild the examples file from the recorded sweep.json (generates only the recheck "
+                   "seeds the current rules add, the controls of a theme whose choice they change, and the "
+                   "fresh-seed check where missing)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from ..bundle import Bundle
@@ -664,8 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a partial run keeps the evidence of the themes it does not sweep again
         records = [r for r in recorded if wanted and r["title"] not in {t for t, _, _ in jobs}]
     examples = []
-    for rec in records:
+    for rec in tqdm(records, desc="recorded themes", disable=not a.rewrite_examples):
         n_tok = a.max_new_tokens if rec["task"] == "activate" else 64
+        if a.rewrite_examples:  # a recheck the current rules widened is completed first
+            recheck(bundle, rec, n_tok)
         pick = choose(rec)
         if pick is not None and (not rec.get("chosen") or (rec["chosen"]["feature"], rec["chosen"]["setting"])
                                  != pick[:2]):  # the rule changed: the new choice's controls are generated
