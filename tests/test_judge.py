@@ -341,9 +341,13 @@ def test_offline_coherence_ranks_gibberish_below_fluent(offline):
         assert coherence_score(coherence_signals(b, None, vocab)) < coherence_score(coherence_signals(fluent, None, vocab)) - 2
     scores = offline.score([fluent] + bad, "weather", "activate")
     assert all(s.coherence < scores[0].coherence for s in scores[1:]) and scores[0].coherence == 5.0
-    # perplexity under the unsteered model lowers coherence (word salad that has no repetition)
-    lo, mid, hi = offline.score([fluent] * 3, "weather", "activate", perplexities=[20.0, 600.0, 5000.0])
-    assert lo.coherence > mid.coherence > hi.coherence > 0
+    # perplexity under the unsteered model lowers coherence (word salad that has no repetition):
+    # full marks at or below the calibrated ramp's start, less inside it, the floor beyond its end
+    ramp = offline.calibration["coherence"]
+    ppl_lo, ppl_hi = ramp["ppl_lo"], ramp["ppl_hi"]
+    lo, mid, hi = offline.score([fluent] * 3, "weather", "activate",
+                                perplexities=[ppl_lo / 2, (ppl_lo * ppl_hi) ** 0.5, ppl_hi * 2])
+    assert lo.coherence == 5.0 and lo.coherence > mid.coherence > hi.coherence > 0
 
 
 def test_offline_uses_the_injected_perplexity_fn(offline, monkeypatch):
@@ -380,7 +384,13 @@ def test_calibration_is_current_and_meets_its_held_out_targets():
     assert n_rows == cal["n_labelled"] >= 300 and cal["n_themes"] >= 10 and cal["n_texts"] >= 300
     ev, base = cal["evaluation"], cal["evaluation_whole_text_baseline"]
     assert ev["off_theme_scored_le_1"] >= 0.9 and ev["n_off_theme"] >= 200
-    assert ev["word_salad_coherence_le_1"] >= 0.9 and ev["fluent_coherence_ge_4"] >= 0.9
+    assert ev["word_salad_coherence_le_1"] >= 0.9
+    # generated text (what the app scores): fluent scored >= 4, mostly broken rarely so (session 17:
+    # before the generated texts were labelled, 61% of the broken ones scored >= 4); hand-written
+    # fluent text is more surprising to the model than fluent generated text, and pays for it
+    assert ev["fluent_generated_ge_4"] >= 0.9 and ev["n_generated_fluent"] >= 5
+    assert ev["generated_le_2_scored_ge_4"] <= 0.2 and ev["n_generated_le_2"] >= 15
+    assert ev["fluent_hand_written_ge_4"] >= 0.7
     assert ev["n_hand_labelled"] >= 75 and ev["spearman_coherence"] > 0.8
     assert ev["spearman_behavioral"] <= ev["spearman_behavioral_ceiling"]
     assert ev["spearman_behavioral_hand_labelled"] > base["spearman_behavioral_hand_labelled"]
