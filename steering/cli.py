@@ -215,9 +215,9 @@ def cmd_steer(args) -> dict:
     if s.controls:
         out["controls"] = {name: texts(name) for name in ("prompted", "random") if name in by}  # like unsteered
     if s.theme:
-        from .judging import make_judge
+        from .judging import bundle_theme_logratio_fn, make_judge
 
-        judge = make_judge()
+        judge = make_judge(theme_logratio_fn=bundle_theme_logratio_fn(bundle))
         out["theme"], out["judge"] = s.theme, judge.name
         out["scores"] = {name: [x.to_json() for x in judge.score([g.text for g in gs], s.theme, s.task,
                                                                   [g.metrics.get("perplexity") for g in gs])]

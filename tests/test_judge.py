@@ -392,6 +392,10 @@ def test_calibration_is_current_and_meets_its_held_out_targets():
     assert ev["generated_le_2_scored_ge_4"] <= 0.2 and ev["n_generated_le_2"] >= 15
     assert ev["fluent_hand_written_ge_4"] >= 0.7
     assert ev["n_hand_labelled"] >= 75 and ev["spearman_coherence"] > 0.8
+    # with the default model's log-ratio (the app on the default preset), the issue's 0.8 on the
+    # labelled texts; the MiniLM features alone stay below it
+    assert ev["spearman_behavioral_hand_labelled"] >= 0.8
+    assert cal["evaluation_minilm_only"]["spearman_behavioral_hand_labelled"] < ev["spearman_behavioral_hand_labelled"]
     assert ev["spearman_behavioral"] <= ev["spearman_behavioral_ceiling"]
     assert ev["spearman_behavioral_hand_labelled"] > base["spearman_behavioral_hand_labelled"]
     assert cal["evaluation_before"]["spearman_behavioral"] == 0.624  # the figures before issue 17, kept
@@ -406,19 +410,49 @@ def test_calibration_is_current_and_meets_its_held_out_targets():
 
 
 def test_calibration_reproduces_its_stored_theme_figures(offline):
-    """The stored weights, applied by the judge to the held-out items, give the stored figures."""
+    """The stored weights, applied by the judge to the held-out items, give the stored figures:
+    the MiniLM features alone (`behavioral`, `evaluation_minilm_only`) and with the default model's
+    log-likelihood ratio (`behavioral_lm`, `evaluation`: what the app on the default preset uses)."""
+    import torch
+
+    from steering.bundle import load_model, pick_device
     from steering.judging import calibration as C
+    from steering.presets import get_preset
 
     cal = O.load_calibration()
+    assert cal["behavioral_lm"]["lm_model"] == "default"
+    assert cal["behavioral_lm"]["features"] == [*O.THEME_FEATURES, O.LM_FEATURE]
+    assert cal["behavioral_lm"]["lm_templates"] == list(O.LM_TEMPLATES)
     items = C.build_items(C.load_rows())
     held = [dict(it) if C.held_out(it) and it["behavioral"] is not None else {**it, "behavioral": None}
             for it in items]
     feats = C.theme_item_features(held, offline)
-    pred = {i: O.theme_score(f, cal["behavioral"]) for i, f in enumerate(feats) if f is not None}
-    ev = C.evaluate(items, pred, [it["coherence"] for it in items], cal["behavioral"]["interval_half_widths"])
-    for key in ("off_theme_scored_le_1", "hand_labelled_off_theme_scored_le_1", "on_theme_scored_ge_3",
-                "spearman_behavioral", "spearman_behavioral_hand_labelled", "interval_holds_label", "share_uncertain"):
-        assert ev[key] == pytest.approx(cal["evaluation"][key], abs=0.002), key
+    model, tok = load_model(get_preset("default"), pick_device("cpu"), torch.float32)
+    lm = C.theme_item_logratios(held, model, tok)
+    keys = ("off_theme_scored_le_1", "hand_labelled_off_theme_scored_le_1", "on_theme_scored_ge_3",
+            "spearman_behavioral", "spearman_behavioral_hand_labelled", "interval_holds_label", "share_uncertain")
+    for fit, stored, extra in (("behavioral", "evaluation_minilm_only", None), ("behavioral_lm", "evaluation", lm)):
+        pred = {i: O.theme_score(f if extra is None else [*f, extra[i]], cal[fit]) for i, f in enumerate(feats)
+                if f is not None}
+        ev = C.evaluate(items, pred, [it["coherence"] for it in items], cal[fit]["interval_half_widths"])
+        for key in keys:
+            assert ev[key] == pytest.approx(cal[stored][key], abs=0.002), (fit, key)
+    # the app's judge on the default preset scores with the fifth feature; a judge without the model does not
+    on, off = "We baked bread and made a big pot of soup for dinner.", "The train to Berlin was late again."
+    with_lm = O.OfflineJudge(theme_logratio_fn=O.theme_logratio_fn(model, tok))
+    a, b = with_lm.score([on, off], "food and cooking")
+    assert "model log-ratio" in a.reason and a.behavioral > b.behavioral + 1.0
+    assert "model log-ratio" not in offline.score([on], "food and cooking")[0].reason
+
+
+def test_the_model_log_ratio_is_used_only_with_the_model_it_was_fitted_on(tiny_bundle):
+    """The log-ratio's scale is the model's: a bundle of another preset gets no fifth feature."""
+    assert O.bundle_theme_logratio_fn(tiny_bundle) is None
+    cal = {**O.load_calibration()}
+    cal["behavioral_lm"] = {**cal["behavioral_lm"], "lm_model": tiny_bundle.preset.name}
+    fn = O.bundle_theme_logratio_fn(tiny_bundle, cal)
+    assert fn is not None and len(fn(["a b c", ""], "food")) == 2 and fn([""], "food") == [None]
+    assert O.OfflineJudge(calibration={"behavioral": cal["behavioral"]}, theme_logratio_fn=fn).theme_logratio_fn is None
 
 
 # Texts written for these tests, not taken from assets/judge/labelled.jsonl.

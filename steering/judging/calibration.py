@@ -45,9 +45,9 @@ from pathlib import Path
 from ..embeddings import minilm_vocab
 from ..metrics import model_perplexity_fn
 from .base import JUDGE_DIR
-from .offline import (BINS, PPL_HI, PPL_LO, SIMILARITY_METHOD, THEME_FEATURES, UNCERTAIN_WIDTH, OfflineJudge,
-                      coherence_score, coherence_signals, feature_vector, interval, is_uncertain, logistic, score_bin,
-                      theme_score)
+from .offline import (BINS, LM_FEATURE, LM_TEMPLATES, PPL_HI, PPL_LO, SIMILARITY_METHOD, THEME_FEATURES,
+                      UNCERTAIN_WIDTH, OfflineJudge, coherence_score, coherence_signals, feature_vector, interval,
+                      is_uncertain, logistic, score_bin, theme_logratio_fn, theme_score)
 
 RELATED = (frozenset({"anger and frustration", "mental health issues"}),
            frozenset({"sadness and grief", "mental health issues"}),
@@ -222,12 +222,19 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "", previou
     (`PREVIOUS_FEATURES`, weights of any sign) and the whole-text baseline (one logistic of the
     whole text's relative similarity, the method before issue 17), and keeps what earlier
     calibration files reported (`_history`). With ``perplexity_preset`` every text's perplexity
-    under that preset's model (no SAEs) feeds the coherence score, as in the app."""
+    under that preset's model (no SAEs) feeds the coherence score, as in the app, and the theme
+    map is fitted a second time with the model's log-likelihood ratio as a fifth feature
+    (``behavioral_lm``, what the app on that preset uses; its figures are ``evaluation``, those of
+    the MiniLM features alone ``evaluation_minilm_only``)."""
     rows = load_rows(labelled)
     items = build_items(rows)
     sims = theme_item_similarities(items)
     feats = [None if s is None else feature_vector(*s) for s in sims]
-    ppl = text_perplexities(items, perplexity_preset) if perplexity_preset else [None] * len(items)
+    ppl, lm = [None] * len(items), [None] * len(items)
+    if perplexity_preset:
+        model, tok = _load(perplexity_preset)
+        ppl = text_perplexities(items, model, tok)
+        lm = theme_item_logratios(items, model, tok)
     fit = [i for i, it in enumerate(items) if not held_out(it)]
     fit_b = [i for i in fit if items[i]["behavioral"] is not None]
     theme_idx = [i for i, it in enumerate(items) if it["behavioral"] is not None]
@@ -247,25 +254,42 @@ def calibrate(labelled: Path | None = None, perplexity_preset: str = "", previou
     prev = {i: theme_score(prev_feats[i], prev_w) for i in theme_idx}
     a, b = _fit_logistic([feats[i][0] for i in fit_b], gold)  # the whole-text baseline
     base = {i: logistic(feats[i][0], a, b) for i in theme_idx}
+    minilm_only = evaluate(items, pred, cohs, halves)
+    with_lm = {}
+    if perplexity_preset:
+        feats5 = {i: [*feats[i], lm[i]] for i in theme_idx}
+        weights_lm = fit_theme_weights([feats5[i] for i in fit_b], gold, (*THEME_FEATURES, LM_FEATURE))
+        pred_lm = {i: theme_score(feats5[i], weights_lm) for i in theme_idx}
+        halves_lm = _halves([pred_lm[i] for i in fit_b], gold)
+        with_lm = {"behavioral_lm": {**weights_lm, "lm_model": perplexity_preset, "lm_templates": list(LM_TEMPLATES),
+                                     "formula": "as behavioral, with the model's per-token log-likelihood ratio "
+                                                "(nats) of the text after lm_templates[0] vs lm_templates[1]",
+                                     "interval_bins": list(BINS), "interval_half_widths": halves_lm,
+                                     "uncertain_width": UNCERTAIN_WIDTH}}
+        primary = evaluate(items, pred_lm, cohs, halves_lm)
     result = {
         "similarity_method": SIMILARITY_METHOD,
         "behavioral": {**weights, "formula": "5 sigmoid(bias + sum_k weights_k (feature_k - mean_k) / std_k), "
                                              "weights_k >= 0",
                        "interval_bins": list(BINS), "interval_half_widths": halves,
                        "uncertain_width": UNCERTAIN_WIDTH},
+        **with_lm,
         "coherence": {"ppl_lo": lo, "ppl_hi": hi, "perplexity_model": perplexity_preset or "none (local signals)"},
         "n_labelled": len(rows), "n_themes": len({r["theme"] for r in rows}), "n_items": len(items),
         "n_items_by_kind": {k: sum(it["kind"] == k for it in items)
                             for k in ("labelled", "other theme", "word salad", "repetition")},
         "n_texts": len({it["text"] for it in items}), "n_hand_labelled_texts": len(rows),
         "held_out": f"every {HELD_OUT_EVERY}th labelled text (index % {HELD_OUT_EVERY} == 0) with all of its items",
-        "evaluation": evaluate(items, pred, cohs, halves),
+        "evaluation": primary if with_lm else minilm_only,
+        **({"evaluation_minilm_only": minilm_only} if with_lm else {}),
         "evaluation_previous_method": {**evaluate(items, prev, cohs, _halves([prev[i] for i in fit_b], gold)),
                                        "features": list(PREVIOUS_FEATURES), "weights": prev_w["weights"]},
         "evaluation_whole_text_baseline": evaluate(items, base, cohs, _halves([base[i] for i in fit_b], gold)),
         "note": "figures of `evaluation` are on held-out items only (steering/judging/calibration.py says how items "
-                "are built from the hand-labelled texts); `evaluation_previous_method`: the method this one replaced "
-                "(8 features, weights of any sign) fitted and evaluated on the same split; "
+                "are built from the hand-labelled texts), of the `behavioral_lm` fit where there is one (the app "
+                "on that preset), else of `behavioral`; `evaluation_minilm_only`: the MiniLM features alone "
+                "(`behavioral`, what a judge without that model uses); `evaluation_previous_method`: the method "
+                "this one replaced (8 features, weights of any sign) fitted and evaluated on the same split; "
                 "`evaluation_whole_text_baseline`: the method before issue 17 (one logistic of the whole text's "
                 "similarity, a={:.2f}, b={:.4f}) fitted and evaluated on the same split; "
                 "`evaluation_previous_calibration` and `evaluation_before`: what the replaced calibration file and "
@@ -382,15 +406,19 @@ def joined(prompt: str, text: str) -> tuple[str, str]:
     return prompt, text
 
 
-def text_perplexities(items: list[dict], preset: str) -> list[float | None]:
-    """Perplexity of every item's text under ``preset``'s model (no SAEs), after its prompt
-    (`joined`: a hand-written text is scored as one string with its prompt)."""
+def _load(preset: str):
+    """The preset's model and tokenizer (no SAEs), fp32 on the CPU."""
     import torch
 
     from ..bundle import load_model, pick_device
     from ..presets import get_preset
 
-    model, tok = load_model(get_preset(preset), pick_device("cpu"), torch.float32)
+    return load_model(get_preset(preset), pick_device("cpu"), torch.float32)
+
+
+def text_perplexities(items: list[dict], model, tok) -> list[float | None]:
+    """Perplexity of every item's text under ``model`` (no SAEs), after its prompt
+    (`joined`: a hand-written text is scored as one string with its prompt)."""
     out: list[float | None] = [None] * len(items)
     pairs = [joined(it["prompt"], it["text"]) for it in items]
     for prompt in sorted({pr for pr, _ in pairs}):
@@ -399,4 +427,18 @@ def text_perplexities(items: list[dict], preset: str) -> list[float | None]:
         by_text = dict(zip(texts, model_perplexity_fn(model, tok, prefix=prompt)(texts)))
         for i in idx:
             out[i] = by_text[pairs[i][1]]
+    return out
+
+
+def theme_item_logratios(items: list[dict], model, tok) -> list[float | None]:
+    """`offline.theme_logratio_fn` of every theme item for its theme (None for items without a
+    theme label), each (text, theme) pair computed once. [n_items]."""
+    fn = theme_logratio_fn(model, tok)
+    out: list[float | None] = [None] * len(items)
+    for theme in sorted({it["theme"] for it in items if it["behavioral"] is not None}):
+        idx = [i for i, it in enumerate(items) if it["theme"] == theme and it["behavioral"] is not None]
+        texts = sorted({items[i]["text"] for i in idx})
+        by_text = dict(zip(texts, fn(texts, theme)))
+        for i in idx:
+            out[i] = by_text[items[i]["text"]]
     return out

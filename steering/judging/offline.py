@@ -7,7 +7,10 @@ lowers the score) fitted on hand labels, with a range and an "uncertain" flag; c
 signals (repetition, gibberish, perplexity under the unsteered model). Its calibration:
 `steering.judging.calibration` (``python -m steering judge calibrate``). The word features skip
 the best word, so that a single theme word (in an idiom, in word salad) counts only through the
-whole text and its clause.
+whole text and its clause. Where the judge has the model it was calibrated with (the app on the
+default preset: `theme_logratio_fn`), a fifth feature joins them: the model's own log-likelihood
+ratio of the text after "I want to talk about {theme}." against after "I want to talk."
+(session 17; the `behavioral_lm` fit of the calibration).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 from .. import embeddings
 from ..embeddings import minilm_vocab
-from ..metrics import PerplexityFn, distinct_n
+from ..metrics import PerplexityFn, distinct_n, model_perplexity_fn
 from .base import JUDGE_DIR, Score, Task, check_args, make_score
 
 # Perplexity ramp of the offline coherence score, fitted for the default model (SmolLM2-135M) on
@@ -106,6 +110,12 @@ WORD_RANKS = ((1, 3), (3, 6))  # 0-based ranks of the content-word similarities 
 # best word and the 2nd-best clause are not features (fitted with the others, their weight was 0):
 # a theme word in an idiom or in word salad is one strong word.
 THEME_FEATURES = ("whole", "clause_max", "word_rank_2_3", "word_rank_4_6")
+LM_FEATURE = "lm_log_ratio"
+# The prefixes of the model's log-likelihood ratio (`theme_logratio_fn`). Chosen in session 17 among
+# six tried by 4-fold cross-validation on the fitting part of the labelled set (0.809; "Here is a
+# short text about {}." 0.795, the one session 12 tried; "A story about {}." 0.774).
+LM_TEMPLATES = ("I want to talk about {}.\n\n", "I want to talk.\n\n")
+ThemeLogRatioFn = Callable[[list[str], str], list[float | None]]
 SIMILARITY_METHOD = {"template": THEME_TEMPLATE, "n_anchors": len(ANCHOR_TOPICS),
                      "anchors_excluded": ANCHORS_EXCLUDED, "anchors_top": ANCHORS_TOP,
                      "features": list(THEME_FEATURES), "word_ranks": [list(r) for r in WORD_RANKS],
@@ -159,6 +169,32 @@ def feature_vector(whole: float, clauses: list[float], words: list[float]) -> li
     return [whole, rank_mean(clauses, 0, 1), *(rank_mean(words, lo, hi) for lo, hi in WORD_RANKS)]
 
 
+def theme_logratio_fn(model, tokenizer, lock=None) -> ThemeLogRatioFn:
+    """``fn(texts, theme)`` -> the mean per-token log-likelihood ratio (nats per token) of each
+    text (stripped of outer whitespace) under ``model`` after ``LM_TEMPLATES[0]`` with the theme
+    against after the neutral ``LM_TEMPLATES[1]``: how much naming the theme makes the model
+    expect the text (a pointwise mutual information of text and theme). None for a text without
+    tokens. Pass the unsteered base model and the bundle's lock (`model_perplexity_fn`)."""
+    neutral = model_perplexity_fn(model, tokenizer, lock, prefix=LM_TEMPLATES[1])
+
+    def fn(texts: list[str], theme: str) -> list[float | None]:
+        stripped = [t.strip() for t in texts]
+        themed = model_perplexity_fn(model, tokenizer, lock, prefix=LM_TEMPLATES[0].format(theme))(stripped)
+        return [None if a is None or b is None else math.log(a) - math.log(b)
+                for a, b in zip(neutral(stripped), themed)]
+
+    return fn
+
+
+def bundle_theme_logratio_fn(bundle, calibration: dict | None = None) -> ThemeLogRatioFn | None:
+    """`theme_logratio_fn` on a Bundle's model under its lock, or None when the calibration's
+    ``behavioral_lm`` fit was made with another preset's model (the ratio's scale is the model's)."""
+    fit = (calibration if calibration is not None else load_calibration()).get("behavioral_lm")
+    if not fit or fit.get("lm_model") != bundle.preset.name:
+        return None
+    return theme_logratio_fn(bundle.model, bundle.tokenizer, bundle.lock)
+
+
 def load_calibration(path: Path | None = None) -> dict:
     path = path or JUDGE_DIR / "calibration.json"
     if not path.is_file():
@@ -210,22 +246,27 @@ class OfflineJudge:
 
     The sentence-embedding model loads on first use (~1 s, CPU) and is shared by every caller.
     ``perplexity_fn(texts)`` should give perplexities under the unsteered base model; without it
-    coherence uses repetition and gibberish signals only.
+    coherence uses repetition and gibberish signals only. ``theme_logratio_fn`` (`theme_logratio_fn`
+    on the model the calibration's ``behavioral_lm`` fit names) adds the model's log-likelihood
+    ratio to the theme features; without it, or without that fit, the MiniLM features alone.
     """
 
     name = "offline:minilm"
     label = OFFLINE_LABEL
     offline = True
 
-    def __init__(self, perplexity_fn: PerplexityFn | None = None, calibration: Path | dict | None = None):
+    def __init__(self, perplexity_fn: PerplexityFn | None = None, calibration: Path | dict | None = None,
+                 theme_logratio_fn: ThemeLogRatioFn | None = None):
         self.perplexity_fn = perplexity_fn
         self.calibration = calibration if isinstance(calibration, dict) else load_calibration(calibration)
+        self.theme_logratio_fn = theme_logratio_fn if "behavioral_lm" in self.calibration else None
         self._theme_cache: dict[str, object] = {}
         self._anchors = None
         self._word_cache: dict[str, object] = {}
 
     def __repr__(self) -> str:
-        return f"OfflineJudge(perplexity={'yes' if self.perplexity_fn else 'no'})"
+        return (f"OfflineJudge(perplexity={'yes' if self.perplexity_fn else 'no'}, "
+                f"model log-ratio={'yes' if self.theme_logratio_fn else 'no'})")
 
     def embed(self, texts: list[str]):
         """Unit-norm embeddings, [n, 384] float32 CPU tensor (`steering.embeddings`)."""
@@ -291,8 +332,10 @@ class OfflineJudge:
         return [feature_vector(*sims) for sims in self.theme_similarities(texts, theme)]
 
     def behavioral(self, features: list[float]) -> float:
-        """0-5 theme score of one text from its `theme_features` (paper §4.2 scale)."""
-        return theme_score(features, self.calibration["behavioral"])
+        """0-5 theme score of one text from its `theme_features` (paper §4.2 scale), with the
+        model's log-ratio appended (5 features) when the judge has it (``behavioral_lm`` fit)."""
+        key = "behavioral_lm" if len(features) == len(THEME_FEATURES) + 1 else "behavioral"
+        return theme_score(features, self.calibration[key])
 
     def coherence(self, text: str, perplexity: float | None = None) -> float:
         c = self.calibration.get("coherence", {})
@@ -311,6 +354,10 @@ class OfflineJudge:
             perplexities = self.perplexity_fn(texts) if self.perplexity_fn else [None] * len(texts)
         live = [i for i, t in enumerate(texts) if _WORD.search(t)]
         feats = dict(zip(live, self.theme_features([texts[i] for i in live], theme))) if live else {}
+        if self.theme_logratio_fn and live:  # the fifth feature where the model gives one
+            for i, lr in zip(live, self.theme_logratio_fn([texts[i] for i in live], theme)):
+                if lr is not None:
+                    feats[i] = [*feats[i], lr]
         out = []
         for i, (text, ppl) in enumerate(zip(texts, perplexities)):
             if i not in feats:
@@ -320,12 +367,15 @@ class OfflineJudge:
             coh = self.coherence(text, ppl)
             ppl_note = f", perplexity {ppl:.0f}" if ppl else ""
             b = round(self.behavioral(feats[i]), 3)
-            halves = self.calibration.get("behavioral", {}).get("interval_half_widths", [])
+            fit = "behavioral_lm" if len(feats[i]) > len(THEME_FEATURES) else "behavioral"
+            halves = self.calibration.get(fit, {}).get("interval_half_widths", [])
             lo, hi = interval(b, halves)
             unsure = is_uncertain(b, halves)
             reason = (f"offline: theme {b:.1f}/5 (range {lo:.1f}-{hi:.1f}{', uncertain' if unsure else ''}), "
                       f"relative similarity {feats[i][0]:+.2f} (best clause {feats[i][1]:+.2f}, "
-                      f"2nd-3rd best words {feats[i][2]:+.2f}); local coherence signals{ppl_note}")
+                      f"2nd-3rd best words {feats[i][2]:+.2f}"
+                      + (f", model log-ratio {feats[i][4]:+.2f}" if len(feats[i]) > 4 else "")
+                      + f"); local coherence signals{ppl_note}")
             sc = make_score(self.name, task, theme, b, coh, reason, offline=True, label=self.label)
             sc.behavioral_range, sc.uncertain = [round(lo, 2), round(hi, 2)], unsure
             out.append(sc)
