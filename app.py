@@ -34,7 +34,7 @@ MODEL = {"concurrency_id": "model", "concurrency_limit": limits.MODEL_CONCURRENC
 # (several at once, so that concurrent /steer requests can be batched; each forward holds the model lock)
 LIGHT = {"concurrency_id": "light", "concurrency_limit": 4}  # catalog / decoder look-ups only
 
-SCORES_LABEL = "scores as a share of the best (theme /5, coherence /5, metric 0-1)"
+SCORES_LABEL = "scores as a share of the best (theme /5, readability /5, metric 0-1)"
 EXPLAIN = {
     "demo": "A language model stores ideas as *directions* inside its layers. A sparse autoencoder "
             "splits each layer into thousands of **features**, each firing on one recognisable idea "
@@ -56,9 +56,9 @@ EXPLAIN = {
              "that follows the schedule (the paper's exponential decay s·e^(alpha·l)). *Remove* scales "
              "the features down instead (r = 0 erases them, negative values push them away).",
     "compare": "Same prompt, same random seed per sample, one batch: only the steering differs. Theme "
-               "and coherence are judged 0-5 (an LLM judge when an OpenAI key is given, otherwise the local "
-               "**offline fallback judge**, labelled as such); metric = theme x coherence for activation, "
-               "(1 - theme) x coherence for removal.",
+               "and readability (the paper's coherence) are judged 0-5 (an LLM judge when an OpenAI key is "
+               "given, otherwise the local **offline fallback judge**, labelled as such); metric = theme x "
+               "readability for activation, (1 - theme) x readability for removal.",
 }
 
 
@@ -204,7 +204,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                                            label="Theme for the judge (filled from the feature; edit freely)")
                         auto_theme = gr.Textbox("", visible=False)  # the theme the last card set
                         with gr.Row():
-                            seed = FieldNumber(value=0, precision=0, label="Seed", minimum=0, maximum=limits.MAX_SEED)
+                            seed = FieldNumber(value=examples[0].seed if examples else 0, precision=0, label="Seed",
+                                               minimum=0, maximum=limits.MAX_SEED)
                             samples = FieldSlider(1, limits.MAX_SAMPLES, value=2, step=1, label="Samples")
                             max_new = FieldSlider(1, limits.MAX_NEW_TOKENS, value=TASK_DEFAULTS["activate"]
                                                   ["max_new_tokens"], step=1, label="Max new tokens")
@@ -289,7 +290,9 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
         task.input(h.task_defaults, task, [prompt, max_new], api_name=False, queue=False)  # a user's change only
         run_outputs = [col_base, col_steer, col_other, score_plot, record_file, record_json, col_ctrl]
         steer_btn.click(h.prompt_line, [prompt, chat], run_prompt, api_name=False, queue=False)
-        steer_btn.click(h.steer, steer_inputs, run_outputs, api_name="steer", **MODEL).failure(
+        # progress on the scores plot (empty until the end), not over the columns streaming their texts
+        steer_btn.click(h.steer, steer_inputs, run_outputs, api_name="steer", show_progress_on=[score_plot],
+                        **MODEL).failure(
             cleared(8), None, run_outputs + [run_prompt], api_name=False, queue=False)
         if examples:
             demo_outputs = [demo_graph, demo_base, demo_steer, demo_scores, demo_gain, demo_ctrl]
@@ -297,7 +300,8 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
             demo_pick.change(h.example_evidence, demo_pick, demo_evid, api_name=False, queue=False)
             # another example: the last one's texts, graph and scores leave the screen
             demo_pick.change(cleared(6), None, demo_outputs, api_name=False, queue=False)
-            demo_run.click(h.run_demo, demo_pick, demo_outputs, api_name="demo", **MODEL).failure(
+            demo_run.click(h.run_demo, demo_pick, demo_outputs, api_name="demo", show_progress_on=[demo_scores],
+                           **MODEL).failure(
                 cleared(6), None, demo_outputs, api_name=False, queue=False)
             demo_open.click(h.open_in_playground, demo_pick,
                             [tabs, feature, task, condition, layer, strength, schedule, alpha, s_end, r, prompt, theme,

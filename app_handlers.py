@@ -407,6 +407,8 @@ class Handlers:
             except BaseException as e:  # noqa: BLE001 - re-raised below, in the handler
                 box["error"] = e
 
+        expected = [c for c, wanted in (("prompted", "prompt" in s.controls and bool(s.theme)),
+                                         ("random", "random" in s.controls)) if wanted]
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         while worker.is_alive():
@@ -417,9 +419,11 @@ class Handlers:
                 step = max(len(r) for r in now.values())
                 progress(0.15 + 0.8 * min(1.0, step / max(1, s.max_new_tokens)),
                          desc=f"writing: token {step} of {s.max_new_tokens}")
-                ctrl_now = "\n\n".join(pg.partial_markdown(now, c) for c in ("prompted", "random")
-                                        if any(n == c for n, _ in now))
-                yield frame(functools.partial(pg.partial_markdown, now), ctrl_now)
+                # every requested control has its place from the first token on (the prompting
+                # control is generated after the others: it would push the random one down)
+                ctrl_now = "\n\n".join(pg.partial_markdown(now, c, s.max_new_tokens, s.task) for c in expected)
+                yield frame(functools.partial(pg.partial_markdown, now, max_new_tokens=s.max_new_tokens,
+                                              task=s.task), ctrl_now)
         if "error" in box:
             raise box["error"]
         return box["result"]
@@ -440,6 +444,17 @@ class Handlers:
         return f" (median perplexity under the unsteered model {med['unsteered']:.0f} -> {med['steered']:.0f})"
 
     @staticmethod
+    def _uncertain_note(result: dict) -> str:
+        """" The theme score is uncertain for 3 of the 8 samples (their column means count their
+        central values)": the headline's means include samples each column marks as uncertain."""
+        unsure = [s for s in result["scores"] if s.available and getattr(s, "uncertain", False)]
+        n = sum(s.available for s in result["scores"])
+        if not unsure:
+            return ""
+        return (f" The theme score is uncertain for {len(unsure)} of the {n} samples (marked in the columns; "
+                "these means count their central values).")
+
+    @staticmethod
     def _rule_note(result: dict, title: str) -> str:
         """The sweep's own rule on this run's texts (`demo_sweep.judge_samples`: a word of the theme's
         list in a readable text; for removal, none in a readable text), per column: a count anyone
@@ -458,7 +473,7 @@ class Handlers:
             if gens:
                 hits = sum(x["hit"] for x in judge_samples(gens, words, task))
                 parts.append(f"{name} {hits} of {len(gens)}")
-        what = ("no physics word" if task == "remove" else "a word from the theme's list")
+        what = ("no word from the theme's list" if task == "remove" else "a word from the theme's list")
         return (f"\n\n**By the rule the example was chosen with** ({what}, perplexity <= {MAX_PPL:g}): "
                 + ", ".join(parts) + ".")
 
@@ -497,7 +512,7 @@ class Handlers:
                      f"**{th('steered')}** with it. Controls: asking the model"
                      f"{' not to mention it' if removal else ''} "
                      f"{th('prompted')}, random {'features' if removal else 'directions of the same size'} "
-                     f"{th('random')}. **Readability**: "
+                     f"{th('random')}.{self._uncertain_note(result)} **Readability** (the paper's coherence): "
                      f"{sm['unsteered']['coherence'] * 5:.1f}/5 -> {sm['steered']['coherence'] * 5:.1f}/5"
                      f"{self._perplexity_note(result)}. "
                      "A different text alone proves nothing: compare with the controls."

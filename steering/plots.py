@@ -178,7 +178,8 @@ def schedule_figure(rows: list[dict], title: str | None = None) -> go.Figure:
 
 
 def scores_figure(summary: dict[str, dict], titles: dict[str, str] | None = None) -> go.Figure:
-    """Grouped bars per variant: mean theme (behavioral), coherence and metric, all in [0, 1].
+    """Grouped bars per variant: mean theme (behavioral), readability (the paper's coherence) and
+    metric, all in [0, 1].
     Variants are in the app's column order (VARIANT_ORDER: unsteered, steered, the other condition,
     then the controls; others after them), whatever order ``summary`` has; ``titles`` names them.
     The legend sits above the bars, clear of the variant names, and the value labels have room
@@ -190,7 +191,7 @@ def scores_figure(summary: dict[str, dict], titles: dict[str, str] | None = None
         fig.add_annotation(text="no scores (no theme given, or the judge was unavailable)", showarrow=False,
                            x=0.5, y=0.5, xref="paper", yref="paper")
         fig.update_xaxes(visible=False)
-    for key, label, colour in (("behavioral", "theme", "#7048E8"), ("coherence", "coherence", "#37B24D"),
+    for key, label, colour in (("behavioral", "theme", "#7048E8"), ("coherence", "readability", "#37B24D"),
                                ("metric", "metric", "#F76707")):
         values = [summary[n].get(key) for n in names]
         fig.add_trace(go.Bar(x=labels, y=values, name=label, marker_color=colour,

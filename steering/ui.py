@@ -30,7 +30,7 @@ from .batching import GenerationBatcher
 from .controls import generate_with_controls, instruction
 from .graph import FlowGraph
 from .groups import live_activations
-from .judging import Judge, OfflineJudge, make_judge, unavailable
+from .judging import Judge, OfflineJudge, bundle_theme_logratio_fn, make_judge, unavailable
 from .presets import ASSETS, SITES
 from .probe import features_for_text
 from .settings import ALPHA, APP_PROMPTS, STRENGTH, T_MODULE, T_RES, SteerSettings
@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 VARIANT_TITLES = {"unsteered": "Unsteered", "steered": "Steered", "single": "Steered: single layer",
                   "cumulative": "Steered: cumulative flow", "prompted": "Control: asking the model",
                   "random": "Control: random directions"}
+
+
+def variant_title(variant: str, task: str = "activate") -> str:
+    """A column's title: removal's random control scales random SAE features, not random directions."""
+    if variant == "random" and task == "remove":
+        return "Control: random features"
+    return VARIANT_TITLES.get(variant, variant)
 # Neuronpedia source ids of the SAE families the presets use (feature pages: /model/source/index).
 NEURONPEDIA_SOURCES = {"gemma-2-2b": "{layer}-gemmascope-{site}-16k", "llama3.1-8b": "{layer}-llamascope-{site}-32k"}
 NEURONPEDIA_SITE = {"res": "res", "mlp": "mlp", "attn": "att"}
@@ -299,7 +306,8 @@ class Playground:
         hashes = {"model": model_hash(bundle),
                   "saes": {f"{l}/{s}": sae_hash(bundle.sae_folders.get((l, s))) for l, s in sorted(bundle.saes)}}
         demo = Path(os.environ.get("FFP_DEMO_FILE", DEMO_FILE))
-        return cls(bundle, catalog, judge or make_judge(), hashes, library_versions(), load_demo_examples(bundle, demo),
+        judge = judge or make_judge(theme_logratio_fn=bundle_theme_logratio_fn(bundle))
+        return cls(bundle, catalog, judge, hashes, library_versions(), load_demo_examples(bundle, demo),
                    GenerationBatcher(bundle) if limits.MODEL_CONCURRENCY > 1 else None, load_demo_evidence(demo))
 
     # ---- picking a feature ---------------------------------------------------------------------
@@ -514,14 +522,20 @@ class Playground:
                              "metric": sum(s.metric for s in sc) / len(sc)}
         return out
 
-    def partial_markdown(self, live: dict, variant: str) -> str:
+    def partial_markdown(self, live: dict, variant: str, max_new_tokens: int | None = None,
+                         task: str = "activate") -> str:
         """A column while it is being generated: each seed's text so far (``live`` maps
-        (variant, seed) to the new token ids so far, as `generate.RowStreamer` sends them)."""
+        (variant, seed) to the new token ids so far, as `generate.RowStreamer` sends them). Its
+        status line says "waiting…" before its first token (the prompting control is a second
+        batch), "writing…" while it is written and "scoring…" once every row has ended (EOS or
+        ``max_new_tokens``: the judge runs after the last column)."""
         tok = self.bundle.tokenizer
-        lines = [f"### {VARIANT_TITLES.get(variant, variant)}", "<small>writing…</small>\n"]
-        for (name, seed), ids in sorted(live.items(), key=lambda kv: kv[0][1]):
-            if name != variant:
-                continue
+        rows = sorted(((seed, ids) for (name, seed), ids in live.items() if name == variant), key=lambda r: r[0])
+        done = bool(rows) and max_new_tokens is not None and all(
+            tok.eos_token_id in ids or len(ids) >= max_new_tokens for _, ids in rows)
+        status = "scoring…" if done else "writing…" if rows else "waiting for its turn…"
+        lines = [f"### {variant_title(variant, task)}", f"<small>{status}</small>\n"]
+        for seed, ids in rows:
             if tok.eos_token_id in ids:
                 ids = ids[: ids.index(tok.eos_token_id)]
             text = _verbatim(tok.decode(ids, skip_special_tokens=True)) or "…"
@@ -534,15 +548,15 @@ class Playground:
         the ``focus`` feature (e.g. the seed) fires when the unsteered model reads the generated
         tokens: its mean activation and on how many tokens it fires (0 of n: on none of them, e.g.
         never among a TopK SAE's top k; a real reading, not a failed one)."""
-        lines = [f"### {VARIANT_TITLES.get(variant, variant)}"]
+        lines = [f"### {variant_title(variant, result.get('task', 'activate'))}"]
         if variant == "prompted":  # the others continue the prompt shown above the columns (prompt_line)
             theme = result.get("theme", "")
             ask = f"«{_escape(instruction(theme, result.get('task', 'activate')))}»" if theme.strip() else "the request"
             lines.append(f"<small>prompt: {ask}, then «{_escape(result.get('prompt', ''))}»</small>\n")
         mean = Playground.summary(result).get(variant)
         if mean:  # the same /5 scale as each sample's line; the metric is 0-1
-            lines.append(f"mean theme **{mean['behavioral'] * 5:.1f}/5** · coherence **{mean['coherence'] * 5:.1f}/5**"
-                         f" · metric **{mean['metric']:.2f}**\n")
+            lines.append(f"mean theme **{mean['behavioral'] * 5:.1f}/5** · readability "
+                         f"**{mean['coherence'] * 5:.1f}/5** · metric **{mean['metric']:.2f}**\n")
         plain = {g.seed: g.token_ids for g in result["generations"] if g.variant == "unsteered"}
         for g, s in zip(result["generations"], result["scores"]):
             if g.variant != variant:
@@ -561,7 +575,7 @@ class Playground:
                     lo, hi = s.behavioral_range
                     theme = (f"theme **uncertain** ({lo:.1f}-{hi:.1f}/5)" if s.uncertain
                              else f"theme {s.behavioral:.1f}/5 (range {lo:.1f}-{hi:.1f})")
-                lines.append(f"{theme} · coherence {s.coherence:.1f}/5 · metric {s.metric:.2f} _({tag})_")
+                lines.append(f"{theme} · readability {s.coherence:.1f}/5 · metric {s.metric:.2f} _({tag})_")
             else:
                 lines.append(f"_score {s.error}_")
             m = g.metrics

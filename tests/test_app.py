@@ -287,6 +287,7 @@ def test_demo_evidence_panel_is_wired(built_app):
 def test_demo_streams_the_graph_first_then_the_texts(app_fns, monkeypatch):
     """Issue 17: a curated example shows its flow graph and prompt at once, then every column fills
     token by token (it had shown a progress bar for the whole generation); the last frame is the run."""
+    import re
     import time
 
     from steering import generate as G
@@ -297,10 +298,15 @@ def test_demo_streams_the_graph_first_then_the_texts(app_fns, monkeypatch):
     frames = list(fns["demo"]("Tiny example"))
     first, partial, final = frames[0], frames[1:-1], frames[-1]
     assert first[0].data and first[1] == first[2] == "" and first[4].startswith("**Prompt**")
-    assert len(partial) >= 2 and all("writing" in f[2] for f in partial)
+    # each column says what it is doing: writing while tokens arrive, scoring once all its rows ended
+    status = [re.search(r"<small>(writing|scoring|waiting for its turn)…</small>", f[2]).group(1) for f in partial]
+    assert len(partial) >= 2 and status[0] == "writing" and set(status) <= {"writing", "scoring"}
+    assert status == sorted(status, key=["writing", "scoring"].index)  # never back to writing
     grown = [len(f[2]) for f in partial]
     assert grown == sorted(grown) and grown[-1] > grown[0]
     assert any("Control: random directions" in f[5] for f in partial)  # the controls stream too
+    if "Control: asking the model" in final[5]:  # its place is kept from the first frame (a second batch)
+        assert "Control: asking the model" in partial[0][5]
     assert "writing" not in final[2] and "Steered" in final[2] and final[0] is first[0] and final[3] is not None
 
 
@@ -529,9 +535,10 @@ def test_demo_headline_and_columns_use_one_scale_and_say_what_was_asked(app_fns,
     fns, _ = app_fns
     _, _, steered, _, gain, ctrl = last(fns["demo"]("Tiny example"))
     assert re.search(r"\*\*Theme score\*\* \([^)]+\): \d\.\d/5 without steering -> \*\*\d\.\d/5\*\* with it", gain)
-    assert re.search(r"\*\*Readability\*\*: \d\.\d/5 -> \d\.\d/5 \(median perplexity under the unsteered model "
+    assert re.search(r"\*\*Readability\*\* \(the paper's coherence\): \d\.\d/5 -> \d\.\d/5 \(median perplexity under "
+                     r"the unsteered model "
                      r"\d+ -> \d+\)", gain)
-    assert re.search(r"mean theme \*\*\d\.\d/5\*\* · coherence \*\*\d\.\d/5\*\* · metric \*\*[01]\.\d\d\*\*", steered)
+    assert re.search(r"mean theme \*\*\d\.\d/5\*\* · readability \*\*\d\.\d/5\*\* · metric \*\*[01]\.\d\d\*\*", steered)
     assert f"prompt: «Talk about {live_app['word']}.», then «" in ctrl
 
 
@@ -552,8 +559,21 @@ def test_demo_headline_counts_by_the_sweeps_rule():
     removal = Handlers._rule_note({"generations": [G(variant="steered", seed=0, text="I think about ethics.",
                                                      metrics={"perplexity": 20.0, "distinct_2": 1.0})]},
                                   "Physics (remove it)")
-    assert "no physics word" in removal and "steered 1 of 1" in removal
+    assert "no word from the theme's list" in removal and "steered 1 of 1" in removal
     assert Handlers._rule_note({"generations": gens}, "Tiny example") == ""
+
+
+def test_demo_headline_says_how_many_theme_scores_are_uncertain():
+    """Walkthrough (session 17): columns mark some samples "theme uncertain", while the headline's
+    means silently counted their central values; the headline now says how many."""
+    from types import SimpleNamespace as S
+
+    from app_handlers import Handlers
+
+    sure, unsure, off = S(available=True, uncertain=False), S(available=True, uncertain=True), S(available=False)
+    assert Handlers._uncertain_note({"scores": [sure, sure, off]}) == ""
+    note = Handlers._uncertain_note({"scores": [sure, unsure, unsure, off]})
+    assert "uncertain for 2 of the 3 samples" in note
 
 
 def test_a_seed_set_example_runs_in_the_demo_tab(app_fns):

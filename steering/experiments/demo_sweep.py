@@ -601,7 +601,9 @@ def example_json(rec: dict, fid: str, setting: str, graphs: list, max_new_tokens
             counted = conf["steered"]["hits"] if conf else n_hits  # the fresh seeds' count where there is one
             why = (f"{goal} fewer than six of the eight {'fresh ' if conf else ''}samples" if counted < MIN_HITS
                    else "a flow graph of it spans a single layer")
-            expl = (f"Honest result: steering beat the unsteered model and random directions here ({ask} {vs}), "
+            # the numbers, not only "did worse": a live run of two samples can show the opposite
+            expl = (f"Honest result: on the first 8 seeds, steering beat the unsteered model and random "
+                    f"directions ({ask} {vs} there: {prompted} hits against steering's {n_hits}), "
                     f"but {why}. ") + expl
         else:
             expl = "Honest result: here steering did not beat the controls. " + expl
