@@ -7,8 +7,9 @@ likelihood under the default model after "Here is a short text about {theme}.\\n
 "Here is a short text.\\n\\n" (a pointwise mutual information of text and theme). Prints the
 Spearman correlation with the hand labels on the judge's held-out quarter (every 4th text) of that
 signal alone, of the judge's 4 MiniLM features fitted on the other hand-labelled texts, and of
-the 4 features plus this one (per-token mean, sum, and mean x sqrt(length)). Not part of the
-judge: it lifted the held-out Spearman from 0.751 to 0.774 (docs/results.md, the judge bullet).
+the 4 features plus this one (per-token mean, sum, and mean x sqrt(length)). It lifted the
+held-out Spearman from 0.751 to 0.774 (docs/results.md, the judge bullet) and was not adopted
+then; session 17 adopted the signal with another prefix (steering/judging/offline.py, LM_TEMPLATES).
 """
 
 from __future__ import annotations
