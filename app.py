@@ -91,7 +91,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                         demo_run = gr.Button("Run this example", variant="primary", elem_id="demo-run")
                         demo_open = gr.Button("Open it in the Playground", elem_id="demo-open")
                     with gr.Accordion("All the fresh samples it was checked on (recorded by the demo sweep; "
-                                      "a run shows the first of them live)", open=False):
+                                      "a run shows the first few of them live)", open=False):
                         demo_evid = gr.Markdown(h.example_evidence(examples[0].title), elem_id="demo-evidence",
                                                 latex_delimiters=[])
                     demo_gain = gr.Markdown(elem_id="demo-gain")

@@ -459,7 +459,7 @@ class Handlers:
         """The sweep's own rule on this run's texts (`demo_sweep.judge_samples`: a word of the theme's
         list in a readable text; for removal, none in a readable text), per column: a count anyone
         can check by reading, beside the offline judge's softer scores."""
-        from steering.experiments.demo_sweep import MAX_PPL, judge_samples, theme_rule
+        from steering.experiments.demo_sweep import MAX_PPL, MIN_DISTINCT2, judge_samples, theme_rule
 
         rule = theme_rule(title)
         if rule is None:
@@ -474,7 +474,8 @@ class Handlers:
                 hits = sum(x["hit"] for x in judge_samples(gens, words, task))
                 parts.append(f"{name} {hits} of {len(gens)}")
         what = ("no word from the theme's list" if task == "remove" else "a word from the theme's list")
-        return (f"\n\n**By the rule the example was chosen with** ({what}, perplexity <= {MAX_PPL:g}): "
+        return (f"\n\n**By the rule the example was chosen with** ({what}, perplexity <= {MAX_PPL:g}, "
+                f"distinct-2 >= {MIN_DISTINCT2:g}): "
                 + ", ".join(parts) + ".")
 
     # ---- the demo tab -------------------------------------------------------------------------------
@@ -505,8 +506,9 @@ class Handlers:
                 return f"{sm[v]['behavioral'] * 5:.1f}/5" if v in sm else "n/a"
 
             removal = s.task == "remove"
+            judge = "offline fallback judge" if result["judge"].startswith("offline") else result["judge"]
             gain += ("\n\n"
-                     f"**Theme score** ({result['judge']}"
+                     f"**Theme score** ({judge}"
                      f"{'; this example removes the theme: lower is the goal' if removal else ''}): "
                      f"{th('unsteered')} without steering -> "
                      f"**{th('steered')}** with it. Controls: asking the model"

@@ -595,15 +595,16 @@ def example_json(rec: dict, fid: str, setting: str, graphs: list, max_new_tokens
     if not rec.get("shipped"):
         prompted = rec["controls"]["prompted"]["hits"]
         if n_hits > max(rec["baseline_hits"], rec["controls"]["random"]["hits"]):
-            ask = "asking the model" + (" not to" if rec["task"] == "remove" else "")
+            ask = "asking the model" + (" not to mention physics" if rec["task"] == "remove" else "")
+            others = "random features" if rec["task"] == "remove" else "random directions"
             goal = "the theme is in" if rec["task"] == "activate" else "physics is kept out of"
             vs = "worked better" if prompted > n_hits else "did as well" if prompted == n_hits else "did worse"
             counted = conf["steered"]["hits"] if conf else n_hits  # the fresh seeds' count where there is one
             why = (f"{goal} fewer than six of the eight {'fresh ' if conf else ''}samples" if counted < MIN_HITS
                    else "a flow graph of it spans a single layer")
             # the numbers, not only "did worse": a live run of two samples can show the opposite
-            expl = (f"Honest result: on the first 8 seeds, steering beat the unsteered model and random "
-                    f"directions ({ask} {vs} there: {prompted} hits against steering's {n_hits}), "
+            expl = (f"Honest result: on the first 8 seeds, steering beat the unsteered model and {others} "
+                    f"({ask} {vs} there: {prompted} hits against steering's {n_hits}), "
                     f"but {why}. ") + expl
         else:
             expl = "Honest result: here steering did not beat the controls. " + expl
