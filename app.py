@@ -205,7 +205,7 @@ def build_app(pg: Playground, trim=lambda: None) -> gr.Blocks:
                         auto_theme = gr.Textbox("", visible=False)  # the theme the last card set
                         with gr.Row():
                             seed = FieldNumber(value=examples[0].seed if examples else 0, precision=0, label="Seed",
-                                               minimum=0, maximum=limits.MAX_SEED)
+                                               minimum=0, maximum=limits.MAX_SEED, elem_id="seed")
                             samples = FieldSlider(1, limits.MAX_SAMPLES, value=2, step=1, label="Samples")
                             max_new = FieldSlider(1, limits.MAX_NEW_TOKENS, value=TASK_DEFAULTS["activate"]
                                                   ["max_new_tokens"], step=1, label="Max new tokens")
