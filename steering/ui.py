@@ -47,6 +47,8 @@ def variant_title(variant: str, task: str = "activate") -> str:
     if variant == "random" and task == "remove":
         return "Control: random features"
     return VARIANT_TITLES.get(variant, variant)
+
+
 # Neuronpedia source ids of the SAE families the presets use (feature pages: /model/source/index).
 NEURONPEDIA_SOURCES = {"gemma-2-2b": "{layer}-gemmascope-{site}-16k", "llama3.1-8b": "{layer}-llamascope-{site}-32k"}
 NEURONPEDIA_SITE = {"res": "res", "mlp": "mlp", "attn": "att"}
@@ -527,13 +529,13 @@ class Playground:
         """A column while it is being generated: each seed's text so far (``live`` maps
         (variant, seed) to the new token ids so far, as `generate.RowStreamer` sends them). Its
         status line says "waiting…" before its first token (the prompting control is a second
-        batch), "writing…" while it is written and "scoring…" once every row has ended (EOS or
-        ``max_new_tokens``: the judge runs after the last column)."""
+        batch), "writing…" while it is written and "written; scores follow…" once every row has
+        ended (EOS or ``max_new_tokens``: the judge runs once the last column is written)."""
         tok = self.bundle.tokenizer
         rows = sorted(((seed, ids) for (name, seed), ids in live.items() if name == variant), key=lambda r: r[0])
         done = bool(rows) and max_new_tokens is not None and all(
             tok.eos_token_id in ids or len(ids) >= max_new_tokens for _, ids in rows)
-        status = "scoring…" if done else "writing…" if rows else "waiting for its turn…"
+        status = "written; scores follow…" if done else "writing…" if rows else "waiting for its turn…"
         lines = [f"### {variant_title(variant, task)}", f"<small>{status}</small>\n"]
         for seed, ids in rows:
             if tok.eos_token_id in ids:

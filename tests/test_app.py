@@ -264,8 +264,10 @@ def test_steer_streams_the_texts_while_they_are_written(app_fns, monkeypatch):
     fns, _ = app_fns
     updates = list(fns["steer"](*steer_args(max_new_tokens=8, controls=["random"])))
     partial, final = updates[:-1], updates[-1]
-    assert len(partial) >= 2 and all("writing" in u[1] for u in partial)
-    assert "writing" not in final[1] and final[5]["generations"]  # the run record comes with the end
+    # writing while tokens arrive; once every row has ended, "written; scores follow" until the judge is done
+    assert len(partial) >= 2 and "writing…" in partial[0][1]
+    assert all("writing…" in u[1] or "written; scores follow…" in u[1] for u in partial)
+    assert "writing" not in final[1] and "scores follow" not in final[1] and final[5]["generations"]
     grown = [len(u[1]) for u in partial]
     assert grown == sorted(grown) and grown[-1] > grown[0]  # the steered column grows as tokens arrive
     assert any(isinstance(u[6], dict) and "random directions" in str(u[6].get("value", "")) for u in partial)
@@ -299,9 +301,11 @@ def test_demo_streams_the_graph_first_then_the_texts(app_fns, monkeypatch):
     first, partial, final = frames[0], frames[1:-1], frames[-1]
     assert first[0].data and first[1] == first[2] == "" and first[4].startswith("**Prompt**")
     # each column says what it is doing: writing while tokens arrive, scoring once all its rows ended
-    status = [re.search(r"<small>(writing|scoring|waiting for its turn)…</small>", f[2]).group(1) for f in partial]
-    assert len(partial) >= 2 and status[0] == "writing" and set(status) <= {"writing", "scoring"}
-    assert status == sorted(status, key=["writing", "scoring"].index)  # never back to writing
+    status = [re.search(r"<small>(writing|written; scores follow|waiting for its turn)…</small>", f[2]).group(1)
+              for f in partial]
+    done = "written; scores follow"
+    assert len(partial) >= 2 and status[0] == "writing" and set(status) <= {"writing", done}
+    assert status == sorted(status, key=["writing", done].index)  # never back to writing
     grown = [len(f[2]) for f in partial]
     assert grown == sorted(grown) and grown[-1] > grown[0]
     assert any("Control: random directions" in f[5] for f in partial)  # the controls stream too

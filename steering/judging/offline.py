@@ -374,7 +374,7 @@ class OfflineJudge:
             reason = (f"offline: theme {b:.1f}/5 (range {lo:.1f}-{hi:.1f}{', uncertain' if unsure else ''}), "
                       f"relative similarity {feats[i][0]:+.2f} (best clause {feats[i][1]:+.2f}, "
                       f"2nd-3rd best words {feats[i][2]:+.2f}"
-                      + (f", model log-ratio {feats[i][4]:+.2f}" if len(feats[i]) > 4 else "")
+                      + (f", model log-ratio {feats[i][-1]:+.2f}" if fit == "behavioral_lm" else "")
                       + f"); local coherence signals{ppl_note}")
             sc = make_score(self.name, task, theme, b, coh, reason, offline=True, label=self.label)
             sc.behavioral_range, sc.uncertain = [round(lo, 2), round(hi, 2)], unsure
