@@ -331,11 +331,16 @@ class OfflineJudge:
         `theme_similarities`). [n_texts][n_features]."""
         return [feature_vector(*sims) for sims in self.theme_similarities(texts, theme)]
 
+    @staticmethod
+    def fit_key(features: list[float]) -> str:
+        """The calibration fit a feature vector is scored with: ``behavioral_lm`` when the model's
+        log-ratio is appended to `THEME_FEATURES`, else ``behavioral``."""
+        return "behavioral_lm" if len(features) > len(THEME_FEATURES) else "behavioral"
+
     def behavioral(self, features: list[float]) -> float:
         """0-5 theme score of one text from its `theme_features` (paper §4.2 scale), with the
-        model's log-ratio appended (5 features) when the judge has it (``behavioral_lm`` fit)."""
-        key = "behavioral_lm" if len(features) == len(THEME_FEATURES) + 1 else "behavioral"
-        return theme_score(features, self.calibration[key])
+        model's log-ratio appended (5 features) when the judge has it (`fit_key`)."""
+        return theme_score(features, self.calibration[self.fit_key(features)])
 
     def coherence(self, text: str, perplexity: float | None = None) -> float:
         c = self.calibration.get("coherence", {})
@@ -367,7 +372,7 @@ class OfflineJudge:
             coh = self.coherence(text, ppl)
             ppl_note = f", perplexity {ppl:.0f}" if ppl else ""
             b = round(self.behavioral(feats[i]), 3)
-            fit = "behavioral_lm" if len(feats[i]) > len(THEME_FEATURES) else "behavioral"
+            fit = self.fit_key(feats[i])
             halves = self.calibration.get(fit, {}).get("interval_half_widths", [])
             lo, hi = interval(b, halves)
             unsure = is_uncertain(b, halves)
